@@ -1,0 +1,65 @@
+"""Value types of the broker. Anything holding a secret redacts it in ``repr``/``str``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+__all__ = ["DEFAULT_AUTHORITY", "DEFAULT_SCOPE", "AccessToken", "App", "Secret"]
+
+DEFAULT_AUTHORITY: Final = "https://login.microsoftonline.com"
+DEFAULT_SCOPE: Final = "https://outlook.office365.com/.default"
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret string (client secret, private key PEM, password). ``reveal()`` to use it."""
+
+    _value: str = field(repr=False)
+    #: Where it came from, for messages: ``env CONTOSO_SECRET``, ``file /run/...``.
+    origin: str = "inline"
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted>, origin={self.origin!r})"
+
+    def __str__(self) -> str:
+        return "<redacted>"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A bearer token and when it expires (seconds since the epoch, wall clock)."""
+
+    value: str = field(repr=False)
+    expires_at: float
+    scope: str = ""
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+    def __repr__(self) -> str:
+        return f"AccessToken(<redacted>, expires_at={self.expires_at!r}, scope={self.scope!r})"
+
+    def __str__(self) -> str:
+        return "<redacted>"
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """One OAuth client (for Microsoft: an Entra app registration)."""
+
+    name: str
+    provider: str
+    client_id: str
+    tenant: str = ""
+    client_secret: Secret | None = None
+    #: PEM holding the private key and the certificate, for certificate credentials.
+    certificate: Secret | None = None
+    authority: str = DEFAULT_AUTHORITY
+    scope: str = DEFAULT_SCOPE
+    #: Extra trust anchors for the identity provider's TLS certificate.
+    ca_file: Path | None = None

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol machines: no sockets, no trio, no clock, no logging in here."""

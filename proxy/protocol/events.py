@@ -1,0 +1,108 @@
+"""Events: facts, in the past tense, that the I/O layer feeds to a protocol machine.
+
+Every auth-phase machine (``ImapAuth``, ``Pop3Auth``, ``SmtpAuth``) takes these through
+``handle(event)`` and answers with a list of :mod:`proxy.protocol.actions`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from broker.model import AccessToken
+
+__all__ = [
+    "ClientClosed",
+    "ClientDataReceived",
+    "Event",
+    "Refusal",
+    "ServerClosed",
+    "ServerConnected",
+    "ServerDataReceived",
+    "ServerUnavailable",
+    "Side",
+    "TlsEstablished",
+    "TokenIssued",
+    "TokenRefused",
+]
+
+
+class Side(enum.Enum):
+    """Which peer of the proxy: the legacy client, or the upstream mail server."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Refusal(enum.Enum):
+    """Why no token was issued for a login, as the client must be told."""
+
+    #: Wrong password, unknown user, mailbox or protocol not allowed: a permanent failure
+    #: that must look the same in every case.
+    CREDENTIALS = "credentials"
+    #: The identity provider or our configuration failed: a temporary failure, so that legacy
+    #: clients retry later instead of prompting for a password.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConnected:
+    """The TCP connection to the upstream is open (and its implicit TLS established)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerUnavailable:
+    """The upstream could not be reached; ``reason`` is for the operator's log."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerDataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ServerClosed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIssued:
+    """The local credentials were accepted and a token obtained for ``mailbox``."""
+
+    mailbox: str
+    token: AccessToken = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRefused:
+    refusal: Refusal
+
+
+Event = (
+    ClientDataReceived
+    | ClientClosed
+    | ServerConnected
+    | ServerUnavailable
+    | ServerDataReceived
+    | ServerClosed
+    | TlsEstablished
+    | TokenIssued
+    | TokenRefused
+)

@@ -1,0 +1,85 @@
+"""The one place that slices bytes: a bounded line and literal buffer.
+
+``LineBuffer`` follows h11's ``receive_data()`` / ``next_event()`` split: bytes go in as
+they arrive, and complete units come out (a line without its line ending, or exactly *n*
+bytes of a literal) once they are there. Searching is O(n) over the whole input however it
+is chunked: the buffer remembers how far it has already looked for a line feed.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol.errors import FrameError
+
+__all__ = ["LineBuffer"]
+
+
+class LineBuffer:
+    """Buffer bytes and extract lines (``\\r\\n``, or a bare ``\\n``) and fixed-size chunks.
+
+    ``max_line`` bounds a line *including* its line ending; a line that cannot end within
+    the bound raises :class:`FrameError` as soon as that is certain, so memory stays
+    bounded by ``max_line`` plus one received chunk.
+    """
+
+    __slots__ = ("_buf", "_scanned", "_start", "max_line")
+
+    def __init__(self, max_line: int) -> None:
+        if max_line < 2:
+            raise ValueError("max_line must allow at least a line ending")
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._start = 0  # first unconsumed byte
+        self._scanned = 0  # bytes from _start already searched for b"\n"
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._start
+
+    def __repr__(self) -> str:
+        # Never show the contents: they may be credentials.
+        return f"<LineBuffer {len(self)} bytes pending, max_line={self.max_line}>"
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_line(self) -> bytes | None:
+        """Return the next complete line without its line ending, or ``None`` for now."""
+        found = self._buf.find(b"\n", self._start + self._scanned)
+        if found < 0:
+            self._scanned = len(self)
+            if self._scanned >= self.max_line:
+                raise FrameError(f"line longer than {self.max_line} bytes")
+            return None
+        if found + 1 - self._start > self.max_line:
+            raise FrameError(f"line longer than {self.max_line} bytes")
+        end = found - 1 if found > self._start and self._buf[found - 1] == 0x0D else found
+        line = bytes(self._buf[self._start : end])
+        self._consume(found + 1)
+        return line
+
+    def next_bytes(self, n: int) -> bytes | None:
+        """Return exactly ``n`` bytes (an IMAP literal), or ``None`` until they are here."""
+        if n < 0:
+            raise ValueError("n must not be negative")
+        if len(self) < n:
+            return None
+        chunk = bytes(self._buf[self._start : self._start + n])
+        self._consume(self._start + n)
+        return chunk
+
+    def take_all(self) -> bytes:
+        """Return and forget everything still buffered (the tail handed to the relay)."""
+        rest = bytes(self._buf[self._start :])
+        self._buf.clear()
+        self._start = 0
+        self._scanned = 0
+        return rest
+
+    def _consume(self, upto: int) -> None:
+        self._start = upto
+        self._scanned = 0
+        if self._start == len(self._buf):
+            self._buf.clear()
+            self._start = 0
+        elif self._start > 4096 and self._start * 2 > len(self._buf):
+            del self._buf[: self._start]
+            self._start = 0

@@ -1,0 +1,108 @@
+"""SASL pieces shared by IMAP, POP3 and SMTP (RFC 4422, 4616, 7628; XOAUTH2).
+
+Decoding what clients send (PLAIN, LOGIN) and encoding what we send upstream (XOAUTH2,
+OAUTHBEARER). Base64 is decoded strictly: anything but the RFC 4648 alphabet with correct
+padding is refused, as RFC 4422 requires of SASL profiles.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Credentials",
+    "SaslError",
+    "b64decode_strict",
+    "describe_error_challenge",
+    "parse_login_field",
+    "parse_plain",
+    "text_credential",
+    "xoauth2_response",
+]
+
+#: Longest user name or password we accept from a client, in bytes.
+MAX_CREDENTIAL = 1024
+
+
+class SaslError(ValueError):
+    """The client's SASL message is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a legacy client presented: its login name, its password and, optionally,
+    the identity it asks to act as (SASL authorization identity)."""
+
+    login: str
+    password: str = field(repr=False)
+    authzid: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(login={self.login!r}, password=<redacted>, authzid={self.authzid!r})"
+
+
+def b64decode_strict(data: bytes) -> bytes:
+    """Decode base64 strictly; ``SaslError`` on anything else."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SaslError("invalid base64") from exc
+
+
+def _text(raw: bytes, what: str) -> str:
+    if len(raw) > MAX_CREDENTIAL:
+        raise SaslError(f"{what} too long")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SaslError(f"{what} is not UTF-8") from exc
+    if any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        raise SaslError(f"{what} contains control characters")
+    return text
+
+
+def parse_plain(message: bytes) -> Credentials:
+    """Parse a decoded PLAIN message: ``[authzid] NUL authcid NUL passwd`` (RFC 4616)."""
+    parts = message.split(b"\x00")
+    if len(parts) != 3:
+        raise SaslError("PLAIN needs exactly three NUL-separated fields")
+    authzid, authcid, password = parts
+    if not authcid:
+        raise SaslError("PLAIN authentication identity is empty")
+    return Credentials(
+        login=_text(authcid, "user name"),
+        password=_text(password, "password"),
+        authzid=_text(authzid, "authorization identity"),
+    )
+
+
+def parse_login_field(decoded: bytes, what: str) -> str:
+    """Check one field of the LOGIN mechanism (user name or password), already decoded."""
+    return _text(decoded, what)
+
+
+def text_credential(raw: bytes, what: str) -> str:
+    """Check a user name or password sent outside SASL (IMAP LOGIN, POP3 USER/PASS)."""
+    return _text(raw, what)
+
+
+def xoauth2_response(mailbox: str, token: str) -> bytes:
+    """The XOAUTH2 initial response, base64-encoded: ``user=M^Aauth=Bearer T^A^A``."""
+    raw = f"user={mailbox}\x01auth=Bearer {token}\x01\x01".encode()
+    return base64.b64encode(raw)
+
+
+def describe_error_challenge(payload: bytes) -> str:
+    """Summarise a server's base64 JSON error challenge for the log (no secrets in it)."""
+    try:
+        decoded = base64.b64decode(payload, validate=True)
+        parsed = json.loads(decoded)
+    except (binascii.Error, ValueError):
+        return "unreadable error challenge"
+    if not isinstance(parsed, dict):
+        return "unreadable error challenge"
+    fields = ", ".join(f"{k}={v}" for k, v in sorted(parsed.items()) if isinstance(v, str | int))
+    return fields or "empty error challenge"

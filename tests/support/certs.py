@@ -1,0 +1,49 @@
+"""A throwaway PKI for tests: one CA, and leaf certificates written as PEM files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trustme
+
+__all__ = ["TestPki"]
+
+
+class TestPki:
+    """A trustme CA whose certificates are written under ``directory``.
+
+    ``ca_file`` is what clients must trust; :meth:`issue` writes one PEM file holding the
+    private key and the certificate chain, the format our configuration expects.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def issue(self, name: str, *identities: str) -> Path:
+        """Issue a server or client certificate; return the combined key+chain PEM path."""
+        leaf = self.ca.issue_cert(*(identities or ("localhost", "127.0.0.1")))
+        path = self.directory / f"{name}.pem"
+        with path.open("wb") as out:
+            out.write(leaf.private_key_pem.bytes())
+            for blob in leaf.cert_chain_pems:
+                out.write(blob.bytes())
+        path.chmod(0o600)
+        return path
+
+    def issue_split(self, name: str, *identities: str) -> tuple[Path, Path]:
+        """Issue a certificate as separate key and chain files (for servers like Dovecot)."""
+        leaf = self.ca.issue_cert(*(identities or ("localhost", "127.0.0.1")))
+        key = self.directory / f"{name}.key"
+        chain = self.directory / f"{name}.crt"
+        leaf.private_key_pem.write_to_path(str(key))
+        with chain.open("wb") as out:
+            for blob in leaf.cert_chain_pems:
+                out.write(blob.bytes())
+        key.chmod(0o600)
+        return key, chain
