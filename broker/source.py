@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from broker.model import AccessToken
+if TYPE_CHECKING:
+    from broker.model import AccessToken
 
 __all__ = ["TokenSource"]
 

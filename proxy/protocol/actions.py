@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from proxy.protocol.events import Side
-from proxy.protocol.sasl import Credentials
+if TYPE_CHECKING:
+    from proxy.protocol.events import Side
+    from proxy.protocol.sasl import Credentials
 
 __all__ = [
     "Action",

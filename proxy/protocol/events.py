@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from broker.model import AccessToken
+if TYPE_CHECKING:
+    from broker.model import AccessToken
 
 __all__ = [
     "ClientClosed",
