@@ -1,0 +1,544 @@
+"""Configuration: a TOML file read into frozen dataclasses, with every problem reported.
+
+Loading never stops at the first mistake: :func:`load_config` collects every problem it can
+find as ``FILE: KEY: what is wrong`` and raises :class:`ConfigError` with all of them, so
+``xoauth2-proxy check`` can show an operator everything to fix in one pass.
+
+Secrets never sit in the file unless the operator insists: ``{ env = "NAME" }`` and
+``{ file = "path" }`` are the normal forms, ``{ value = "..." }`` works with a warning.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from broker.model import DEFAULT_AUTHORITY, DEFAULT_SCOPE, App, Secret
+from proxy.protocol.modes import ClientTls, UpstreamTls
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from pathlib import Path
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Limits",
+    "ListenerConfig",
+    "Protocol",
+    "UserConfig",
+    "load_config",
+]
+
+
+class Protocol(enum.Enum):
+    IMAP = "imap"
+    POP3 = "pop3"
+    SMTP = "smtp"
+
+
+PROVIDERS: Final = ("microsoft",)
+CLIENT_TLS: Final = {
+    "implicit": ClientTls.IMPLICIT,
+    "starttls": ClientTls.STARTTLS,
+    "none": ClientTls.NONE,
+}
+UPSTREAM_TLS: Final = {"implicit": UpstreamTls.IMPLICIT, "starttls": UpstreamTls.STARTTLS}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    protocol: Protocol
+    host: str
+    port: int
+    tls: ClientTls
+    #: PEM file with the private key and certificate chain (``None`` only when tls is none).
+    certificate: Path | None
+    upstream_host: str
+    upstream_port: int
+    upstream_tls: UpstreamTls
+    upstream_ca_file: Path | None = None
+    #: ``tls = "none"`` on an address other than loopback needs this explicit opt-in.
+    allow_plaintext: bool = False
+
+    @property
+    def name(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol.value}@{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    login: str
+    password_hashes: tuple[str, ...] = field(repr=False)
+    app: str
+    mailbox: str
+    protocols: frozenset[Protocol]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    #: Seconds from accepting a connection to a completed login.
+    login_timeout: float = 120.0
+    #: Seconds to connect to the upstream, finish TLS and read its greeting.
+    upstream_timeout: float = 30.0
+    #: Seconds to obtain a token from the identity provider.
+    token_timeout: float = 30.0
+    #: Seconds for a TLS handshake with the client.
+    tls_handshake_timeout: float = 30.0
+    #: Password hashes computed at once (argon2id uses its memory cost per hash).
+    hash_concurrency: int = 2
+    #: Seconds a successfully verified password is remembered (0 disables the cache).
+    credential_cache_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    apps: Mapping[str, App]
+    listeners: tuple[ListenerConfig, ...]
+    users: Mapping[str, UserConfig]
+    limits: Limits = Limits()
+    #: Problems that do not stop the proxy, as ``FILE: KEY: text`` lines.
+    warnings: tuple[str, ...] = ()
+
+    def user(self, login: str) -> UserConfig | None:
+        """Find a user by login name, ignoring case."""
+        return self.users.get(login.casefold())
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one ``FILE: KEY: text`` per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Reader:
+    """Collects problems while walking the parsed TOML."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path
+        self.base = path.parent
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, text: str) -> None:
+        self.problems.append(f"{self.file}: {key}: {text}")
+
+    def warn(self, key: str, text: str) -> None:
+        self.warnings.append(f"{self.file}: {key}: {text}")
+
+    def table(self, data: Mapping[str, object], key: str, name: str) -> Mapping[str, object]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            self.fail(key, "must be a table")
+            return {}
+        return value
+
+    def unknown_keys(self, data: Mapping[str, object], key: str, known: set[str]) -> None:
+        for name in sorted(set(data) - known):
+            self.fail(f"{key}.{name}" if key else name, "unknown key")
+
+    def string(
+        self, data: Mapping[str, object], key: str, name: str, default: str | None = None
+    ) -> str | None:
+        value = data.get(name, default)
+        if value is None:
+            self.fail(f"{key}.{name}", "is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"{key}.{name}", "must be a non-empty string")
+            return None
+        return value
+
+    def choice(
+        self,
+        data: Mapping[str, object],
+        key: str,
+        name: str,
+        options: Mapping[str, object],
+        default: str | None = None,
+    ) -> str | None:
+        value = self.string(data, key, name, default)
+        if value is not None and value not in options:
+            self.fail(f"{key}.{name}", f"must be one of {', '.join(options)}, not {value!r}")
+            return None
+        return value
+
+    def number(self, data: Mapping[str, object], key: str, name: str, default: float) -> float:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            self.fail(f"{key}.{name}", "must be a non-negative number")
+            return default
+        return float(value)
+
+    def path(self, data: Mapping[str, object], key: str, name: str) -> Path | None:
+        """An optional plain path string, relative to the config file's folder."""
+        value = data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(f"{key}.{name}", "must be a path string")
+            return None
+        resolved = self.base / value
+        if not resolved.is_file():
+            self.fail(f"{key}.{name}", f"no such file: {resolved}")
+            return None
+        return resolved
+
+    def file_ref(self, data: Mapping[str, object], key: str, name: str) -> Path | None:
+        """``name = { file = "..." }`` naming an existing file."""
+        value = data.get(name)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, dict)
+            or set(value) != {"file"}
+            or not isinstance(value["file"], str)
+        ):
+            self.fail(f"{key}.{name}", 'must be { file = "path" }')
+            return None
+        resolved = self.base / value["file"]
+        if not resolved.is_file():
+            self.fail(f"{key}.{name}", f"no such file: {resolved}")
+            return None
+        return resolved
+
+    def secret(
+        self, data: Mapping[str, object], key: str, name: str, *, strip: bool = True
+    ) -> Secret | None:
+        """``{ env = "NAME" }``, ``{ file = "path" }`` or (warned) ``{ value = "..." }``."""
+        value = data.get(name)
+        if value is None:
+            return None
+        where = f"{key}.{name}"
+        if isinstance(value, str):
+            self.fail(
+                where,
+                'put the secret in { env = "NAME" } or { file = "path" }, '
+                'or write { value = "..." } to keep it in this file',
+            )
+            return None
+        if not isinstance(value, dict) or len(value) != 1:
+            self.fail(
+                where, 'must be one of { env = "NAME" }, { file = "path" }, { value = "..." }'
+            )
+            return None
+        ((kind, ref),) = value.items()
+        if not isinstance(ref, str) or not ref:
+            self.fail(where, f"{kind} must be a non-empty string")
+            return None
+        if kind == "env":
+            env = os.environ.get(ref)
+            if not env:
+                self.fail(where, f"environment variable {ref} is not set")
+                return None
+            return Secret(env.strip() if strip else env, origin=f"env {ref}")
+        if kind == "file":
+            file = self.base / ref
+            try:
+                text = file.read_text()
+                mode = file.stat().st_mode
+            except OSError as exc:
+                self.fail(where, f"cannot read {file}: {exc.strerror}")
+                return None
+            if mode & (stat.S_IRWXO):
+                self.fail(where, f"{file} is accessible to other users; chmod o-rwx it")
+            if strip:
+                text = text.strip()
+            if not text:
+                self.fail(where, f"{file} is empty")
+                return None
+            return Secret(text, origin=f"file {file}")
+        if kind == "value":
+            self.warn(where, "secret written inline in the configuration file")
+            return Secret(ref, origin="inline")
+        self.fail(where, f"unknown secret source {kind!r}; use env, file or value")
+        return None
+
+
+def _split_address(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+APP_KEYS: Final = {
+    "provider",
+    "tenant",
+    "client_id",
+    "client_secret",
+    "certificate",
+    "authority",
+    "scope",
+    "ca_file",
+}
+LISTENER_KEYS: Final = {
+    "protocol",
+    "listen",
+    "tls",
+    "certificate",
+    "upstream",
+    "upstream_tls",
+    "upstream_ca_file",
+    "allow_plaintext",
+}
+USER_KEYS: Final = {"password_hash", "app", "mailbox", "protocols"}
+LIMIT_KEYS: Final = {
+    "login_timeout",
+    "upstream_timeout",
+    "token_timeout",
+    "tls_handshake_timeout",
+    "hash_concurrency",
+    "credential_cache_ttl",
+}
+
+
+def _read_apps(r: _Reader, data: Mapping[str, object]) -> dict[str, App]:
+    apps: dict[str, App] = {}
+    for name, raw in r.table(data, "apps", "apps").items():
+        key = f"apps.{name}"
+        if not isinstance(raw, dict):
+            r.fail(key, "must be a table")
+            continue
+        r.unknown_keys(raw, key, APP_KEYS)
+        provider = r.choice(raw, key, "provider", dict.fromkeys(PROVIDERS))
+        tenant = r.string(raw, key, "tenant")
+        client_id = r.string(raw, key, "client_id")
+        secret = r.secret(raw, key, "client_secret")
+        certificate = r.secret(raw, key, "certificate", strip=False)
+        if certificate is not None and "PRIVATE KEY" not in certificate.reveal():
+            r.fail(
+                f"{key}.certificate",
+                "must be a PEM file holding the private key and the certificate",
+            )
+        if (
+            secret is None
+            and certificate is None
+            and not ({"client_secret", "certificate"} & set(raw))
+        ):
+            r.fail(key, "needs client_secret or certificate")
+        if secret is not None and certificate is not None:
+            r.fail(key, "set client_secret or certificate, not both")
+        authority = r.string(raw, key, "authority", DEFAULT_AUTHORITY)
+        if authority is not None and not authority.startswith("https://"):
+            r.fail(f"{key}.authority", "must be an https:// URL")
+        scope = r.string(raw, key, "scope", DEFAULT_SCOPE)
+        ca_file = r.path(raw, key, "ca_file")
+        if provider and tenant and client_id and authority and scope:
+            apps[name] = App(
+                name=name,
+                provider=provider,
+                client_id=client_id,
+                tenant=tenant,
+                client_secret=secret,
+                certificate=certificate,
+                authority=authority.rstrip("/"),
+                scope=scope,
+                ca_file=ca_file,
+            )
+    return apps
+
+
+def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConfig]:
+    raw_list = data.get("listeners", [])
+    if not isinstance(raw_list, list):
+        r.fail("listeners", "must be an array of tables ([[listeners]])")
+        return []
+    if not raw_list:
+        r.fail("listeners", "at least one [[listeners]] is needed")
+    listeners: list[ListenerConfig] = []
+    seen: set[tuple[str, int]] = set()
+    for index, raw in enumerate(raw_list):
+        key = f"listeners[{index}]"
+        if not isinstance(raw, dict):
+            r.fail(key, "must be a table")
+            continue
+        r.unknown_keys(raw, key, LISTENER_KEYS)
+        protocol = r.choice(raw, key, "protocol", {p.value: p for p in Protocol})
+        tls = r.choice(raw, key, "tls", CLIENT_TLS)
+        upstream_tls = r.choice(raw, key, "upstream_tls", UPSTREAM_TLS)
+        listen_text = r.string(raw, key, "listen")
+        upstream_text = r.string(raw, key, "upstream")
+        listen = _split_address(listen_text) if listen_text else None
+        if listen_text and listen is None:
+            r.fail(f"{key}.listen", f"must be host:port, not {listen_text!r}")
+        upstream = _split_address(upstream_text) if upstream_text else None
+        if upstream_text and upstream is None:
+            r.fail(f"{key}.upstream", f"must be host:port, not {upstream_text!r}")
+        certificate = r.file_ref(raw, key, "certificate")
+        allow_plaintext = raw.get("allow_plaintext", False)
+        if not isinstance(allow_plaintext, bool):
+            r.fail(f"{key}.allow_plaintext", "must be true or false")
+            allow_plaintext = False
+        if tls in ("implicit", "starttls") and certificate is None and "certificate" not in raw:
+            r.fail(f"{key}.certificate", f'is required with tls = "{tls}"')
+        if tls == "none" and listen and not _is_loopback(listen[0]) and not allow_plaintext:
+            r.fail(
+                f"{key}.tls",
+                "plaintext on a non-loopback address sends passwords in the "
+                "clear; use TLS, or set allow_plaintext = true",
+            )
+        if listen:
+            if listen in seen:
+                r.fail(f"{key}.listen", "address used by another listener")
+            seen.add(listen)
+        upstream_ca = r.path(raw, key, "upstream_ca_file")
+        if protocol and tls and upstream_tls and listen and upstream:
+            listeners.append(
+                ListenerConfig(
+                    protocol=Protocol(protocol),
+                    host=listen[0],
+                    port=listen[1],
+                    tls=CLIENT_TLS[tls],
+                    certificate=certificate,
+                    upstream_host=upstream[0],
+                    upstream_port=upstream[1],
+                    upstream_tls=UPSTREAM_TLS[upstream_tls],
+                    upstream_ca_file=upstream_ca,
+                    allow_plaintext=allow_plaintext,
+                )
+            )
+    return listeners
+
+
+def _read_users(
+    r: _Reader, data: Mapping[str, object], apps: Mapping[str, object], app_names: set[str]
+) -> dict[str, UserConfig]:
+    from proxy.identities import check_hash_format  # avoids an import cycle
+
+    users: dict[str, UserConfig] = {}
+    for login, raw in r.table(data, "users", "users").items():
+        key = f'users."{login}"'
+        if not isinstance(raw, dict):
+            r.fail(key, "must be a table")
+            continue
+        r.unknown_keys(raw, key, USER_KEYS)
+        hashes_raw = raw.get("password_hash")
+        hashes: list[str] = []
+        if isinstance(hashes_raw, str):
+            hashes = [hashes_raw]
+        elif isinstance(hashes_raw, list) and all(isinstance(h, str) for h in hashes_raw):
+            hashes = list(hashes_raw)
+        if not hashes:
+            r.fail(
+                f"{key}.password_hash",
+                "must be a hash from `xoauth2-proxy hash-password` (or a list of them)",
+            )
+        for h in hashes:
+            problem = check_hash_format(h)
+            if problem:
+                r.fail(f"{key}.password_hash", problem)
+        app = r.string(raw, key, "app")
+        if app is not None and app not in app_names:
+            r.fail(f"{key}.app", f"no [apps.{app}] is configured")
+        mailbox = r.string(raw, key, "mailbox", login)
+        protocols_raw = raw.get("protocols", [p.value for p in Protocol])
+        protocols: set[Protocol] = set()
+        if not isinstance(protocols_raw, list) or not protocols_raw:
+            r.fail(f"{key}.protocols", "must be a non-empty list of imap, pop3, smtp")
+        else:
+            for p in protocols_raw:
+                if p in {q.value for q in Protocol}:
+                    protocols.add(Protocol(p))
+                else:
+                    r.fail(f"{key}.protocols", f"unknown protocol {p!r}")
+        folded = login.casefold()
+        if folded in users:
+            r.fail(key, "the same login name, ignoring case, appears twice")
+        if hashes and app and mailbox and protocols:
+            users[folded] = UserConfig(
+                login=login,
+                password_hashes=tuple(hashes),
+                app=app,
+                mailbox=mailbox,
+                protocols=frozenset(protocols),
+            )
+    return users
+
+
+def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
+    raw = r.table(data, "limits", "limits")
+    r.unknown_keys(raw, "limits", LIMIT_KEYS)
+    d = Limits()
+    concurrency = r.number(raw, "limits", "hash_concurrency", d.hash_concurrency)
+    if concurrency < 1 or concurrency != int(concurrency):
+        r.fail("limits.hash_concurrency", "must be a whole number of at least 1")
+        concurrency = d.hash_concurrency
+    return Limits(
+        login_timeout=r.number(raw, "limits", "login_timeout", d.login_timeout),
+        upstream_timeout=r.number(raw, "limits", "upstream_timeout", d.upstream_timeout),
+        token_timeout=r.number(raw, "limits", "token_timeout", d.token_timeout),
+        tls_handshake_timeout=r.number(
+            raw, "limits", "tls_handshake_timeout", d.tls_handshake_timeout
+        ),
+        hash_concurrency=int(concurrency),
+        credential_cache_ttl=r.number(
+            raw, "limits", "credential_cache_ttl", d.credential_cache_ttl
+        ),
+    )
+
+
+def _walk_inline_secrets(data: object) -> Iterator[None]:
+    if isinstance(data, dict):
+        if set(data) == {"value"}:
+            yield None
+        for v in data.values():
+            yield from _walk_inline_secrets(v)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _walk_inline_secrets(v)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    r = _Reader(path)
+    try:
+        mode = path.stat().st_mode
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    if mode & stat.S_IWOTH:
+        r.fail("(file)", "writable by every user; chmod o-w it")
+    if any(True for _ in _walk_inline_secrets(data)) and mode & stat.S_IROTH:
+        r.fail("(file)", "holds inline secrets and is readable by every user; chmod o-r it")
+    r.unknown_keys(data, "", {"apps", "listeners", "users", "limits"})
+    apps = _read_apps(r, data)
+    app_names = set(r.table(data, "apps", "apps"))
+    listeners = _read_listeners(r, data)
+    users = _read_users(r, data, apps, app_names)
+    limits = _read_limits(r, data)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        path=path,
+        apps=apps,
+        listeners=tuple(listeners),
+        users=users,
+        limits=limits,
+        warnings=tuple(r.warnings),
+    )

@@ -1,0 +1,214 @@
+"""Local identities: who may log in to the proxy, with which password, for which mailbox.
+
+Passwords are stored as argon2id PHC strings (``$argon2id$v=19$m=…,t=…,p=…$salt$hash``),
+made by ``xoauth2-proxy hash-password`` with :func:`hash_password`.
+
+Argon2id is slow and memory-hard on purpose, so it must never sit bare on the login path:
+
+* hashes are computed in worker threads behind a :class:`trio.CapacityLimiter`, so the event
+  loop never stalls and memory stays bounded (``hash_concurrency`` times the memory cost);
+* a password that verified is remembered for ``credential_cache_ttl`` seconds, keyed by an
+  HMAC of the login name and password under a key that lives only in this process, so
+  legacy programs that log in every minute cost one argon2id computation per TTL;
+* an unknown login name is checked against a dummy hash with the default cost, so that
+  "no such user" and "wrong password" take the same time and give the same answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import trio
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+if TYPE_CHECKING:
+    from proxy.config import Protocol, UserConfig
+    from proxy.protocol.sasl import Credentials
+
+__all__ = [
+    "DEFAULT_PARAMETERS",
+    "Authenticator",
+    "BadCredentials",
+    "HashParameters",
+    "Identity",
+    "check_hash_format",
+    "hash_password",
+    "parameters_of",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HashParameters:
+    """argon2id cost. The default is RFC 9106's second recommended option."""
+
+    #: Memory in KiB.
+    memory_cost: int = 65536
+    iterations: int = 3
+    lanes: int = 4
+
+
+DEFAULT_PARAMETERS: Final = HashParameters()
+MAX_MEMORY_COST: Final = 1024 * 1024  # 1 GiB: refuse hashes that would exhaust memory
+_PHC: Final = re.compile(
+    r"^\$argon2id\$v=19\$m=(?P<m>\d+),t=(?P<t>\d+),p=(?P<p>\d+)"
+    r"\$(?P<salt>[A-Za-z0-9+/]{11,})\$(?P<hash>[A-Za-z0-9+/]{16,})$"
+)
+_CACHE_SIZE: Final = 10_000
+
+
+def hash_password(password: str, parameters: HashParameters = DEFAULT_PARAMETERS) -> str:
+    """Return the argon2id PHC string for ``password`` (with a fresh 16-byte salt)."""
+    kdf = Argon2id(
+        salt=os.urandom(16),
+        length=32,
+        iterations=parameters.iterations,
+        lanes=parameters.lanes,
+        memory_cost=parameters.memory_cost,
+    )
+    return kdf.derive_phc_encoded(password.encode())
+
+
+def check_hash_format(phc: str) -> str | None:
+    """Return what is wrong with a stored hash, or ``None`` if it can be used."""
+    match = _PHC.match(phc)
+    if match is None:
+        return "not an argon2id hash from `xoauth2-proxy hash-password`"
+    memory, iterations, lanes = int(match["m"]), int(match["t"]), int(match["p"])
+    if memory > MAX_MEMORY_COST:
+        return f"memory cost {memory} KiB is above the limit of {MAX_MEMORY_COST} KiB"
+    if memory < 8 * lanes or iterations < 1 or lanes < 1:
+        return "invalid argon2id parameters"
+    return None
+
+
+def parameters_of(phc: str) -> HashParameters | None:
+    """The cost parameters of a stored hash (``None`` if it is not one of ours)."""
+    match = _PHC.match(phc)
+    if match is None:
+        return None
+    return HashParameters(
+        memory_cost=int(match["m"]), iterations=int(match["t"]), lanes=int(match["p"])
+    )
+
+
+def _verify(password: str, phc: str) -> bool:
+    try:
+        Argon2id.verify_phc_encoded(password.encode(), phc)
+    except InvalidKey:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A login the proxy accepted: the mailbox it opens upstream, with which app."""
+
+    login: str
+    mailbox: str
+    app: str
+
+
+class BadCredentials(Exception):
+    """The login must fail as a bad password would. ``reason`` is for the log only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Authenticator:
+    """Checks legacy credentials against the configured users.
+
+    .. warning:: :meth:`authenticate` runs argon2id in a worker thread; if it is cancelled
+       the thread finishes its computation in the background (bounded by the limiter).
+    """
+
+    def __init__(
+        self,
+        users: Callable[[str], UserConfig | None] | Mapping[str, UserConfig],
+        *,
+        hash_concurrency: int = 2,
+        cache_ttl: float = 300.0,
+        dummy_parameters: HashParameters = DEFAULT_PARAMETERS,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if isinstance(users, Mapping):
+            table = users
+            self._lookup: Callable[[str], UserConfig | None] = lambda login: table.get(
+                login.casefold()
+            )
+        else:
+            self._lookup = users
+        self._limiter = trio.CapacityLimiter(hash_concurrency)
+        self._cache_ttl = cache_ttl
+        self._clock = clock
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._dummy_parameters = dummy_parameters
+        self._dummy_hash: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Authenticator {len(self._verified)} cached verifications>"
+
+    async def authenticate(self, credentials: Credentials, protocol: Protocol) -> Identity:
+        """Return the identity for ``credentials`` or raise :class:`BadCredentials`."""
+        user = self._lookup(credentials.login)
+        if user is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = await trio.to_thread.run_sync(
+                    hash_password,
+                    secrets.token_urlsafe(16),
+                    self._dummy_parameters,
+                    limiter=self._limiter,
+                )
+            await self._run_hash(_verify, credentials.password, self._dummy_hash)
+            raise BadCredentials("unknown user")
+        if not await self._password_matches(user, credentials.password):
+            raise BadCredentials("wrong password")
+        if protocol not in user.protocols:
+            raise BadCredentials(f"{protocol.value} is not in the user's protocols")
+        wanted = credentials.authzid
+        if wanted and wanted.casefold() not in {user.login.casefold(), user.mailbox.casefold()}:
+            raise BadCredentials("authorization identity is not the user's mailbox")
+        return Identity(login=user.login, mailbox=user.mailbox, app=user.app)
+
+    def forget_all(self) -> None:
+        """Drop every remembered verification (after a configuration reload)."""
+        self._verified.clear()
+
+    async def _password_matches(self, user: UserConfig, password: str) -> bool:
+        key = hmac.new(
+            self._cache_key,
+            b"\x00".join(
+                [user.login.encode(), password.encode(), "\x00".join(user.password_hashes).encode()]
+            ),
+            hashlib.sha256,
+        ).digest()
+        now = self._clock()
+        expiry = self._verified.get(key)
+        if expiry is not None:
+            if expiry > now:
+                self._verified.move_to_end(key)
+                await trio.lowlevel.checkpoint()
+                return True
+            del self._verified[key]
+        for phc in user.password_hashes:
+            if await self._run_hash(_verify, password, phc):
+                if self._cache_ttl > 0:
+                    self._verified[key] = now + self._cache_ttl
+                    while len(self._verified) > _CACHE_SIZE:
+                        self._verified.popitem(last=False)
+                return True
+        return False
+
+    async def _run_hash(self, fn: Callable[[str, str], bool], password: str, phc: str) -> bool:
+        return await trio.to_thread.run_sync(fn, password, phc, limiter=self._limiter)

@@ -1,0 +1,150 @@
+"""Local credential checks: argon2id, rotation, the verified-credential cache, policies."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from proxy.config import Protocol, UserConfig
+from proxy.identities import (
+    Authenticator,
+    BadCredentials,
+    HashParameters,
+    check_hash_format,
+    hash_password,
+    parameters_of,
+)
+from proxy.protocol.sasl import Credentials
+
+CHEAP = HashParameters(memory_cost=64, iterations=1, lanes=1)
+
+
+def user(login: str = "reports@contoso.com", *passwords: str, **kw: object) -> UserConfig:
+    hashes = tuple(hash_password(p, CHEAP) for p in (passwords or ("right",)))
+    return UserConfig(
+        login=login,
+        password_hashes=hashes,
+        app=str(kw.get("app", "contoso")),
+        mailbox=str(kw.get("mailbox", login)),
+        protocols=frozenset(kw.get("protocols", set(Protocol))),  # type: ignore[call-overload]
+    )
+
+
+def authenticator(*users: UserConfig, **kw: float) -> Authenticator:
+    return Authenticator(
+        {u.login.casefold(): u for u in users},
+        dummy_parameters=CHEAP,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_hash_format() -> None:
+    phc = hash_password("pw", CHEAP)
+    assert phc.startswith("$argon2id$v=19$m=64,t=1,p=1$")
+    assert check_hash_format(phc) is None
+    assert parameters_of(phc) == CHEAP
+    assert check_hash_format("$2b$12$abcdefghijklmnopqrstuv") is not None
+    assert "memory cost" in str(check_hash_format(phc.replace("m=64", "m=99999999")))
+    assert hash_password("pw", CHEAP) != phc  # salted
+
+
+async def test_accepts_the_right_password_and_names_the_mailbox() -> None:
+    auth = authenticator(user("Scanner@contoso.com", mailbox="shared@contoso.com"))
+    identity = await auth.authenticate(Credentials("scanner@CONTOSO.com", "right"), Protocol.IMAP)
+    assert (identity.login, identity.mailbox, identity.app) == (
+        "Scanner@contoso.com",
+        "shared@contoso.com",
+        "contoso",
+    )
+
+
+@pytest.mark.parametrize(
+    ("credentials", "reason"),
+    [
+        (Credentials("reports@contoso.com", "wrong"), "wrong password"),
+        (Credentials("nobody@contoso.com", "right"), "unknown user"),
+        (
+            Credentials("reports@contoso.com", "right", authzid="ceo@contoso.com"),
+            "authorization identity",
+        ),
+    ],
+)
+async def test_refusals(credentials: Credentials, reason: str) -> None:
+    auth = authenticator(user())
+    with pytest.raises(BadCredentials, match=reason):
+        await auth.authenticate(credentials, Protocol.IMAP)
+
+
+async def test_protocol_not_allowed() -> None:
+    auth = authenticator(user(protocols={Protocol.SMTP}))
+    with pytest.raises(BadCredentials, match="imap is not in"):
+        await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.IMAP)
+    await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.SMTP)
+
+
+async def test_rotation_accepts_every_listed_hash() -> None:
+    auth = authenticator(user("reports@contoso.com", "old", "new"))
+    for password in ("old", "new"):
+        await auth.authenticate(Credentials("reports@contoso.com", password), Protocol.POP3)
+
+
+async def test_verified_credentials_are_cached_until_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    import proxy.identities as identities
+
+    real = identities._verify
+
+    def counting(password: str, phc: str) -> bool:
+        calls.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    now = [1000.0]
+    auth = Authenticator(
+        {"a@b.c": user("a@b.c")}, dummy_parameters=CHEAP, cache_ttl=60, clock=lambda: now[0]
+    )
+    creds = Credentials("a@b.c", "right")
+    await auth.authenticate(creds, Protocol.IMAP)
+    await auth.authenticate(creds, Protocol.IMAP)
+    assert len(calls) == 1
+    with pytest.raises(BadCredentials):
+        await auth.authenticate(Credentials("a@b.c", "wrong"), Protocol.IMAP)
+    assert len(calls) == 2  # a wrong password is never answered from the cache
+    now[0] += 61
+    await auth.authenticate(creds, Protocol.IMAP)
+    assert len(calls) == 3
+    assert "right" not in repr(auth)
+
+
+async def test_hashing_runs_off_the_event_loop_with_bounded_concurrency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    import time
+
+    import proxy.identities as identities
+
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+
+    def slow(password: str, phc: str) -> bool:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+            threads.add(threading.get_ident())
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return True
+
+    monkeypatch.setattr(identities, "_verify", slow)
+    auth = Authenticator(
+        {"a@b.c": user("a@b.c")}, dummy_parameters=CHEAP, hash_concurrency=2, cache_ttl=0
+    )
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(auth.authenticate, Credentials("a@b.c", "right"), Protocol.IMAP)
+    assert running[1] == 2
+    assert loop_thread not in threads
