@@ -270,7 +270,7 @@ def _split_address(text: str) -> tuple[str, int] | None:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         return None
     return host, int(port)
 
@@ -385,6 +385,8 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
         if listen_text and listen is None:
             r.fail(f"{key}.listen", f"must be host:port, not {listen_text!r}")
         upstream = _split_address(upstream_text) if upstream_text else None
+        if upstream is not None and upstream[1] == 0:
+            upstream = None
         if upstream_text and upstream is None:
             r.fail(f"{key}.upstream", f"must be host:port, not {upstream_text!r}")
         certificate = r.file_ref(raw, key, "certificate")
