@@ -4,13 +4,63 @@
 they arrive, and complete units come out (a line without its line ending, or exactly *n*
 bytes of a literal) once they are there. Searching is O(n) over the whole input however it
 is chunked: the buffer remembers how far it has already looked for a line feed.
+
+IMAP adds literals (RFC 3501 section 4.3, RFC 7888): a line that ends in ``{n}`` or
+``{n+}`` announces *n* bytes of data that follow the line ending verbatim, after which the
+command or response goes on with another line. :func:`literal_at_end` classifies a line
+the way imap-codec does: no literal (the unit is complete), a literal of a given size,
+synchronizing or not, or a failure (the announced size is over the limit).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from proxy.protocol.errors import FrameError
 
-__all__ = ["LineBuffer"]
+__all__ = ["LineBuffer", "Literal", "literal_at_end", "printable"]
+
+#: More digits than this cannot be a literal size we would accept anyway.
+_MAX_SIZE_DIGITS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """An IMAP literal announced at the end of a line."""
+
+    size: int
+    #: ``{n}`` waits for the server's ``+`` continuation; ``{n+}`` (LITERAL+) does not.
+    synchronizing: bool
+
+
+def literal_at_end(line: bytes, max_size: int) -> Literal | None:
+    """The literal that ``line`` (without its line ending) announces, if any.
+
+    Raises :class:`FrameError` if the announced size is over ``max_size``: the peer would
+    send that many bytes next, and the only safe answer is to close.
+    """
+    if not line.endswith(b"}"):
+        return None
+    start = line.rfind(b"{")
+    if start < 0:
+        return None
+    inner = line[start + 1 : -1]
+    synchronizing = not inner.endswith(b"+")
+    digits = inner if synchronizing else inner[:-1]
+    if not digits or not digits.isdigit():
+        return None
+    if len(digits) > _MAX_SIZE_DIGITS or int(digits) > max_size:
+        raise FrameError(f"literal larger than {max_size} bytes")
+    return Literal(int(digits), synchronizing)
+
+
+def printable(data: bytes | str, limit: int = 200) -> str:
+    """Peer-supplied text made safe for one log line: decoded leniently, control
+    characters escaped, at most ``limit`` characters (``...`` marks a cut)."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class LineBuffer:

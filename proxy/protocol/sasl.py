@@ -12,8 +12,11 @@ import binascii
 import json
 from dataclasses import dataclass, field
 
+from proxy.protocol.framing import printable
+
 __all__ = [
     "Credentials",
+    "InvalidCredentials",
     "SaslError",
     "b64decode_strict",
     "describe_error_challenge",
@@ -29,6 +32,15 @@ MAX_CREDENTIAL = 1024
 
 class SaslError(ValueError):
     """The client's SASL message is malformed."""
+
+
+class InvalidCredentials(SaslError):
+    """The message is well formed, but what it carries cannot be anyone's credentials
+    (empty or overlong user name, text that is not UTF-8, control characters).
+
+    Protocols answer this like a wrong password (the same bytes, counted as a failed
+    login), not as a syntax error: the client did nothing wrong in the protocol.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +66,13 @@ def b64decode_strict(data: bytes) -> bytes:
 
 def _text(raw: bytes, what: str) -> str:
     if len(raw) > MAX_CREDENTIAL:
-        raise SaslError(f"{what} too long")
+        raise InvalidCredentials(f"{what} too long")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SaslError(f"{what} is not UTF-8") from exc
+        raise InvalidCredentials(f"{what} is not UTF-8") from exc
     if any(ord(c) < 0x20 or c == "\x7f" for c in text):
-        raise SaslError(f"{what} contains control characters")
+        raise InvalidCredentials(f"{what} contains control characters")
     return text
 
 
@@ -71,7 +83,7 @@ def parse_plain(message: bytes) -> Credentials:
         raise SaslError("PLAIN needs exactly three NUL-separated fields")
     authzid, authcid, password = parts
     if not authcid:
-        raise SaslError("PLAIN authentication identity is empty")
+        raise InvalidCredentials("PLAIN authentication identity is empty")
     return Credentials(
         login=_text(authcid, "user name"),
         password=_text(password, "password"),
@@ -96,13 +108,18 @@ def xoauth2_response(mailbox: str, token: str) -> bytes:
 
 
 def describe_error_challenge(payload: bytes) -> str:
-    """Summarise a server's base64 JSON error challenge for the log (no secrets in it)."""
+    """Summarise a server's base64 JSON error challenge for the log.
+
+    Gives ``key=value`` pairs of the scalar members, e.g. ``schemes=Bearer, scope=...,
+    status=invalid_token``: printable, bounded, and free of secrets (the server does not
+    echo the token).
+    """
     try:
         decoded = base64.b64decode(payload, validate=True)
         parsed = json.loads(decoded)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         return "unreadable error challenge"
     if not isinstance(parsed, dict):
         return "unreadable error challenge"
     fields = ", ".join(f"{k}={v}" for k, v in sorted(parsed.items()) if isinstance(v, str | int))
-    return fields or "empty error challenge"
+    return printable(fields, 300) if fields else "empty error challenge"

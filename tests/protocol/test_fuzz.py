@@ -1,0 +1,384 @@
+"""Hypothesis fuzzing of ImapAuth: whatever either peer sends, in whatever order, the
+machine raises nothing but ProxyError, keeps its memory bounded, never talks to an upstream
+that is not connected, and never lets a secret out."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from proxy.protocol.actions import (
+    Action,
+    BeginRelay,
+    Close,
+    ConnectUpstream,
+    Note,
+    RequestToken,
+    SendToClient,
+    SendToServer,
+    StartTls,
+)
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.events import (
+    ClientClosed,
+    ClientDataReceived,
+    Event,
+    Refusal,
+    ServerClosed,
+    ServerConnected,
+    ServerDataReceived,
+    ServerUnavailable,
+    Side,
+    TlsEstablished,
+    TokenIssued,
+    TokenRefused,
+)
+from proxy.protocol.imap import ImapAuth
+from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
+from proxy.protocol.sasl import xoauth2_response
+from tests.protocol.playbook import TOKEN
+
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    # No "explain" phase: it imports libcst, whose DeprecationWarning our
+    # filterwarnings=error turns into an INTERNALERROR that hides the real failure.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+
+PASSWORD = "pw-Zq8!x"
+MAILBOX = "alice@contoso.com"
+XOAUTH2 = xoauth2_response(MAILBOX, TOKEN.value)
+PLAIN = base64.b64encode(f"\0alice\0{PASSWORD}".encode())
+
+CLIENT_PIECES = [
+    b"a1 LOGIN alice " + PASSWORD.encode() + b"\r\n",
+    b'a2 LOGIN "alice" "' + PASSWORD.encode() + b'"\r\n',
+    b"a3 LOGIN {5}\r\n",
+    b"a4 LOGIN {5+}\r\nalice {8+}\r\n" + PASSWORD.encode() + b"\r\n",
+    b"alice {8}\r\n",
+    PASSWORD.encode() + b"\r\n",
+    b"a5 AUTHENTICATE PLAIN " + PLAIN + b"\r\n",
+    b"a6 AUTHENTICATE PLAIN\r\n",
+    PLAIN + b"\r\n",
+    b"*\r\n",
+    b"a7 STARTTLS\r\n",
+    b"a8 CAPABILITY\r\n",
+    b"a9 NOOP\r\n",
+    b"b1 ID NIL\r\n",
+    b"b2 SELECT INBOX\r\n",
+    b"b3 LOGOUT\r\n",
+    b"b4 APPEND INBOX {20+}\r\n",
+    b"{3}\r\n",
+    b"\r\n",
+    b'"',
+    b"\\",
+]
+CHALLENGE = b"+ " + base64.b64encode(b'{"status":"400","schemes":"Bearer"}') + b"\r\n"
+SERVER_PIECES = [
+    b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=XOAUTH2] hi\r\n",
+    b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n",
+    b"* OK hello\r\n",
+    b"* CAPABILITY IMAP4rev1 STARTTLS SASL-IR AUTH=XOAUTH2\r\n",
+    b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n",
+    *(b"X%d OK done\r\n" % n for n in range(1, 6)),
+    *(b"X%d NO [UNAVAILABLE] no\r\n" % n for n in range(1, 4)),
+    *(b"X%d BAD what\r\n" % n for n in range(1, 4)),
+    b"X2 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n",
+    b"+ \r\n",
+    CHALLENGE,
+    b"+ " + base64.b64encode(b"[" * 5000) + b"\r\n",
+    b"* BYE going away\r\n",
+    b"* PREAUTH hi\r\n",
+    b"* 1 EXISTS {4}\r\nX1 O\r\n",
+    b"* OK [ALERT] hey\r\n",
+    b"\r\n",
+]
+
+
+def chunks(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
+    """Realistic fragments and noise, glued together."""
+    known = st.sampled_from(pieces)
+    part = st.one_of(known, known, known, st.binary(max_size=40))
+    return st.lists(part, min_size=1, max_size=4).map(b"".join)
+
+
+def small_settings(client_tls: ClientTls, upstream_tls: UpstreamTls) -> AuthSettings:
+    return AuthSettings(
+        client_tls,
+        upstream_tls,
+        max_line=160,
+        max_literal=64,
+        max_bad_commands=6,
+        max_auth_failures=3,
+        max_server_line=7000,
+    )
+
+
+def memory_bound(s: AuthSettings) -> int:
+    """What the machine may hold beyond the chunk it was just given."""
+    client = 3 * s.max_line + 2 * s.max_literal + (s.max_line + s.max_literal)
+    return client + 3 * s.max_server_line
+
+
+@dataclass
+class Driver:
+    """Plays the trio driver's part: answers actions only with events it could send."""
+
+    machine: ImapAuth
+    settings: AuthSettings
+    connecting: bool = False
+    connected: bool = False
+    token_wanted: bool = False
+    tls: set[Side] = field(default_factory=set)
+    done: bool = False
+    relays: int = 0
+    sent_upstream: list[bytes] = field(default_factory=list)
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            assert not self.done, "actions after BeginRelay or Close"
+            match action:
+                case SendToServer(data=data):
+                    assert self.connected, "sent to an upstream that is not connected"
+                    assert Side.SERVER not in self.tls, "sent to the upstream during TLS"
+                    self.sent_upstream.append(data)
+                case ConnectUpstream():
+                    assert not self.connected, "reconnect while connected"
+                    assert not self.connecting, "reconnect while connecting"
+                    self.connecting = True
+                case RequestToken(credentials=credentials):
+                    assert not self.token_wanted
+                    assert PASSWORD not in repr(credentials)
+                    self.token_wanted = True
+                case StartTls(side=side):
+                    self.tls.add(side)
+                case BeginRelay():
+                    self.relays += 1
+                    self.done = True
+                case Close():
+                    self.done = True
+                case SendToClient() | Note():
+                    pass
+            check_no_secrets(action)
+
+    def choices(self, data: st.DataObject) -> Event:
+        """One event the driver could deliver now, weighted towards progress."""
+        plausible_client, plausible_server = self.plausible_client(), self.plausible_server()
+        client = st.one_of(plausible_client, plausible_client, chunks(CLIENT_PIECES))
+        server = st.one_of(
+            plausible_server, plausible_server, plausible_server, chunks(SERVER_PIECES)
+        )
+        options: list[tuple[int, st.SearchStrategy[Event]]] = [
+            (4, client.map(ClientDataReceived)),
+            (1, st.just(ClientClosed())),
+        ]
+        if self.connecting:
+            options += [(6, st.just(ServerConnected())), (1, st.just(ServerUnavailable("no")))]
+        if self.connected and Side.SERVER not in self.tls:
+            options += [
+                (8, server.map(ServerDataReceived)),
+                (1, st.just(ServerClosed())),
+            ]
+        if self.token_wanted:
+            options += [
+                (6, st.just(TokenIssued(MAILBOX, TOKEN))),
+                (1, st.sampled_from(Refusal).map(TokenRefused)),
+            ]
+        for side in self.tls:
+            options.append((6, st.just(TlsEstablished(side))))
+        if Side.SERVER in self.tls:
+            options.append((1, st.just(ServerUnavailable("handshake failed"))))
+        weighted = [strategy for weight, strategy in options for _ in range(weight)]
+        return data.draw(st.sampled_from(weighted).flatmap(lambda strategy: strategy))
+
+    def plausible_client(self) -> st.SearchStrategy[bytes]:
+        """What a well-behaved client might send in the machine's current state."""
+        match self.machine.client_state.name:
+            case "PLAINTEXT":
+                pieces = [b"c1 STARTTLS\r\n", b"c2 CAPABILITY\r\n", CLIENT_PIECES[0]]
+            case "SASL_RESPONSE":
+                pieces = [PLAIN + b"\r\n", b"*\r\n"]
+            case "AWAITING_TOKEN" | "AUTHORIZING":
+                pieces = [b"c3 SELECT INBOX\r\n", b"c4 IDLE\r\n"]
+            case _:
+                pieces = CLIENT_PIECES[:9]
+        return st.sampled_from(pieces)
+
+    def plausible_server(self) -> st.SearchStrategy[bytes]:
+        """What a real server might answer in the machine's current state."""
+        tags = [line.split(b" ")[0] for line in self.sent_upstream if line[:1] == b"X"]
+        tag = tags[-1] if tags else b"X1"
+        match self.machine.upstream_state.name:
+            case "GREETING":
+                pieces = [SERVER_PIECES[0], SERVER_PIECES[1], SERVER_PIECES[2], b"* BYE busy\r\n"]
+            case "PLAIN_CAPABILITY" | "CAPABILITY":
+                pieces = [
+                    SERVER_PIECES[3] + tag + b" OK done\r\n",
+                    SERVER_PIECES[4] + tag + b" OK done\r\n",
+                    tag + b" OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] done\r\n",
+                    tag + b" NO no\r\n",
+                ]
+            case "STARTTLS":
+                pieces = [tag + b" OK go\r\n", tag + b" BAD no\r\n"]
+            case "AUTHENTICATE_SENT":
+                pieces = [b"+ \r\n", tag + b" NO no\r\n"]
+            case "TOKEN_SENT" | "ERROR_CHALLENGE":
+                pieces = [
+                    tag + b" OK [CAPABILITY IMAP4rev1 IDLE] in\r\n* 2 EXISTS\r\n",
+                    b"* CAPABILITY IMAP4rev1 IDLE\r\n",
+                    tag + b" NO [AUTHENTICATIONFAILED] no\r\n",
+                    tag + b" NO [UNAVAILABLE] later\r\n",
+                    tag + b" BAD what\r\n",
+                    CHALLENGE,
+                ]
+            case _:
+                pieces = [b"* OK still here\r\n", b"* BYE idle\r\n"]
+        return st.sampled_from(pieces)
+
+    def feed(self, event: Event) -> None:
+        match event:
+            case ServerConnected():
+                self.connecting, self.connected = False, True
+            case ServerUnavailable():
+                self.connecting = self.connected = False
+                self.tls.discard(Side.SERVER)
+            case ServerClosed():
+                self.connected = False
+            case TokenIssued() | TokenRefused():
+                self.token_wanted = False
+            case TlsEstablished(side=side):
+                self.tls.discard(side)
+            case _:
+                pass
+        before = self.machine.buffered
+        try:
+            self.apply(self.machine.handle(event))
+        except ProxyError as exc:
+            check_no_secrets_text(str(exc))
+            self.done = True
+            return
+        size = len(getattr(event, "data", b""))
+        assert self.machine.buffered <= memory_bound(self.settings) + size, (
+            before,
+            self.machine.buffered,
+        )
+        check_no_secrets_text(repr(self.machine))
+
+
+SECRETS = [PASSWORD, TOKEN.value, PLAIN.decode(), base64.b64encode(PASSWORD.encode()).decode()]
+
+
+def check_no_secrets_text(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text
+
+
+def check_no_secrets(action: Action) -> None:
+    if isinstance(action, RequestToken):
+        return
+    if isinstance(action, BeginRelay):
+        # to_server is what the client pipelined, relayed unchanged: even a second LOGIN.
+        assert TOKEN.value.encode() not in action.to_server + action.to_client
+        return
+    if isinstance(action, SendToServer) and XOAUTH2 in action.data:
+        assert action.data.endswith(XOAUTH2 + b"\r\n")
+        return
+    if not isinstance(action, SendToClient):
+        check_no_secrets_text(repr(action))
+    if isinstance(action, Note):
+        check_no_secrets_text(action.text)
+    if isinstance(action, SendToClient):
+        # A client that sends a secret where a command belongs gets it back as the tag of
+        # a BAD (RFC 3501 requires the tag); it may appear nowhere else.
+        for line in action.data.split(b"\r\n"):
+            _tag, _, rest = line.partition(b" ")
+            for secret in SECRETS:
+                assert secret.encode() not in rest
+
+
+@FUZZ
+@given(
+    client_tls=st.sampled_from(ClientTls),
+    upstream_tls=st.sampled_from(UpstreamTls),
+    data=st.data(),
+)
+def test_arbitrary_event_sequences(
+    client_tls: ClientTls, upstream_tls: UpstreamTls, data: st.DataObject
+) -> None:
+    config = small_settings(client_tls, upstream_tls)
+    driver = Driver(ImapAuth(config), config)
+    driver.apply(driver.machine.start())
+    for _ in range(60):
+        if driver.done:
+            break
+        driver.feed(driver.choices(data))
+    assert driver.relays <= 1
+
+
+@FUZZ
+@given(client_tls=st.sampled_from(ClientTls), pieces=st.lists(st.binary(), max_size=30))
+def test_arbitrary_client_bytes(client_tls: ClientTls, pieces: list[bytes]) -> None:
+    config = small_settings(client_tls, UpstreamTls.IMPLICIT)
+    driver = Driver(ImapAuth(config), config)
+    driver.apply(driver.machine.start())
+    for piece in pieces:
+        if driver.done:
+            break
+        driver.feed(ClientDataReceived(piece))
+
+
+@FUZZ
+@given(upstream_tls=st.sampled_from(UpstreamTls), pieces=st.lists(st.binary(), max_size=30))
+def test_arbitrary_upstream_bytes(upstream_tls: UpstreamTls, pieces: list[bytes]) -> None:
+    config = small_settings(ClientTls.IMPLICIT, upstream_tls)
+    driver = Driver(ImapAuth(config), config)
+    driver.apply(driver.machine.start())
+    driver.feed(ServerConnected())
+    driver.feed(ClientDataReceived(b"a1 LOGIN alice secret\r\n"))
+    driver.feed(TokenIssued(MAILBOX, TOKEN))
+    for piece in pieces:
+        if driver.done or not driver.connected or driver.tls:
+            break
+        driver.feed(ServerDataReceived(piece))
+
+
+@FUZZ
+@given(
+    script=st.lists(st.sampled_from(CLIENT_PIECES), min_size=1, max_size=12),
+    cut=st.integers(min_value=1, max_value=64),
+)
+def test_chunking_never_changes_what_the_client_sees(script: list[bytes], cut: int) -> None:
+    """Client bytes cut anywhere give the same answers as the same bytes whole."""
+    stream = b"".join(script)
+
+    def replies(pieces: list[bytes]) -> tuple[bytes, list[Action], str]:
+        machine = ImapAuth(AuthSettings(ClientTls.IMPLICIT, UpstreamTls.IMPLICIT))
+        machine.start()
+        sent = b""
+        others: list[Action] = []
+        try:
+            for piece in pieces:
+                for action in machine.handle(ClientDataReceived(piece)):
+                    if isinstance(action, SendToClient):
+                        sent += action.data
+                    else:
+                        others.append(action)
+                if machine.client_state.name in ("AWAITING_TOKEN", "CLOSED", "ERROR"):
+                    break
+        except ProxyError as exc:
+            return sent, others, type(exc).__name__
+        return sent, others, ""
+
+    whole = replies([stream])
+    cut_up = replies([stream[i : i + cut] for i in range(0, len(stream), cut)])
+    if whole[2]:
+        # A chunk is refused as a whole, so its earlier answers are never sent.
+        assert cut_up[2] == whole[2]
+        assert cut_up[0].startswith(whole[0])
+    else:
+        assert cut_up == whole

@@ -1,0 +1,166 @@
+"""SASL helpers: PLAIN parsing, strict base64, XOAUTH2 encoding, error challenges."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from proxy.protocol.sasl import (
+    MAX_CREDENTIAL,
+    Credentials,
+    InvalidCredentials,
+    SaslError,
+    b64decode_strict,
+    describe_error_challenge,
+    parse_login_field,
+    parse_plain,
+    text_credential,
+    xoauth2_response,
+)
+
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    # No "explain" phase: it imports libcst, whose DeprecationWarning our
+    # filterwarnings=error turns into an INTERNALERROR that hides the real failure.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+
+
+def test_plain_without_authorization_identity() -> None:
+    assert parse_plain(b"\0alice\0secret") == Credentials("alice", "secret")
+
+
+def test_plain_with_authorization_identity_and_utf8() -> None:
+    credentials = parse_plain("shared@x\0jörg\0pässwörd".encode())
+    assert credentials == Credentials("jörg", "pässwörd", authzid="shared@x")
+
+
+def test_plain_empty_password_is_left_for_the_identity_check() -> None:
+    assert parse_plain(b"\0alice\0") == Credentials("alice", "")
+
+
+@pytest.mark.parametrize("message", [b"", b"alice\0secret", b"\0a\0b\0c", b"alice"])
+def test_plain_needs_exactly_three_fields(message: bytes) -> None:
+    with pytest.raises(SaslError) as caught:
+        parse_plain(message)
+    assert not isinstance(caught.value, InvalidCredentials)
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (b"\0\0secret", "empty"),
+        (b"\0al\xffice\0secret", "not UTF-8"),
+        (b"\0alice\0sec\x7fret", "control characters"),
+        (b"\0alice\0sec\tret", "control characters"),
+        (b"\0" + b"a" * (MAX_CREDENTIAL + 1) + b"\0x", "too long"),
+    ],
+)
+def test_plain_fields_that_cannot_be_credentials(message: bytes, why: str) -> None:
+    with pytest.raises(InvalidCredentials, match=why):
+        parse_plain(message)
+
+
+def test_text_credentials_outside_sasl() -> None:
+    assert text_credential("pässwörd".encode(), "password") == "pässwörd"
+    assert parse_login_field(b"alice", "user name") == "alice"
+    with pytest.raises(InvalidCredentials, match="password is not UTF-8"):
+        text_credential(b"\xff", "password")
+
+
+def test_credentials_repr_redacts_the_password() -> None:
+    credentials = Credentials("alice", "hunter2", "shared")
+    assert "hunter2" not in repr(credentials)
+    assert "hunter2" not in str(credentials)
+    assert "alice" in repr(credentials)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "decoded"),
+    [(b"", b""), (b"YQ==", b"a"), (b"YWI=", b"ab"), (b"YWJj", b"abc"), (b"+/+/", b"\xfb\xff\xbf")],
+)
+def test_strict_base64_accepts_the_rfc4648_alphabet(encoded: bytes, decoded: bytes) -> None:
+    assert b64decode_strict(encoded) == decoded
+
+
+@pytest.mark.parametrize("bad", [b"YQ", b"YQ=", b"Y Q==", b"YQ==\n", b"-_-_", b"YQ==YQ==", b"*"])
+def test_strict_base64_refuses_everything_else(bad: bytes) -> None:
+    with pytest.raises(SaslError, match="invalid base64"):
+        b64decode_strict(bad)
+
+
+def test_xoauth2_initial_response() -> None:
+    encoded = xoauth2_response("alice@contoso.com", "ya29.token")
+    assert base64.b64decode(encoded) == b"user=alice@contoso.com\x01auth=Bearer ya29.token\x01\x01"
+
+
+def challenge(value: object) -> bytes:
+    return base64.b64encode(json.dumps(value).encode())
+
+
+def test_error_challenge_description() -> None:
+    payload = challenge(
+        {
+            "status": "invalid_token",
+            "schemes": "bearer",
+            "scope": "mail",
+            "nested": {"x": 1},
+            "code": 401,
+        }
+    )
+    assert describe_error_challenge(payload) == (
+        "code=401, schemes=bearer, scope=mail, status=invalid_token"
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "described"),
+    [
+        (b"not base64!", "unreadable error challenge"),
+        (base64.b64encode(b"{not json"), "unreadable error challenge"),
+        (challenge([1, 2]), "unreadable error challenge"),
+        (challenge({}), "empty error challenge"),
+        (base64.b64encode(b"[" * 100_000), "unreadable error challenge"),
+        (base64.b64encode(b"\xff\xfe"), "unreadable error challenge"),
+    ],
+)
+def test_error_challenge_that_cannot_be_read(payload: bytes, described: str) -> None:
+    assert describe_error_challenge(payload) == described
+
+
+def test_error_challenge_text_is_safe_for_a_log_line() -> None:
+    described = describe_error_challenge(challenge({"status": "bad\r\nFAKE LOG LINE" + "x" * 500}))
+    assert "\r" not in described
+    assert "\n" not in described
+    assert len(described) < 320
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_sasl_parsers_raise_only_sasl_errors(data: bytes) -> None:
+    for parse in (b64decode_strict, parse_plain):
+        with contextlib.suppress(SaslError):
+            parse(data)
+    describe_error_challenge(data)
+    describe_error_challenge(base64.b64encode(data))
+
+
+@FUZZ
+@given(
+    login=st.text(min_size=1, max_size=20).filter(lambda t: "\0" not in t),
+    password=st.text(max_size=20).filter(lambda t: "\0" not in t),
+)
+def test_plain_round_trip(login: str, password: str) -> None:
+    message = f"\0{login}\0{password}".encode()
+    try:
+        credentials = parse_plain(b64decode_strict(base64.b64encode(message)))
+    except InvalidCredentials:
+        assert any(ord(c) < 0x20 or c == "\x7f" for c in login + password)
+        return
+    assert (credentials.login, credentials.password) == (login, password)
