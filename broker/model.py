@@ -8,10 +8,21 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["DEFAULT_AUTHORITY", "DEFAULT_SCOPE", "AccessToken", "App", "Secret"]
+__all__ = [
+    "DEFAULT_AUTHORITY",
+    "DEFAULT_SCOPE",
+    "GOOGLE_SCOPE",
+    "GOOGLE_TOKEN_URL",
+    "AccessToken",
+    "App",
+    "Secret",
+]
 
 DEFAULT_AUTHORITY: Final = "https://login.microsoftonline.com"
 DEFAULT_SCOPE: Final = "https://outlook.office365.com/.default"
+#: Full IMAP/POP3/SMTP access to Gmail, the scope XOAUTH2 needs.
+GOOGLE_SCOPE: Final = "https://mail.google.com/"
+GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +63,12 @@ class AccessToken:
 
 @dataclass(frozen=True, slots=True)
 class App:
-    """One OAuth client (for Microsoft: an Entra app registration)."""
+    """One OAuth client: an Entra app registration, a Google service account, or a client of
+    any OAuth 2.0 authorization server (``provider`` = ``microsoft``, ``google``, ``oauth2``).
+
+    For Google, ``client_id`` is the service account's e-mail address, ``private_key`` its
+    key, ``key_id`` the key's ID and ``token_url`` its ``token_uri``.
+    """
 
     name: str
     provider: str
@@ -65,3 +81,11 @@ class App:
     scope: str = DEFAULT_SCOPE
     #: Extra trust anchors for the identity provider's TLS certificate.
     ca_file: Path | None = None
+    #: Token endpoint (``google``, ``oauth2``; Microsoft's comes from ``authority``).
+    token_url: str = ""
+    #: ``oauth2``: client_secret_basic, client_secret_post or private_key_jwt.
+    auth_method: str = ""
+    #: PEM private key signing JWT assertions (``google``; ``oauth2`` private_key_jwt).
+    private_key: Secret | None = None
+    #: ``kid`` header of those assertions, if the server wants one.
+    key_id: str = ""

@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import json
 import os
 import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from broker.model import DEFAULT_AUTHORITY, DEFAULT_SCOPE, App, Secret
+from broker.cache import CACHE_KINDS, CacheSettings
+from broker.cache.sealing import KEY_HELP, parse_key
+from broker.model import (
+    DEFAULT_AUTHORITY,
+    DEFAULT_SCOPE,
+    GOOGLE_SCOPE,
+    GOOGLE_TOKEN_URL,
+    App,
+    Secret,
+)
 from proxy.protocol.modes import ClientTls, UpstreamTls
 
 if TYPE_CHECKING:
@@ -42,7 +52,8 @@ class Protocol(enum.Enum):
     SMTP = "smtp"
 
 
-PROVIDERS: Final = ("microsoft",)
+PROVIDERS: Final = ("microsoft", "google", "oauth2")
+AUTH_METHODS: Final = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 CLIENT_TLS: Final = {
     "implicit": ClientTls.IMPLICIT,
     "starttls": ClientTls.STARTTLS,
@@ -104,6 +115,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     users: Mapping[str, UserConfig]
     limits: Limits = Limits()
+    #: Where tokens are kept: memory (default), an encrypted file, or Redis.
+    cache: CacheSettings = field(default_factory=CacheSettings)
     #: Problems that do not stop the proxy, as ``FILE: KEY: text`` lines.
     warnings: tuple[str, ...] = ()
 
@@ -284,16 +297,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-APP_KEYS: Final = {
-    "provider",
-    "tenant",
-    "client_id",
-    "client_secret",
-    "certificate",
-    "authority",
-    "scope",
-    "ca_file",
+#: The keys each provider takes (all take provider, scope and ca_file).
+PROVIDER_KEYS: Final = {
+    "microsoft": {"tenant", "client_id", "client_secret", "certificate", "authority"},
+    "google": {"service_account"},
+    "oauth2": {"token_url", "client_id", "auth_method", "client_secret", "private_key", "key_id"},
 }
+APP_KEYS: Final = {"provider", "scope", "ca_file"}.union(*PROVIDER_KEYS.values())
 LISTENER_KEYS: Final = {
     "protocol",
     "listen",
@@ -305,6 +315,13 @@ LISTENER_KEYS: Final = {
     "allow_plaintext",
 }
 USER_KEYS: Final = {"password_hash", "app", "mailbox", "protocols"}
+CACHE_KEYS: Final = {"kind", "path", "key", "url", "password", "prefix", "lock_timeout", "ca_file"}
+#: The [cache] keys each kind takes (besides kind).
+CACHE_KIND_KEYS: Final = {
+    "memory": set(),
+    "file": {"path", "key"},
+    "redis": {"url", "key", "password", "prefix", "lock_timeout", "ca_file"},
+}
 LIMIT_KEYS: Final = {
     "login_timeout",
     "upstream_timeout",
@@ -324,41 +341,202 @@ def _read_apps(r: _Reader, data: Mapping[str, object]) -> dict[str, App]:
             continue
         r.unknown_keys(raw, key, APP_KEYS)
         provider = r.choice(raw, key, "provider", dict.fromkeys(PROVIDERS))
-        tenant = r.string(raw, key, "tenant")
-        client_id = r.string(raw, key, "client_id")
-        secret = r.secret(raw, key, "client_secret")
-        certificate = r.secret(raw, key, "certificate", strip=False)
-        if certificate is not None and "PRIVATE KEY" not in certificate.reveal():
-            r.fail(
-                f"{key}.certificate",
-                "must be a PEM file holding the private key and the certificate",
-            )
-        if (
-            secret is None
-            and certificate is None
-            and not ({"client_secret", "certificate"} & set(raw))
-        ):
-            r.fail(key, "needs client_secret or certificate")
-        if secret is not None and certificate is not None:
-            r.fail(key, "set client_secret or certificate, not both")
-        authority = r.string(raw, key, "authority", DEFAULT_AUTHORITY)
-        if authority is not None and not authority.startswith("https://"):
-            r.fail(f"{key}.authority", "must be an https:// URL")
-        scope = r.string(raw, key, "scope", DEFAULT_SCOPE)
+        if provider is not None:
+            for other in sorted((set(raw) & APP_KEYS) - {"provider", "scope", "ca_file"}):
+                if other not in PROVIDER_KEYS[provider]:
+                    r.fail(f"{key}.{other}", f"does not apply to provider {provider!r}")
         ca_file = r.path(raw, key, "ca_file")
-        if provider and tenant and client_id and authority and scope:
-            apps[name] = App(
-                name=name,
-                provider=provider,
-                client_id=client_id,
-                tenant=tenant,
-                client_secret=secret,
-                certificate=certificate,
-                authority=authority.rstrip("/"),
-                scope=scope,
-                ca_file=ca_file,
-            )
+        # An unknown provider is still checked as Microsoft's, to report what else is wrong.
+        if provider == "google":
+            app = _read_google(r, raw, key, name, ca_file)
+        elif provider == "oauth2":
+            app = _read_oauth2(r, raw, key, name, ca_file)
+        else:
+            app = _read_microsoft(r, raw, key, name, ca_file)
+        if app is not None and provider is not None:
+            apps[name] = app
     return apps
+
+
+def _read_microsoft(
+    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+) -> App | None:
+    tenant = r.string(raw, key, "tenant")
+    client_id = r.string(raw, key, "client_id")
+    secret = r.secret(raw, key, "client_secret")
+    certificate = r.secret(raw, key, "certificate", strip=False)
+    if certificate is not None and "PRIVATE KEY" not in certificate.reveal():
+        r.fail(
+            f"{key}.certificate",
+            "must be a PEM file holding the private key and the certificate",
+        )
+    if secret is None and certificate is None and not ({"client_secret", "certificate"} & set(raw)):
+        r.fail(key, "needs client_secret or certificate")
+    if secret is not None and certificate is not None:
+        r.fail(key, "set client_secret or certificate, not both")
+    authority = r.string(raw, key, "authority", DEFAULT_AUTHORITY)
+    if authority is not None and not authority.startswith("https://"):
+        r.fail(f"{key}.authority", "must be an https:// URL")
+    scope = r.string(raw, key, "scope", DEFAULT_SCOPE)
+    if not (tenant and client_id and authority and scope):
+        return None
+    return App(
+        name=name,
+        provider="microsoft",
+        client_id=client_id,
+        tenant=tenant,
+        client_secret=secret,
+        certificate=certificate,
+        authority=authority.rstrip("/"),
+        scope=scope,
+        ca_file=ca_file,
+    )
+
+
+def _read_google(
+    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+) -> App | None:
+    where = f"{key}.service_account"
+    scope = r.string(raw, key, "scope", GOOGLE_SCOPE)
+    account = r.secret(raw, key, "service_account", strip=False)
+    if account is None:
+        if "service_account" not in raw:
+            r.fail(where, 'is required: the service account\'s JSON key, { file = "path" }')
+        return None
+    try:
+        parsed = json.loads(account.reveal())
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or parsed.get("type") != "service_account":
+        r.fail(where, f"{account.origin} is not a service account JSON key (type service_account)")
+        return None
+    fields: dict[str, str] = {}
+    for field_name in ("client_email", "private_key", "private_key_id"):
+        value = parsed.get(field_name)
+        if not isinstance(value, str) or not value:
+            r.fail(where, f"{account.origin} has no {field_name}")
+        else:
+            fields[field_name] = value
+    token_uri = parsed.get("token_uri", GOOGLE_TOKEN_URL)
+    if not isinstance(token_uri, str) or not token_uri.startswith("https://"):
+        r.fail(where, f"{account.origin}: token_uri must be an https:// URL")
+        return None
+    if len(fields) < 3 or scope is None:
+        return None
+    return App(
+        name=name,
+        provider="google",
+        client_id=fields["client_email"],
+        private_key=Secret(fields["private_key"], origin=account.origin),
+        key_id=fields["private_key_id"],
+        token_url=token_uri,
+        authority="",
+        scope=scope,
+        ca_file=ca_file,
+    )
+
+
+def _read_oauth2(
+    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+) -> App | None:
+    token_url = r.string(raw, key, "token_url")
+    if token_url is not None and not token_url.startswith("https://"):
+        r.fail(f"{key}.token_url", "must be an https:// URL")
+        token_url = None
+    client_id = r.string(raw, key, "client_id")
+    scope = r.string(raw, key, "scope")
+    method = r.choice(raw, key, "auth_method", dict.fromkeys(AUTH_METHODS), AUTH_METHODS[0])
+    secret = r.secret(raw, key, "client_secret")
+    private_key = r.secret(raw, key, "private_key", strip=False)
+    key_id = raw.get("key_id", "")
+    if not isinstance(key_id, str):
+        r.fail(f"{key}.key_id", "must be a string")
+        key_id = ""
+    if method == "private_key_jwt":
+        if private_key is None and "private_key" not in raw:
+            r.fail(f"{key}.private_key", 'is required with auth_method = "private_key_jwt"')
+        if "client_secret" in raw:
+            r.fail(f"{key}.client_secret", 'does not apply with auth_method = "private_key_jwt"')
+        if private_key is not None and "PRIVATE KEY" not in private_key.reveal():
+            r.fail(f"{key}.private_key", "must be a PEM file holding a private key")
+    elif method is not None:
+        if secret is None and "client_secret" not in raw:
+            r.fail(f"{key}.client_secret", f'is required with auth_method = "{method}"')
+        if "private_key" in raw:
+            r.fail(f"{key}.private_key", 'only applies with auth_method = "private_key_jwt"')
+    if not (token_url and client_id and scope and method):
+        return None
+    return App(
+        name=name,
+        provider="oauth2",
+        client_id=client_id,
+        client_secret=secret,
+        private_key=private_key,
+        key_id=key_id,
+        auth_method=method,
+        token_url=token_url,
+        authority="",
+        scope=scope,
+        ca_file=ca_file,
+    )
+
+
+def _read_cache(r: _Reader, data: Mapping[str, object]) -> CacheSettings:
+    raw = r.table(data, "cache", "cache")
+    r.unknown_keys(raw, "cache", CACHE_KEYS)
+    kind = r.choice(raw, "cache", "kind", dict.fromkeys(CACHE_KINDS), "memory")
+    if kind is None:
+        return CacheSettings()
+    for name in sorted((set(raw) & CACHE_KEYS) - {"kind"} - CACHE_KIND_KEYS[kind]):
+        r.fail(f"cache.{name}", f'does not apply to kind = "{kind}"')
+    if kind == "memory":
+        return CacheSettings()
+    key = r.secret(raw, "cache", "key")
+    if key is None and "key" not in raw:
+        r.fail("cache.key", f'is required with kind = "{kind}"; it {KEY_HELP}')
+    elif key is not None:
+        try:
+            parse_key(key)
+        except ValueError:
+            r.fail("cache.key", f"{key.origin}: {KEY_HELP}")
+            key = None
+    if kind == "file":
+        path_text = r.string(raw, "cache", "path")
+        path = r.base / path_text if path_text else None
+        if path is not None:
+            if not path.parent.is_dir():
+                r.fail("cache.path", f"directory {path.parent} does not exist")
+            elif path.exists():
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    r.fail(
+                        "cache.path",
+                        f"{path} is accessible to other users (mode {mode:o}); chmod 600 it",
+                    )
+        return CacheSettings(kind="file", path=path, key=key)
+    url = r.string(raw, "cache", "url")
+    if url is not None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            r.fail("cache.url", "must start with redis://, rediss:// (TLS) or unix://")
+        elif "@" in url.partition("://")[2].split("/", 1)[0]:
+            r.fail(
+                "cache.url",
+                'must not hold credentials; put the password in password = { env = "NAME" }',
+            )
+    password = r.secret(raw, "cache", "password")
+    prefix = r.string(raw, "cache", "prefix", "xoauth2-proxy") or "xoauth2-proxy"
+    lock_timeout = r.number(raw, "cache", "lock_timeout", 15.0)
+    if lock_timeout <= 0:
+        r.fail("cache.lock_timeout", "must be a positive number of seconds")
+    return CacheSettings(
+        kind="redis",
+        key=key,
+        url=url or "",
+        password=password,
+        prefix=prefix,
+        lock_timeout=lock_timeout or 15.0,
+        ca_file=r.path(raw, "cache", "ca_file"),
+    )
 
 
 def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConfig]:
@@ -528,12 +706,13 @@ def load_config(path: Path) -> Config:
         r.fail("(file)", "writable by every user; chmod o-w it")
     if any(True for _ in _walk_inline_secrets(data)) and mode & stat.S_IROTH:
         r.fail("(file)", "holds inline secrets and is readable by every user; chmod o-r it")
-    r.unknown_keys(data, "", {"apps", "listeners", "users", "limits"})
+    r.unknown_keys(data, "", {"apps", "listeners", "users", "limits", "cache"})
     apps = _read_apps(r, data)
     app_names = set(r.table(data, "apps", "apps"))
     listeners = _read_listeners(r, data)
     users = _read_users(r, data, apps, app_names)
     limits = _read_limits(r, data)
+    cache = _read_cache(r, data)
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -542,5 +721,6 @@ def load_config(path: Path) -> Config:
         listeners=tuple(listeners),
         users=users,
         limits=limits,
+        cache=cache,
         warnings=tuple(r.warnings),
     )

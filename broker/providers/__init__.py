@@ -1,20 +1,36 @@
-"""Identity-provider adapters: each turns an :class:`~broker.model.App` into tokens."""
+"""Identity-provider adapters: each turns an :class:`~broker.model.App` into tokens.
+
+Provider modules import their libraries (msal, authlib, httpx) only when an app needs them.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.providers.microsoft import MicrosoftProvider
-
 if TYPE_CHECKING:
     from broker.model import App
-    from broker.source import Provider
+    from broker.source import MailboxProvider, Provider
 
-__all__ = ["MicrosoftProvider", "build_provider"]
+__all__ = ["PROVIDERS", "build_provider"]
+
+#: The ``provider`` values an app may have.
+PROVIDERS = ("microsoft", "google", "oauth2")
 
 
-def build_provider(app: App) -> Provider:
+def build_provider(app: App) -> Provider | MailboxProvider:
     """The provider adapter for ``app.provider`` (``ValueError`` if unknown or misconfigured)."""
     if app.provider == "microsoft":
+        from broker.providers.microsoft import MicrosoftProvider
+
         return MicrosoftProvider(app)
-    raise ValueError(f"app {app.name!r}: unknown provider {app.provider!r} (known: microsoft)")
+    if app.provider == "google":
+        from broker.providers.google import GoogleProvider
+
+        return GoogleProvider(app)
+    if app.provider == "oauth2":
+        from broker.providers.oauth2 import OAuth2Provider
+
+        return OAuth2Provider(app)
+    raise ValueError(
+        f"app {app.name!r}: unknown provider {app.provider!r} (known: {', '.join(PROVIDERS)})"
+    )

@@ -26,6 +26,16 @@ We configure msal deliberately:
   so sovereign clouds, private IdPs and the test emulator work) and ``azure_region=False`` (no
   regional endpoint, whatever ``MSAL_FORCE_REGION``/``REGION_NAME`` say).
 
+Sovereign clouds are reached through ``App.authority`` (the host, without the tenant): US
+Government (GCC High, DoD) ``https://login.microsoftonline.us``, with the Exchange scope
+``https://outlook.office365.us/.default``; China, operated by 21Vianet,
+``https://login.partner.microsoftonline.cn`` (MSAL's older name for it,
+``https://login.chinacloudapi.cn``, also answers), with ``https://partner.outlook.cn/.default``.
+The default is the global cloud, ``https://login.microsoftonline.com``.
+
+A certificate credential whose certificate has expired fails at once, without asking Entra,
+with the steps to replace it.
+
 Failures become :class:`~broker.errors.PermanentTokenError` (the configuration or the tenant
 must change: wrong secret, unknown app or tenant, unregistered certificate...) with the AADSTS
 code and a concrete fix, or :class:`~broker.errors.TemporaryTokenError` (network, timeouts,
@@ -35,7 +45,6 @@ contain the secret, the client assertion or a token.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import re
 import ssl
@@ -54,8 +63,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 from broker.model import AccessToken
+from broker.providers._http import MAX_RETRY_AFTER as MAX_RETRY_AFTER
+from broker.providers._http import retry_after as _retry_after
 
 if TYPE_CHECKING:
+    from datetime import datetime
     from pathlib import Path
     from types import TracebackType
 
@@ -66,8 +78,6 @@ __all__ = ["MicrosoftProvider", "classify_entra_error"]
 #: Seconds to connect, and to wait for each read/write, on the IdP connection.
 CONNECT_TIMEOUT: Final = 5.0
 IO_TIMEOUT: Final = 15.0
-#: Never wait longer than this for a Retry-After, whatever the IdP asks.
-MAX_RETRY_AFTER: Final = 3600.0
 #: Used when a token response has no ``expires_in`` (Entra always sends one).
 _FALLBACK_LIFETIME: Final = 300
 _MULTI_TENANT: Final = frozenset({"common", "organizations", "consumers"})
@@ -159,8 +169,10 @@ class MicrosoftProvider:
         self._app = app
         self._secrets: tuple[str, ...]
         self._credential: str | dict[str, str]
+        #: When the certificate credential stops being valid (UTC), if there is one.
+        self._not_after: datetime | None = None
         if app.certificate is not None:
-            self._credential = _certificate_credential(app)
+            self._credential, self._not_after = _certificate_credential(app)
             self._secrets = (self._credential["private_key"],)
         elif app.client_secret is not None:
             self._credential = app.client_secret.reveal()
@@ -204,6 +216,16 @@ class MicrosoftProvider:
 
     def _fetch_blocking(self) -> AccessToken:
         started = time.time()
+        if self._not_after is not None and self._not_after.timestamp() <= started:
+            assert self._app.certificate is not None
+            raise PermanentTokenError(
+                f"{self._where()}: the certificate ({self._app.certificate.origin}) expired on "
+                f"{self._not_after:%Y-%m-%d %H:%M} UTC",
+                code="CERTIFICATE_EXPIRED",
+                fix="Create a new certificate, upload its public part under "
+                f"{_REGISTRATION} > Certificates & secrets, and replace the PEM file (key and "
+                "certificate). Entra refuses assertions signed with an expired certificate.",
+            )
         try:
             result = self._client().acquire_token_for_client(scopes=[self._app.scope])
         except BrokerError:
@@ -462,8 +484,9 @@ class _ForgetfulMapping(MutableMapping[str, object]):
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _certificate_credential(app: App) -> dict[str, str]:
-    """msal's certificate credential from the app's PEM (private key + certificate chain)."""
+def _certificate_credential(app: App) -> tuple[dict[str, str], datetime]:
+    """msal's certificate credential from the app's PEM (private key + certificate chain),
+    and when the certificate expires."""
     assert app.certificate is not None
     origin = app.certificate.origin
     pem = app.certificate.reveal().encode("utf-8")
@@ -498,7 +521,7 @@ def _certificate_credential(app: App) -> dict[str, str]:
             f"app {app.name!r}: in certificate ({origin}) the first certificate does not "
             "belong to the private key; put the app's certificate first, then its issuers"
         )
-    return {
+    credential = {
         "private_key": key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -511,22 +534,7 @@ def _certificate_credential(app: App) -> dict[str, str]:
             c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in chain
         ),
     }
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return credential, leaf.not_valid_after_utc
 
 
 def _oauth_error(body: str) -> dict[str, Any]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 import trustme
 
 from broker.model import DEFAULT_SCOPE, AccessToken, App
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
 
 SECRET_CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 CERT_CLIENT_ID = "66666666-7777-8888-9999-000000000000"
@@ -35,12 +40,19 @@ def fake_app(name: str = "contoso") -> App:
 
 
 class FakeProvider:
-    """A scripted provider: counts fetches, can hold them at a gate, can fail on demand."""
+    """A scripted provider: counts fetches, can hold them at a gate, can fail on demand.
 
-    def __init__(self, clock: FakeClock, *, lifetime: float = 3600.0) -> None:
+    ``clock`` is any wall clock (a :class:`FakeClock`, or ``trio_wall_clock`` under a
+    MockClock); ``delay`` seconds pass (trio.sleep) in every fetch.
+    """
+
+    def __init__(self, clock: Clock, *, lifetime: float = 3600.0, delay: float = 0.0) -> None:
         self.clock = clock
         self.lifetime = lifetime
+        self.delay = delay
         self.calls = 0
+        #: When each fetch started (wall clock).
+        self.times: list[float] = []
         #: While set to an unset Event, fetches wait on it.
         self.gate: trio.Event | None = None
         #: Queued outcomes, used before falling back to a fresh token.
@@ -48,9 +60,12 @@ class FakeProvider:
 
     async def fetch(self) -> AccessToken:
         self.calls += 1
+        self.times.append(self.clock())
         number = self.calls
         if self.gate is not None:
             await self.gate.wait()
+        elif self.delay:
+            await trio.sleep(self.delay)
         else:
             await trio.lowlevel.checkpoint()
         if self.outcomes:
@@ -58,17 +73,17 @@ class FakeProvider:
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome
-        return AccessToken(f"token-{number}", self.clock.now + self.lifetime, DEFAULT_SCOPE)
+        return AccessToken(f"token-{number}", self.clock() + self.lifetime, DEFAULT_SCOPE)
 
 
 class FakeMailboxProvider:
     """A provider whose tokens are per mailbox (like Google domain-wide delegation)."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.mailboxes: list[str] = []
 
     async def fetch_for(self, mailbox: str) -> AccessToken:
         await trio.lowlevel.checkpoint()
         self.mailboxes.append(mailbox)
-        return AccessToken(f"token-for-{mailbox}", self.clock.now + 3600, DEFAULT_SCOPE)
+        return AccessToken(f"token-for-{mailbox}", self.clock() + 3600, DEFAULT_SCOPE)

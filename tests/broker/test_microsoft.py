@@ -6,17 +6,24 @@ import email.utils
 import socket
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from broker.claims import decode_claims
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 from broker.model import App, Secret
 from broker.providers import build_provider
-from broker.providers.microsoft import MAX_RETRY_AFTER, MicrosoftProvider, _retry_after
+from broker.providers._http import MAX_RETRY_AFTER
+from broker.providers._http import retry_after as _retry_after
+from broker.providers.microsoft import MicrosoftProvider
 from tests.broker.helpers import CERT_CLIENT_ID, CLIENT_SECRET, SECRET_CLIENT_ID
 
 if TYPE_CHECKING:
@@ -266,3 +273,32 @@ def test_certificate_must_be_rsa_and_match_its_key(secret_app: App, certificate_
     with pytest.raises(ValueError, match="does not belong to the private key"):
         MicrosoftProvider(replace(secret_app, certificate=Secret(mismatched.decode())))
     assert CLIENT_SECRET not in repr(MicrosoftProvider(secret_app))
+
+
+async def test_expired_certificate_is_reported_without_asking(
+    idp: EntraEmulator, cert_app: App
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired.example")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=400))
+        .not_valid_after(now - timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ) + certificate.public_bytes(serialization.Encoding.PEM)
+    error = await fetch_error(replace(cert_app, certificate=Secret(pem.decode(), origin="file c")))
+    assert type(error) is PermanentTokenError
+    assert error.code == "CERTIFICATE_EXPIRED"
+    assert "expired on" in str(error)
+    assert "Create a new certificate" in error.fix
+    assert idp.token_requests == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import warnings
 from typing import TYPE_CHECKING
 
@@ -32,7 +34,9 @@ def fake(clock: FakeClock) -> FakeProvider:
 
 @pytest.fixture
 def source(clock: FakeClock, fake: FakeProvider) -> CachingTokenSource:
-    return CachingTokenSource({"contoso": fake_app()}, providers={"contoso": fake}, clock=clock)
+    return CachingTokenSource(
+        {"contoso": fake_app()}, providers={"contoso": fake}, clock=clock, refresh_jitter=0
+    )
 
 
 async def gather(source: TokenSource, count: int, **kwargs: str) -> list[AccessToken | Exception]:
@@ -79,7 +83,11 @@ async def test_caches_until_refresh_margin(
 
 async def test_refresh_margin_is_configurable(clock: FakeClock, fake: FakeProvider) -> None:
     source = CachingTokenSource(
-        {"contoso": fake_app()}, providers={"contoso": fake}, clock=clock, refresh_margin=60
+        {"contoso": fake_app()},
+        providers={"contoso": fake},
+        clock=clock,
+        refresh_margin=60,
+        refresh_jitter=0,
     )
     await source.token("contoso")
     clock.now += 3500
@@ -93,7 +101,9 @@ async def test_refresh_margin_is_configurable(clock: FakeClock, fake: FakeProvid
 async def test_short_lived_tokens_refresh_at_half_life(clock: FakeClock) -> None:
     """A 400 s token is inside the 600 s margin at once; refresh at half-life, not every call."""
     fake = FakeProvider(clock, lifetime=400)
-    source = CachingTokenSource({"contoso": fake_app()}, providers={"contoso": fake}, clock=clock)
+    source = CachingTokenSource(
+        {"contoso": fake_app()}, providers={"contoso": fake}, clock=clock, refresh_jitter=0
+    )
     await source.token("contoso")
     clock.now += 200
     await source.token("contoso")
@@ -114,25 +124,53 @@ async def test_temporary_refresh_failure_serves_cached_token(
     fake.outcomes.append(TemporaryTokenError("IdP still down"))
     with pytest.raises(TemporaryTokenError, match="still down"):
         await source.token("contoso")
+    with pytest.raises(TemporaryTokenError, match="still down"):
+        await source.token("contoso")  # held back: the second failure's backoff is 1-2 s
+    assert fake.calls == 3
+    clock.now += 2
     assert (await source.token("contoso")).value == "token-4"
     assert fake.calls == 4
 
 
-async def test_permanent_refresh_failure_is_raised(
+async def test_permanent_refresh_failure_serves_cached_token(
     source: CachingTokenSource, fake: FakeProvider, clock: FakeClock
 ) -> None:
-    await source.token("contoso")
+    """A revoked secret does not invalidate the token already issued: keep serving it."""
+    first = await source.token("contoso")
     clock.now += 3300
+    fake.outcomes.append(PermanentTokenError("secret revoked", code="AADSTS7000215"))
+    assert await source.token("contoso") is first
+    clock.now += 300 - MIN_VALIDITY + 1
     fake.outcomes.append(PermanentTokenError("secret revoked", code="AADSTS7000215"))
     with pytest.raises(PermanentTokenError, match="revoked"):
         await source.token("contoso")
 
 
-async def test_errors_are_not_cached(source: CachingTokenSource, fake: FakeProvider) -> None:
-    fake.outcomes.append(PermanentTokenError("bad secret"))
-    with pytest.raises(PermanentTokenError):
-        await source.token("contoso")
+async def test_permanent_errors_hold_logins_back_briefly(
+    source: CachingTokenSource, fake: FakeProvider, clock: FakeClock
+) -> None:
+    fake.outcomes.append(PermanentTokenError("bad secret", code="AADSTS7000215", fix="fix it"))
+    for _ in range(3):
+        with pytest.raises(PermanentTokenError) as caught:
+            await source.token("contoso")
+        assert (caught.value.code, caught.value.fix) == ("AADSTS7000215", "fix it")
+        clock.now += 29
+    assert fake.calls == 1  # 87 s of logins, one request: the hold is 60 s
     assert (await source.token("contoso")).value == "token-2"
+
+
+async def test_temporary_errors_back_off_exponentially(
+    source: CachingTokenSource, fake: FakeProvider, clock: FakeClock
+) -> None:
+    """Without Retry-After, a failing key is held back 1, 2, 4... s (jittered by half)."""
+    fake.outcomes += [TemporaryTokenError("IdP down") for _ in range(6)]
+    while fake.calls < 7:
+        with contextlib.suppress(TemporaryTokenError):
+            await source.token("contoso")
+        clock.now += 0.125
+    gaps = [b - a for a, b in itertools.pairwise(fake.times)]
+    for attempt, gap in enumerate(gaps):
+        assert 2**attempt / 2 <= gap <= 2**attempt + 0.125, gaps
 
 
 async def test_retry_after_holds_requests_back(
@@ -279,7 +317,7 @@ async def test_mailbox_does_not_split_app_tokens(
 async def test_per_mailbox_provider(clock: FakeClock) -> None:
     provider = FakeMailboxProvider(clock)
     source = CachingTokenSource(
-        {"contoso": fake_app()}, providers={"contoso": provider}, clock=clock
+        {"contoso": fake_app()}, providers={"contoso": provider}, clock=clock, refresh_jitter=0
     )
     a = await source.token("contoso", mailbox="a@contoso.com")
     assert await source.token("contoso", mailbox="a@contoso.com") is a
@@ -296,6 +334,7 @@ async def test_apps_are_cached_separately(clock: FakeClock) -> None:
         {"one": fake_app("one"), "two": fake_app("two")},
         providers={"one": one, "two": two},
         clock=clock,
+        refresh_jitter=0,
     )
     await source.token("one")
     await source.token("two")

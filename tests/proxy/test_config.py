@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import pytest
@@ -193,3 +194,208 @@ def test_password_hash_list_for_rotation(tmp_path: Path, monkeypatch: pytest.Mon
     user = load_config(write(tmp_path, text)).user("reports@contoso.com")
     assert user is not None
     assert user.password_hashes == (HASH, second)
+
+
+# -- providers other than Microsoft, and the token cache ---------------------------------
+
+
+def with_apps(tmp_path: Path, apps: str, extra: str = "") -> str:
+    """The good configuration with its [apps.contoso] replaced by ``apps`` (same name)."""
+    text = good_config(tmp_path)
+    start = text.index("[apps.contoso]")
+    end = text.index("[[listeners]]")
+    return text[:start] + apps + "\n" + text[end:] + extra
+
+
+def write_secret(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def service_account_json(**changes: object) -> str:
+    account: dict[str, object] = {
+        "type": "service_account",
+        "project_id": "contoso-mail",
+        "private_key_id": "0123456789abcdef",
+        "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE...\n-----END PRIVATE KEY-----\n",
+        "client_email": "relay@contoso-mail.iam.gserviceaccount.com",
+        "client_id": "104242424242424242424",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    account.update(changes)
+    return json.dumps({k: v for k, v in account.items() if v is not None})
+
+
+def test_google_app(tmp_path: Path) -> None:
+    write_secret(tmp_path, "sa.json", service_account_json())
+    text = with_apps(
+        tmp_path, '[apps.contoso]\nprovider = "google"\nservice_account = { file = "sa.json" }\n'
+    )
+    app = load_config(write(tmp_path, text)).apps["contoso"]
+    assert app.provider == "google"
+    assert app.client_id == "relay@contoso-mail.iam.gserviceaccount.com"
+    assert app.key_id == "0123456789abcdef"
+    assert app.token_url == "https://oauth2.googleapis.com/token"
+    assert app.scope == "https://mail.google.com/"
+    assert app.private_key is not None
+    assert app.private_key.origin == f"file {tmp_path / 'sa.json'}"
+    assert "MIIE" not in repr(app)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not a service account JSON key"),
+        (service_account_json(type="authorized_user"), "is not a service account JSON key"),
+        (service_account_json(private_key=None), "has no private_key"),
+        (service_account_json(token_uri="http://x/token"), "token_uri must be an https://"),
+    ],
+)
+def test_google_service_account_problems(tmp_path: Path, content: str, message: str) -> None:
+    write_secret(tmp_path, "sa.json", content)
+    text = with_apps(
+        tmp_path,
+        '[apps.contoso]\nprovider = "google"\nservice_account = { file = "sa.json" }\n'
+        'tenant = "x"\n',
+    )
+    found = problems(write(tmp_path, text))
+    key = f"{tmp_path / 'config.toml'}: apps.contoso"
+    assert any(p.startswith(f"{key}.service_account: ") and message in p for p in found), found
+    assert f"{key}.tenant: does not apply to provider 'google'" in found
+
+
+def test_oauth2_apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KC_SECRET", "kc-secret")
+    write_secret(
+        tmp_path, "client.pem", "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"
+    )
+    text = with_apps(
+        tmp_path,
+        """[apps.contoso]
+provider = "oauth2"
+token_url = "https://idp.example/realms/mail/protocol/openid-connect/token"
+client_id = "mail-proxy"
+client_secret = { env = "KC_SECRET" }
+scope = "mail"
+
+[apps.jwt]
+provider = "oauth2"
+token_url = "https://idp.example/token"
+client_id = "mail-proxy-jwt"
+auth_method = "private_key_jwt"
+private_key = { file = "client.pem" }
+key_id = "k1"
+scope = "mail"
+""",
+    )
+    config = load_config(write(tmp_path, text))
+    basic, jwt_app = config.apps["contoso"], config.apps["jwt"]
+    assert basic.auth_method == "client_secret_basic"
+    assert basic.client_secret is not None
+    assert basic.client_secret.reveal() == "kc-secret"
+    assert jwt_app.auth_method == "private_key_jwt"
+    assert jwt_app.key_id == "k1"
+    assert jwt_app.private_key is not None
+
+
+def test_oauth2_problems(tmp_path: Path) -> None:
+    text = with_apps(
+        tmp_path,
+        """[apps.contoso]
+provider = "oauth2"
+token_url = "http://idp.example/token"
+client_id = "mail-proxy"
+auth_method = "client_secret_jwt"
+tenant = "x"
+
+[apps.jwt]
+provider = "oauth2"
+token_url = "https://idp.example/token"
+client_id = "c"
+scope = "mail"
+auth_method = "private_key_jwt"
+client_secret = { value = "s" }
+""",
+    )
+    found = problems(write(tmp_path, text, 0o600))
+    key = f"{tmp_path / 'config.toml'}: apps"
+    expected = [
+        f"{key}.contoso.token_url: must be an https:// URL",
+        f"{key}.contoso.scope: is required",
+        f"{key}.contoso.auth_method: must be one of",
+        f"{key}.contoso.tenant: does not apply to provider 'oauth2'",
+        f'{key}.jwt.private_key: is required with auth_method = "private_key_jwt"',
+        f'{key}.jwt.client_secret: does not apply with auth_method = "private_key_jwt"',
+    ]
+    for start in expected:
+        assert any(p.startswith(start) for p in found), (start, found)
+
+
+CACHE_KEY = "q1QGv2x7a1ohxP8CRZ1ZPqsgqM1I1r6Tc0qGSzf0w6U="
+
+
+def test_cache_defaults_to_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    assert load_config(write(tmp_path, good_config(tmp_path))).cache.kind == "memory"
+
+
+def test_file_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    monkeypatch.setenv("XO_CACHE_KEY", CACHE_KEY)
+    (tmp_path / "state").mkdir()
+    text = good_config(tmp_path) + (
+        '\n[cache]\nkind = "file"\npath = "state/tokens"\nkey = { env = "XO_CACHE_KEY" }\n'
+    )
+    cache = load_config(write(tmp_path, text)).cache
+    assert cache.kind == "file"
+    assert cache.path == tmp_path / "state" / "tokens"
+    assert cache.key is not None
+    assert cache.key.reveal() == CACHE_KEY
+    (tmp_path / "state" / "tokens").write_bytes(b"x")
+    (tmp_path / "state" / "tokens").chmod(0o644)
+    assert any("cache.path: " in p and "chmod 600" in p for p in problems(write(tmp_path, text)))
+
+
+def test_redis_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    monkeypatch.setenv("XO_CACHE_KEY", CACHE_KEY)
+    monkeypatch.setenv("XO_REDIS_PASSWORD", "redis-pass")
+    text = good_config(tmp_path) + (
+        '\n[cache]\nkind = "redis"\nurl = "rediss://redis.internal:6380/2"\n'
+        'key = { env = "XO_CACHE_KEY" }\npassword = { env = "XO_REDIS_PASSWORD" }\n'
+        'prefix = "mail-proxy"\nlock_timeout = 10\n'
+    )
+    cache = load_config(write(tmp_path, text)).cache
+    assert (cache.kind, cache.url, cache.prefix, cache.lock_timeout) == (
+        "redis",
+        "rediss://redis.internal:6380/2",
+        "mail-proxy",
+        10.0,
+    )
+    assert cache.password is not None
+    assert "redis-pass" not in repr(cache)
+
+
+def test_cache_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    monkeypatch.setenv("XO_WEAK_KEY", "correct horse battery staple")
+    text = good_config(tmp_path) + (
+        '\n[cache]\nkind = "redis"\nurl = "redis://:hunter2@redis:6379/0"\n'
+        'key = { env = "XO_WEAK_KEY" }\npath = "tokens"\nlock_timeout = 0\ncolour = 1\n'
+    )
+    found = problems(write(tmp_path, text))
+    key = f"{tmp_path / 'config.toml'}: cache"
+    for start in (
+        f"{key}.url: must not hold credentials",
+        f"{key}.key: env XO_WEAK_KEY: must be 32 random bytes",
+        f'{key}.path: does not apply to kind = "redis"',
+        f"{key}.lock_timeout: must be a positive",
+        f"{key}.colour: unknown key",
+    ):
+        assert any(p.startswith(start) for p in found), (start, found)
+    assert not any("hunter2" in p or "horse" in p for p in found)
+    no_key = good_config(tmp_path) + '\n[cache]\nkind = "file"\npath = "missing/tokens"\n'
+    found = problems(write(tmp_path, no_key))
+    assert any(p.startswith(f"{key}.key: is required") for p in found)
+    assert any(p.startswith(f"{key}.path: directory") for p in found)

@@ -1,0 +1,273 @@
+"""HTTP plumbing shared by the providers: trust, Retry-After, and one OAuth 2.0 token request.
+
+:class:`TokenEndpoint` posts a form to a token endpoint with ``httpx.AsyncClient`` (which runs
+under trio) and turns the answer into an :class:`~broker.model.AccessToken` or a classified
+:class:`~broker.errors.BrokerError` (RFC 6749 section 5): HTTP 429 and 5xx, timeouts and
+network failures are temporary (with Retry-After when given); an untrusted certificate, a URL
+that is not an OAuth endpoint, and the RFC's error codes are permanent, each with a fix. Every
+message names the app and never holds a secret, an assertion or a token.
+
+We use authlib only to sign JWTs (client assertions and JWT bearer grants) and send the one
+POST ourselves: authlib's own httpx integration moved to the ``httpx2`` package in authlib
+1.8 and warns when used with httpx, and a token request needs nothing more than this.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import ssl
+import time
+from typing import TYPE_CHECKING, Final
+
+import httpx
+
+from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
+from broker.model import AccessToken
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+    from pathlib import Path
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "IO_TIMEOUT",
+    "MAX_RETRY_AFTER",
+    "OAuthError",
+    "TokenEndpoint",
+    "retry_after",
+    "tls_context",
+]
+
+#: Seconds to connect, and to wait for each read/write, on the IdP connection.
+CONNECT_TIMEOUT: Final = 5.0
+IO_TIMEOUT: Final = 15.0
+#: Never wait longer than this for a Retry-After, whatever the IdP asks.
+MAX_RETRY_AFTER: Final = 3600.0
+#: Used when a token response has no ``expires_in`` (RFC 6749 only recommends it).
+FALLBACK_LIFETIME: Final = 300
+
+#: RFC 6749 section 5.2 error codes, with what the operator should check.
+RFC6749_FIXES: Final[dict[str, str]] = {
+    "invalid_client": (
+        "The authorization server did not accept the client: check client_id, the secret or "
+        "private key, and auth_method (client_secret_basic, client_secret_post or "
+        "private_key_jwt: use the one the client is registered with)."
+    ),
+    "unauthorized_client": (
+        "The client may not use the client-credentials grant: enable it (service account / "
+        "machine-to-machine) for this client on the authorization server."
+    ),
+    "invalid_scope": "The scope is unknown or not granted to this client: check scope.",
+    "invalid_grant": "The authorization server rejected the grant: check the client's setup.",
+    "unsupported_grant_type": (
+        "The authorization server does not offer the client-credentials grant at token_url."
+    ),
+    "invalid_request": "The authorization server rejected the request: check token_url.",
+}
+_TEMPORARY_ERRORS: Final = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+
+
+class OAuthError(Exception):
+    """An RFC 6749 error response, before classification (``body`` is the parsed JSON)."""
+
+    def __init__(self, status: int, body: Mapping[str, object]) -> None:
+        self.status = status
+        self.error = str(body.get("error") or "")
+        self.description = str(body.get("error_description") or "")
+        super().__init__(f"{self.error}: {self.description}" if self.description else self.error)
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system trust store plus ``ca_file``."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+class TokenEndpoint:
+    """One OAuth 2.0 token endpoint, as seen by one app.
+
+    ``where`` names the app in messages; ``secrets`` are scrubbed from them; ``classify``
+    may turn an :class:`OAuthError` into a more specific broker error (``None``: use the
+    RFC 6749 defaults).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        where: str,
+        ca_file: Path | None = None,
+        secrets: tuple[str, ...] = (),
+        classify: Callable[[OAuthError], BrokerError | None] | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        io_timeout: float = IO_TIMEOUT,
+    ) -> None:
+        if not url.startswith("https://"):
+            raise ValueError(f"{where}: token_url must be an https:// URL, not {url!r}")
+        self.url = url
+        self._where = where
+        self._secrets = tuple(s for s in secrets if s)
+        self._classify = classify
+        self._context = tls_context(ca_file)
+        self._timeout = httpx.Timeout(io_timeout, connect=connect_timeout)
+
+    async def request(
+        self, form: Mapping[str, str], *, headers: Mapping[str, str] | None = None, scope: str = ""
+    ) -> AccessToken:
+        """POST ``form``; the token, or a classified error. Cancellation is safe."""
+        started = time.time()
+        try:
+            # A client per request: one request an hour gains nothing from a pool, and
+            # nothing is left open for the garbage collector to warn about.
+            async with httpx.AsyncClient(
+                verify=self._context, timeout=self._timeout, follow_redirects=False
+            ) as client:
+                response = await client.post(self.url, data=dict(form), headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        return self._parse(response, started, scope)
+
+    def _parse(self, response: httpx.Response, started: float, scope: str) -> AccessToken:
+        status = response.status_code
+        if status == 429 or status >= 500:
+            wait = retry_after(response.headers.get("Retry-After"))
+            detail = _json(response)
+            what = f", {detail.get('error')}" if detail and detail.get("error") else ""
+            kind = "throttled the request" if status == 429 else "failed"
+            raise TemporaryTokenError(
+                self._scrub(
+                    f"{self._where}: the authorization server {kind} (HTTP {status}{what})"
+                    + (f"; retry after {wait:g} s" if wait is not None else "")
+                ),
+                code=f"HTTP {status}",
+                fix="Nothing to change: the broker retries. If it persists, check the "
+                "authorization server's status.",
+                retry_after=wait,
+            )
+        body = _json(response)
+        if body is None:
+            raise PermanentTokenError(
+                f"{self._where}: {self.url} answered HTTP {status} with something that is not "
+                "an OAuth 2.0 JSON response",
+                code=f"HTTP {status}",
+                fix="Check token_url: it must be the authorization server's token endpoint.",
+            )
+        if status != 200 or "access_token" not in body:
+            raise self._oauth_error(OAuthError(status, body))
+        value = body.get("access_token")
+        token_type = str(body.get("token_type") or "bearer")
+        if not isinstance(value, str) or not value or token_type.lower() != "bearer":
+            raise PermanentTokenError(
+                f"{self._where}: the token response holds no bearer access token "
+                f"(token_type {token_type!r})",
+                fix="The mail server needs bearer tokens: check the client's token settings.",
+            )
+        expires_in = body.get("expires_in")
+        if isinstance(expires_in, str) and expires_in.isdigit():
+            expires_in = int(expires_in)
+        if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+            expires_in = FALLBACK_LIFETIME
+        if expires_in <= 0:
+            expires_in = FALLBACK_LIFETIME
+        granted = body.get("scope")
+        return AccessToken(
+            value, started + float(expires_in), granted if isinstance(granted, str) else scope
+        )
+
+    def _oauth_error(self, error: OAuthError) -> BrokerError:
+        if self._classify is not None:
+            special = self._classify(error)
+            if special is not None:
+                return special
+        text = error.description.splitlines()[0] if error.description else ""
+        message = self._scrub(
+            f"{self._where}: the authorization server refused the token request "
+            f"(HTTP {error.status}): {error.error or 'no error code'}"
+            + (f": {text}" if text else "")
+        )
+        if error.error in _TEMPORARY_ERRORS:
+            return TemporaryTokenError(
+                message, code=error.error, fix="Nothing to change: the broker retries."
+            )
+        return PermanentTokenError(
+            message,
+            code=error.error or f"HTTP {error.status}",
+            fix=RFC6749_FIXES.get(error.error, "Check the client's registration and token_url."),
+        )
+
+    def _transport_error(self, exc: httpx.HTTPError) -> BrokerError:
+        verify = _find_cause(exc, ssl.SSLCertVerificationError)
+        if verify is not None:
+            reason = verify.verify_message or str(verify.reason) or "verification failed"
+            return PermanentTokenError(
+                f"{self._where}: the authorization server's TLS certificate is not trusted "
+                f"({reason})",
+                code="CERTIFICATE_VERIFY_FAILED",
+                fix="Trust its CA: install it in the system store or set ca_file to a PEM file "
+                "holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            what = f"timed out ({type(exc).__name__})"
+        elif isinstance(exc, httpx.ConnectError):
+            what = f"is unreachable ({_root_message(exc)})"
+        else:
+            what = f"connection failed ({type(exc).__name__}: {_root_message(exc)})"
+        return TemporaryTokenError(
+            self._scrub(f"{self._where}: the authorization server {what}"),
+            fix=f"Check DNS, routing, firewalls and proxies (HTTPS_PROXY) to {self.url}.",
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
+
+
+def _json(response: httpx.Response) -> dict[str, object] | None:
+    try:
+        parsed = json.loads(response.content)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _find_cause(
+    exc: BaseException, kind: type[ssl.SSLCertVerificationError]
+) -> ssl.SSLCertVerificationError | None:
+    for link in _chain(exc):
+        if isinstance(link, kind):
+            return link
+    return None
+
+
+def _root_message(exc: BaseException) -> str:
+    *_, root = _chain(exc)
+    return str(root) or type(root).__name__

@@ -1,0 +1,63 @@
+"""Private keys that sign JWT assertions, loaded once, in the form authlib signs with."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc.jwk import ECKey, RSAKey
+
+if TYPE_CHECKING:
+    from broker.model import App, Secret
+
+__all__ = ["SigningKey", "load_signing_key"]
+
+
+class SigningKey:
+    """A private key as a joserfc key (what authlib's signers take) and its JWS algorithm.
+
+    Passing authlib a joserfc key, not PEM text, is deliberate: with PEM it imports the key on
+    every signature and warns (AuthlibDeprecationWarning, joserfc's SecurityWarning).
+    """
+
+    def __init__(self, key: RSAKey | ECKey, algorithm: str) -> None:
+        self.key = key
+        self.algorithm = algorithm
+
+    def __repr__(self) -> str:
+        return f"SigningKey(<redacted>, {self.algorithm})"
+
+
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+
+def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
+    """RSA (RS256) or EC P-256/384/521 (ES256/384/512) key from a PEM; ``ValueError``."""
+    pem = secret.reveal().encode("utf-8")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ValueError(
+            f"app {app.name!r}: the private key in {what} ({secret.origin}) is encrypted; "
+            "store it unencrypted with restrictive file permissions"
+        ) from None
+    except ValueError:
+        raise ValueError(
+            f"app {app.name!r}: {what} ({secret.origin}) holds no readable PEM private key"
+        ) from None
+    der = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise ValueError(f"app {app.name!r}: the RSA key in {what} is shorter than 2048 bits")
+        return SigningKey(RSAKey.import_key(der), "RS256")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_ALGORITHMS:
+        return SigningKey(ECKey.import_key(der), _EC_ALGORITHMS[key.curve.name])
+    raise ValueError(
+        f"app {app.name!r}: {what} ({secret.origin}) has a {type(key).__name__}; "
+        "use an RSA (2048 bits or more) or an EC P-256/P-384/P-521 key"
+    )
