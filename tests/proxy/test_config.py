@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 
 from proxy.config import ConfigError, Protocol, load_config
 from proxy.identities import HashParameters, hash_password
 from proxy.protocol.modes import ClientTls, UpstreamTls
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from tests.support.certs import TestPki
 
 CHEAP = HashParameters(memory_cost=64, iterations=1, lanes=1)
 HASH = hash_password("s3cret", CHEAP)
@@ -399,3 +397,20 @@ def test_cache_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     found = problems(write(tmp_path, no_key))
     assert any(p.startswith(f"{key}.key: is required") for p in found)
     assert any(p.startswith(f"{key}.path: directory") for p in found)
+
+
+def test_the_shipped_example_is_valid_once_its_placeholders_are_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = (Path(__file__).parents[2] / "deploy" / "config.example.toml").read_text()
+    certificate = TestPki(tmp_path / "pki").issue("proxy", "mail.contoso.com")
+    placeholder = next(
+        w for w in example.split('"') if w.startswith("$argon2id$") and "REPLACE" in w
+    )
+    text = example.replace("/etc/xoauth2-proxy/server.pem", str(certificate)).replace(
+        placeholder, hash_password("pw", HashParameters(memory_cost=256, iterations=1, lanes=1))
+    )
+    monkeypatch.setenv("CONTOSO_SECRET", "s3cret")
+    config = load_config(write(tmp_path, text))
+    assert [listener.protocol for listener in config.listeners] == [Protocol.IMAP, Protocol.IMAP]
+    assert config.cache.kind == "memory"

@@ -1,0 +1,332 @@
+"""The ``xoauth2-proxy`` command line.
+
+Exit codes: 0 success, 1 runtime failure (e.g. no token could be obtained), 2 invalid
+configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from broker import build_source
+from broker.cache import open_cache
+from broker.claims import NotAJwtError, decode_claims, describe
+from broker.errors import BrokerError
+from proxy.config import Config, ConfigError, load_config
+from proxy.identities import hash_password
+from proxy.net.server import ProxyServer
+from proxy.net.tls import client_side_context, upstream_context
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from broker.cache import TokenCache
+    from broker.model import AccessToken
+    from broker.source import CachingTokenSource
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = Path(os.environ.get("XOAUTH2_PROXY_CONFIG", "/etc/xoauth2-proxy/config.toml"))
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("xoauth2_proxy")
+
+
+def _load(path: Path) -> Config | None:
+    """Load and fully check a configuration; print problems and warnings to stderr."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+    problems = _runtime_problems(config)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return None if problems else config
+
+
+def _runtime_problems(config: Config) -> list[str]:
+    """What only trying can tell: certificates, keys and CA files that do not load."""
+    problems: list[str] = []
+    for index, listener in enumerate(config.listeners):
+        key = f"{config.path}: listeners[{index}]"
+        if listener.certificate is not None:
+            try:
+                client_side_context(listener.certificate)
+            except (OSError, ValueError) as exc:
+                problems.append(
+                    f"{key}.certificate: cannot load key and certificate from "
+                    f"{listener.certificate}: {exc}"
+                )
+        try:
+            upstream_context(listener.upstream_ca_file)
+        except (OSError, ValueError) as exc:
+            problems.append(
+                f"{key}.upstream_ca_file: cannot load {listener.upstream_ca_file}: {exc}"
+            )
+    try:
+        # Builds every provider (keys, certificates) and the cache, without network I/O.
+        build_source(config.apps, config.cache).close()
+    except ValueError as exc:
+        problems.append(f"{config.path}: {exc}")
+    return problems
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(
+        f"{config.path}: OK ({len(config.apps)} apps, {len(config.listeners)} listeners, "
+        f"{len(config.users)} users)"
+    )
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("refusing to hash an empty password", file=sys.stderr)
+        return EXIT_FAILURE
+    print(hash_password(password))
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    """Print a token for ``args.app`` (from the configured cache, shared with ``serve``), or
+    with ``--decode`` its claims for diagnosis (never the token or its signature)."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.app not in config.apps:
+        print(
+            f"{config.path}: apps.{args.app}: no such app (configured: "
+            f"{', '.join(sorted(config.apps)) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if config.apps[args.app].provider == "google" and not args.mailbox:
+        print(
+            f"apps.{args.app} issues tokens per mailbox: name one with --mailbox",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        source = build_source({args.app: config.apps[args.app]}, config.cache)
+    except ValueError as exc:
+        print(f"{config.path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def fetch() -> AccessToken:
+        return await source.token(args.app, mailbox=args.mailbox)
+
+    try:
+        token = trio.run(fetch)
+    except BrokerError as exc:
+        code = f" [{exc.code}]" if exc.code else ""
+        fix = f"\nfix: {exc.fix}" if exc.fix else ""
+        print(f"no token for app {args.app}: {exc}{code}{fix}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        source.close()
+    if not args.decode:
+        print(token.value)
+        return 0
+    try:
+        claims = decode_claims(token.value)
+    except NotAJwtError:
+        print(
+            f"app {args.app}: the token is not a JWT (opaque to clients, as Google's are); "
+            f"it expires in {max(0, int(token.remaining(time.time())))} s"
+        )
+        return 0
+    for label, value in describe(claims, time.time()):
+        print(f"{label + ':':12}{value}")
+    return 0
+
+
+async def _refreshing(
+    source: CachingTokenSource, *, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    """Run ``source``'s background refresh until the returned scope is cancelled."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await source.run()
+
+
+class _Tokens:
+    """The token source in use and its background refresh; the sources a reload retired.
+
+    Retired sources are closed only at exit: sessions that started before the reload may
+    still be waiting on them.
+    """
+
+    def __init__(self, source: CachingTokenSource, cache: TokenCache) -> None:
+        self.source = source
+        self.cache = cache
+        self.retired: list[CachingTokenSource] = []
+        self.refresh: trio.CancelScope | None = None
+
+    def close(self) -> None:
+        for source in (*self.retired, self.source):
+            source.close()
+        self.cache.close()
+
+
+async def _reload(server: ProxyServer, tokens: _Tokens, path: Path, nursery: trio.Nursery) -> None:
+    log.info("SIGHUP received: reloading %s", path)
+    config = _load(path)
+    if config is None:
+        log.error("reload refused: the configuration has errors (above); keeping the previous one")
+        return
+    if config.cache != server.config.cache:
+        log.warning("[cache] changed: the new cache settings take effect only after a restart")
+    if config.apps == server.config.apps:
+        server.reload(config, tokens.source)  # same apps: keep their tokens warm
+        return
+    try:
+        source = build_source(config.apps, cache=tokens.cache)
+    except ValueError as exc:
+        log.error("reload refused: %s; keeping the previous configuration", exc)
+        return
+    if not server.reload(config, source):
+        source.close()
+        return
+    if tokens.refresh is not None:
+        tokens.refresh.cancel()
+    tokens.retired.append(tokens.source)
+    tokens.source = source
+    tokens.refresh = await nursery.start(_refreshing, source)
+
+
+async def _serve(server: ProxyServer, tokens: _Tokens, path: Path) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            tokens.refresh = await nursery.start(_refreshing, tokens.source)
+            async with trio.open_nursery() as serving:
+                await serving.start(server.serve)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await _reload(server, tokens, path, nursery)
+                        continue
+                    log.info("%s received: shutting down", signal.Signals(signum).name)
+                    server.shutdown()
+                    break
+            # Every session has ended (or its grace ran out): no more tokens are needed.
+            nursery.cancel_scope.cancel()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        cache = open_cache(config.cache)
+    except ValueError as exc:
+        print(f"{config.path}: cache: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        source = build_source(config.apps, cache=cache)
+    except ValueError as exc:
+        cache.close()
+        print(f"{config.path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    tokens = _Tokens(source, cache)
+    try:
+        server = ProxyServer(config, source, grace=args.grace)
+        trio.run(_serve, server, tokens, args.config)
+    finally:
+        tokens.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xoauth2-proxy",
+        description="OAuth 2.0 token broker and SASL XOAUTH2 proxy for IMAP, POP3 and SMTP.",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"configuration file (default: {DEFAULT_CONFIG}, or $XOAUTH2_PROXY_CONFIG)",
+        )
+
+    serve = commands.add_parser("serve", help="run the proxy in the foreground")
+    with_config(serve)
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds sessions in progress get after SIGTERM (default 30)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    check = commands.add_parser("check", help="validate the configuration")
+    with_config(check)
+    check.set_defaults(func=_cmd_check)
+
+    hashp = commands.add_parser(
+        "hash-password", help="print an argon2id hash of a password read from the terminal or stdin"
+    )
+    hashp.set_defaults(func=_cmd_hash_password)
+
+    token = commands.add_parser(
+        "token",
+        help="print a current access token for an app (for msmtp passwordeval, mbsync "
+        "PassCmd, mutt), from the cache the proxy uses",
+    )
+    with_config(token)
+    token.add_argument("app", help="the app's name, as in [apps.NAME]")
+    token.add_argument(
+        "--mailbox", help="the mailbox the token is for (required for per-mailbox providers)"
+    )
+    token.add_argument(
+        "--decode",
+        action="store_true",
+        help="print the token's claims (roles, aud, tid, appid, exp, time left) instead of it",
+    )
+    token.set_defaults(func=_cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Listeners and the accept loop: one :class:`~proxy.net.session.Session` per connection.
+
+Shutdown follows trio's idiom: stop accepting (cancel the accept nursery), then give the
+handler nursery a deadline (``grace``) for sessions in progress to finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from proxy.config import Protocol
+from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
+from proxy.net.session import AuthMachine, Services, Session
+from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
+from proxy.protocol import replies
+from proxy.protocol.imap import ImapAuth
+from proxy.protocol.modes import AuthSettings, ClientTls
+
+if TYPE_CHECKING:
+    import ssl
+
+    from broker.source import TokenSource
+    from proxy.config import Config, ListenerConfig
+
+__all__ = ["BoundListener", "ProxyServer"]
+
+log = logging.getLogger("xoauth2_proxy.server")
+
+
+@dataclass(frozen=True, slots=True)
+class BoundListener:
+    """A configured listener and the address it actually listens on."""
+
+    config: ListenerConfig
+    host: str
+    port: int
+
+
+def _machine(listener: ListenerConfig) -> tuple[AuthMachine, bytes]:
+    """The protocol machine for a new connection, and the reply for a login timeout."""
+    settings = AuthSettings(client_tls=listener.tls, upstream_tls=listener.upstream_tls)
+    match listener.protocol:
+        case Protocol.IMAP:
+            return ImapAuth(settings), replies.IMAP_BYE_TIMEOUT
+        case Protocol.POP3 | Protocol.SMTP:
+            raise NotImplementedError(f"{listener.protocol.value} listeners are not available yet")
+
+
+class ProxyServer:
+    """Serve every configured listener until :meth:`shutdown`."""
+
+    def __init__(
+        self,
+        config: Config,
+        tokens: TokenSource,
+        *,
+        authenticator: Authenticator | None = None,
+        grace: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.grace = grace
+        self.services = self._services(config, tokens, authenticator)
+        self._client_contexts: dict[ListenerConfig, ssl.SSLContext | None] = {}
+        self._upstream_contexts: dict[ListenerConfig, ssl.SSLContext] = {}
+        for listener in config.listeners:
+            _machine(listener)  # refuse unsupported protocols before binding anything
+            self._client_contexts[listener] = (
+                client_side_context(listener.certificate) if listener.certificate else None
+            )
+            self._upstream_contexts[listener] = upstream_context(listener.upstream_ca_file)
+        self._ids = itertools.count(1)
+        self._stop = trio.Event()
+
+    @staticmethod
+    def _services(
+        config: Config, tokens: TokenSource, authenticator: Authenticator | None
+    ) -> Services:
+        if authenticator is None:
+            # Unknown users are checked against a dummy hash as costly as the real ones.
+            typical = next(
+                (p for u in config.users.values() if (p := parameters_of(u.password_hashes[0]))),
+                DEFAULT_PARAMETERS,
+            )
+            authenticator = Authenticator(
+                config.user,
+                hash_concurrency=config.limits.hash_concurrency,
+                cache_ttl=config.limits.credential_cache_ttl,
+                dummy_parameters=typical,
+            )
+        return Services(
+            authenticator=authenticator,
+            tokens=tokens,
+            limits=config.limits,
+            app_providers={name: app.provider for name, app in config.apps.items()},
+        )
+
+    def reload(self, config: Config, tokens: TokenSource) -> bool:
+        """Use ``config`` for new logins; sessions in progress keep what they started with.
+
+        Listeners cannot change without a restart: if they differ, nothing changes and
+        ``False`` is returned.
+        """
+        if config.listeners != self.config.listeners:
+            log.error(
+                "reload refused: listeners changed, which needs a restart; "
+                "keeping the previous configuration"
+            )
+            return False
+        self.config = config
+        self.services = self._services(config, tokens, None)
+        log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
+        return True
+
+    def shutdown(self) -> None:
+        """Stop accepting connections; sessions in progress get ``grace`` seconds."""
+        self._stop.set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind every listener, report them through ``task_status``, serve until shutdown."""
+        bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
+        try:
+            for listener in self.config.listeners:
+                sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
+                bound.append((listener, sockets))
+        except BaseException:
+            for _, sockets in bound:
+                for s in sockets:
+                    await s.aclose()
+            raise
+        report = [
+            BoundListener(listener, *s.socket.getsockname()[:2])
+            for listener, sockets in bound
+            for s in sockets
+        ]
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                for listener, sockets in bound:
+                    handler = functools.partial(self._handle, listener)
+                    accepting.start_soon(
+                        functools.partial(
+                            trio.serve_listeners, handler, sockets, handler_nursery=handlers
+                        )
+                    )
+                for b in report:
+                    log.info(
+                        "listening on %s:%s for %s (tls %s) -> %s:%s (upstream tls %s)",
+                        b.host,
+                        b.port,
+                        b.config.protocol.value,
+                        b.config.tls.name.lower(),
+                        b.config.upstream_host,
+                        b.config.upstream_port,
+                        b.config.upstream_tls.name.lower(),
+                    )
+                task_status.started(report)
+                await self._stop.wait()
+                accepting.cancel_scope.cancel()
+            log.info("no longer accepting; %g s for sessions in progress", self.grace)
+            handlers.cancel_scope.deadline = trio.current_time() + self.grace
+
+    async def _handle(self, listener: ListenerConfig, stream: trio.SocketStream) -> None:
+        conn_id = f"{listener.protocol.value}#{next(self._ids)}"
+        try:
+            peer = stream.socket.getpeername()
+            log.info("%s: connection from %s:%s on %s", conn_id, peer[0], peer[1], listener.name)
+            client: trio.abc.Stream = stream
+            context = self._client_contexts[listener]
+            if listener.tls is ClientTls.IMPLICIT:
+                assert context is not None  # config guarantees a certificate
+                tls = trio.SSLStream(stream, context, server_side=True)
+                try:
+                    with trio.fail_after(self.config.limits.tls_handshake_timeout):
+                        await tls.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    text = (
+                        "timed out"
+                        if isinstance(exc, trio.TooSlowError)
+                        else describe_tls_error(exc)
+                    )
+                    log.info("%s: client TLS handshake %s", conn_id, text)
+                    await trio.aclose_forcefully(stream)
+                    return
+                client = tls
+            machine, timeout_reply = _machine(listener)
+            session = Session(
+                conn_id=conn_id,
+                listener=listener,
+                machine=machine,
+                services=self.services,
+                client=client,
+                client_context=context,
+                upstream_context=self._upstream_contexts[listener],
+                timeout_reply=timeout_reply,
+            )
+            await session.run()
+        except Exception:
+            # A bug in one session must not take every other session down with it.
+            log.exception("%s: internal error; connection closed", conn_id)
+            await trio.aclose_forcefully(stream)

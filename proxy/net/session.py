@@ -1,0 +1,446 @@
+"""The session driver: carries out a protocol machine's actions with real I/O.
+
+One :class:`Session` per accepted connection. During authentication it runs, inside its
+own nursery:
+
+* a *reader* task per side that turns bytes into ``*DataReceived`` events. Readers hand
+  events over an unbuffered channel, so at most one chunk per side is ever in flight; a
+  reader that is stopped while holding an undelivered chunk leaves it in ``_held`` for
+  the driver to account for (pipelined bytes for the relay, or injected plaintext after
+  STARTTLS, which closes the connection);
+* short tasks that open the upstream connection and obtain a token, reporting back as
+  events.
+
+The driver loop feeds each event to the machine and executes the returned actions in
+order. Once the machine says ``BeginRelay``, the readers are stopped and
+:func:`proxy.net.relay.relay` takes over both streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, assert_never
+
+import trio
+
+from broker.claims import token_roles
+from broker.errors import BrokerError, PermanentTokenError
+from proxy.config import Protocol as MailProtocol
+from proxy.identities import BadCredentials
+from proxy.net.relay import relay
+from proxy.net.tls import describe_tls_error
+from proxy.protocol.actions import (
+    Action,
+    BeginRelay,
+    Close,
+    ConnectUpstream,
+    Note,
+    RequestToken,
+    SendToClient,
+    SendToServer,
+    Severity,
+    StartTls,
+)
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.events import (
+    ClientClosed,
+    ClientDataReceived,
+    Event,
+    Refusal,
+    ServerClosed,
+    ServerConnected,
+    ServerDataReceived,
+    ServerUnavailable,
+    Side,
+    TlsEstablished,
+    TokenIssued,
+    TokenRefused,
+)
+from proxy.protocol.modes import UpstreamTls
+
+if TYPE_CHECKING:
+    import ssl
+
+    from broker.source import TokenSource
+    from proxy.config import Limits, ListenerConfig
+    from proxy.identities import Authenticator
+    from proxy.protocol.sasl import Credentials
+
+__all__ = ["AuthMachine", "Services", "Session", "open_upstream"]
+
+log = logging.getLogger("xoauth2_proxy.session")
+
+#: Largest read during authentication.
+READ_SIZE = 16384
+
+#: Microsoft's application permission each protocol needs (checked in the token's roles).
+REQUIRED_ROLES: dict[MailProtocol, str] = {
+    MailProtocol.IMAP: "IMAP.AccessAsApp",
+    MailProtocol.POP3: "POP.AccessAsApp",
+    MailProtocol.SMTP: "SMTP.SendAsApp",
+}
+
+
+class AuthMachine(Protocol):
+    """What :class:`Session` needs of ``ImapAuth``, ``Pop3Auth`` and ``SmtpAuth``."""
+
+    def start(self) -> list[Action]: ...
+
+    def handle(self, event: Event) -> list[Action]: ...
+
+
+@dataclass(slots=True)
+class Services:
+    """What every session shares: configuration-derived objects, passed in explicitly."""
+
+    authenticator: Authenticator
+    tokens: TokenSource
+    limits: Limits
+    #: Provider name per app, for the checks that only apply to Microsoft tokens.
+    app_providers: dict[str, str] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    """Leave the authentication phase and close the connection."""
+
+
+async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> trio.abc.Stream:
+    """Connect to the listener's upstream; with implicit TLS, finish the handshake.
+
+    The certificate and host name are always verified. Raises ``OSError`` or
+    ``trio.BrokenResourceError`` (TLS) on failure; the caller sets the deadline.
+    """
+    stream: trio.abc.Stream = await trio.open_tcp_stream(
+        listener.upstream_host, listener.upstream_port
+    )
+    if listener.upstream_tls is UpstreamTls.IMPLICIT:
+        tls = trio.SSLStream(stream, context, server_hostname=listener.upstream_host)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return tls
+    return stream
+
+
+class Session:
+    """Drive one connection from accept to close."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        listener: ListenerConfig,
+        machine: AuthMachine,
+        services: Services,
+        client: trio.abc.Stream,
+        client_context: ssl.SSLContext | None,
+        upstream_context: ssl.SSLContext,
+        timeout_reply: bytes,
+    ) -> None:
+        self.conn_id = conn_id
+        self.listener = listener
+        self.machine = machine
+        self.services = services
+        self.client = client
+        self.server: trio.abc.Stream | None = None
+        self._client_context = client_context
+        self._upstream_context = upstream_context
+        self._timeout_reply = timeout_reply
+        self._tx, self._rx = trio.open_memory_channel[Event](0)
+        self._readers: dict[Side, tuple[trio.CancelScope, trio.Event]] = {}
+        self._held: dict[Side, bytes | None] = {Side.CLIENT: None, Side.SERVER: None}
+        self._pending: deque[Event] = deque()
+        self._log = logging.LoggerAdapter(log, {"conn": conn_id})
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.conn_id} on {self.listener.name}>"
+
+    async def run(self) -> None:
+        """Authenticate, then relay; always closes both streams before returning."""
+        try:
+            relay_plan: BeginRelay | None = None
+            with trio.move_on_after(self.services.limits.login_timeout) as login_deadline:
+                relay_plan = await self._authenticate()
+            if login_deadline.cancelled_caught:
+                self._log.info(
+                    "%s: login not completed within %gs, closing",
+                    self.conn_id,
+                    self.services.limits.login_timeout,
+                )
+                await self._send_quietly(self.client, self._timeout_reply)
+                return
+            if relay_plan is None or self.server is None:
+                return
+            if relay_plan.to_server:
+                await self.server.send_all(relay_plan.to_server)
+            if relay_plan.to_client:
+                await self.client.send_all(relay_plan.to_client)
+            await relay(self.client, self.server)
+            self._log.info("%s: session ended", self.conn_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._log.info("%s: connection broken: %s", self.conn_id, exc)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for stream in (self.client, self.server):
+                    if stream is not None:
+                        await trio.aclose_forcefully(stream)
+
+    # -- the authentication phase ---------------------------------------------------------
+
+    async def _authenticate(self) -> BeginRelay | None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await nursery.start(self._reader, Side.CLIENT, self.client)
+                outcome = await self._execute(nursery, self.machine.start())
+                while outcome is None:
+                    event = self._pending.popleft() if self._pending else await self._rx.receive()
+                    try:
+                        actions = self.machine.handle(event)
+                    except ProxyError as exc:
+                        self._log.info("%s: %s: %s", self.conn_id, type(exc).__name__, exc)
+                        if exc.reply_hint:
+                            await self._send_quietly(self.client, exc.reply_hint)
+                        return None
+                    outcome = await self._execute(nursery, actions)
+            except _Stop:
+                return None
+            finally:
+                nursery.cancel_scope.cancel()
+        return outcome if isinstance(outcome, BeginRelay) else None
+
+    async def _execute(
+        self, nursery: trio.Nursery, actions: list[Action]
+    ) -> BeginRelay | Close | None:
+        for action in actions:
+            match action:
+                case SendToClient(data=data):
+                    await self.client.send_all(data)
+                case SendToServer(data=data):
+                    if self.server is None:
+                        raise RuntimeError("machine sent to the upstream before it connected")
+                    await self.server.send_all(data)
+                case ConnectUpstream():
+                    nursery.start_soon(self._connect_upstream)
+                case StartTls(side=side, preface=preface):
+                    await self._start_tls(nursery, side, preface)
+                case RequestToken(credentials=credentials):
+                    nursery.start_soon(self._obtain_token, credentials)
+                case BeginRelay(to_server=to_server, to_client=to_client):
+                    held_client = await self._stop_reader(Side.CLIENT)
+                    held_server = await self._stop_reader(Side.SERVER)
+                    return BeginRelay(
+                        to_server=to_server + held_client, to_client=to_client + held_server
+                    )
+                case Note(severity=severity, text=text):
+                    level = {
+                        Severity.INFO: logging.INFO,
+                        Severity.WARNING: logging.WARNING,
+                        Severity.ERROR: logging.ERROR,
+                    }[severity]
+                    self._log.log(level, "%s: %s", self.conn_id, text)
+                case Close(reason=reason):
+                    if reason:
+                        self._log.info("%s: closing: %s", self.conn_id, reason)
+                    return action
+                case _:
+                    assert_never(action)
+        return None
+
+    async def _reader(
+        self,
+        side: Side,
+        stream: trio.abc.ReceiveStream,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._readers[side] = (scope, done)
+                task_status.started()
+                while True:
+                    try:
+                        data = bytes(await stream.receive_some(READ_SIZE))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    self._held[side] = data
+                    if side is Side.CLIENT:
+                        event: Event = ClientDataReceived(data) if data else ClientClosed()
+                    else:
+                        event = ServerDataReceived(data) if data else ServerClosed()
+                    await self._tx.send(event)
+                    self._held[side] = None
+                    if not data:
+                        return
+        finally:
+            done.set()
+
+    async def _stop_reader(self, side: Side) -> bytes:
+        """Stop reading ``side``; return bytes it had read but not delivered."""
+        entry = self._readers.pop(side, None)
+        if entry is not None:
+            scope, done = entry
+            scope.cancel()
+            await done.wait()
+        held = self._held[side] or b""
+        self._held[side] = None
+        return held
+
+    async def _connect_upstream(self) -> None:
+        listener = self.listener
+        where = f"{listener.upstream_host}:{listener.upstream_port}"
+        try:
+            with trio.fail_after(self.services.limits.upstream_timeout):
+                stream = await open_upstream(listener, self._upstream_context)
+        except trio.TooSlowError:
+            await self._tx.send(
+                ServerUnavailable(
+                    f"upstream {where}: no connection within "
+                    f"{self.services.limits.upstream_timeout:g}s"
+                )
+            )
+            return
+        except trio.BrokenResourceError as exc:
+            await self._tx.send(ServerUnavailable(f"upstream {where}: {describe_tls_error(exc)}"))
+            return
+        except OSError as exc:
+            await self._tx.send(
+                ServerUnavailable(f"upstream {where}: cannot connect: {exc.strerror or exc}")
+            )
+            return
+        if self.server is not None:
+            await trio.aclose_forcefully(self.server)
+        self.server = stream
+        await self._tx.send(ServerConnected())
+        self._start_reader_soon(Side.SERVER, stream)
+
+    def _start_reader_soon(self, side: Side, stream: trio.abc.ReceiveStream) -> None:
+        # Readers live in the authentication nursery, which is open whenever a connect
+        # task runs (the connect task is one of its children).
+        if self._nursery is None:
+            raise RuntimeError("reader started outside the authentication phase")
+        self._nursery.start_soon(self._reader, side, stream)
+
+    async def _start_tls(self, nursery: trio.Nursery, side: Side, preface: bytes) -> None:
+        held = await self._stop_reader(side)
+        if held:
+            # Plaintext that arrived after the STARTTLS exchange must never be executed
+            # inside TLS (the CVE-2011-0411 class of command injection).
+            self._log.warning(
+                "%s: %s sent data right after STARTTLS; closing", self.conn_id, side.value
+            )
+            raise _Stop
+        if side is Side.CLIENT:
+            if self._client_context is None:
+                raise RuntimeError("STARTTLS on a listener without a certificate")
+            await self.client.send_all(preface)
+            tls = trio.SSLStream(self.client, self._client_context, server_side=True)
+            timeout = self.services.limits.tls_handshake_timeout
+        else:
+            if self.server is None:
+                raise RuntimeError("STARTTLS towards an upstream that is not connected")
+            if preface:
+                await self.server.send_all(preface)
+            tls = trio.SSLStream(
+                self.server, self._upstream_context, server_hostname=self.listener.upstream_host
+            )
+            timeout = self.services.limits.upstream_timeout
+        try:
+            with trio.fail_after(timeout):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            what = (
+                "client"
+                if side is Side.CLIENT
+                else (f"upstream {self.listener.upstream_host}:{self.listener.upstream_port}")
+            )
+            text = "timed out" if isinstance(exc, trio.TooSlowError) else describe_tls_error(exc)
+            if side is Side.SERVER:
+                self.server = tls
+                self._pending.appendleft(ServerUnavailable(f"{what}: STARTTLS {text}"))
+                return
+            self._log.info("%s: %s: TLS handshake %s", self.conn_id, what, text)
+            raise _Stop from exc
+        if side is Side.CLIENT:
+            self.client = tls
+        else:
+            self.server = tls
+        await nursery.start(self._reader, side, tls)
+        self._pending.appendleft(TlsEstablished(side))
+
+    async def _obtain_token(self, credentials: Credentials) -> None:
+        services = self.services
+        protocol = self.listener.protocol
+        try:
+            with trio.fail_after(services.limits.token_timeout):
+                identity = await services.authenticator.authenticate(credentials, protocol)
+                token = await services.tokens.token(identity.app, mailbox=identity.mailbox)
+        except BadCredentials as exc:
+            self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)
+            await self._tx.send(TokenRefused(Refusal.CREDENTIALS))
+            return
+        except trio.TooSlowError:
+            self._log.warning(
+                "%s: login %r: no token within %gs",
+                self.conn_id,
+                credentials.login,
+                services.limits.token_timeout,
+            )
+            await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
+            return
+        except BrokerError as exc:
+            kind = "permanent" if isinstance(exc, PermanentTokenError) else "temporary"
+            fix = f" Fix: {exc.fix}" if exc.fix else ""
+            self._log.error(
+                "%s: login %r: no token (%s error%s): %s.%s",
+                self.conn_id,
+                credentials.login,
+                kind,
+                f" {exc.code}" if exc.code else "",
+                exc,
+                fix,
+            )
+            await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
+            return
+        if services.app_providers.get(identity.app) == "microsoft":
+            role = REQUIRED_ROLES[protocol]
+            try:
+                roles = token_roles(token.value)
+            except ValueError:
+                roles = frozenset()
+            if role not in roles:
+                self._log.error(
+                    "%s: login %r: the token of app %r lacks the %s role, so %s would refuse "
+                    "it. An administrator must add the application permission %s to the app "
+                    "registration and grant admin consent.",
+                    self.conn_id,
+                    credentials.login,
+                    identity.app,
+                    role,
+                    protocol.value.upper(),
+                    role,
+                )
+                await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
+                return
+        self._log.info(
+            "%s: login %r accepted for mailbox %r (app %r)",
+            self.conn_id,
+            credentials.login,
+            identity.mailbox,
+            identity.app,
+        )
+        await self._tx.send(TokenIssued(mailbox=identity.mailbox, token=token))
+
+    async def _send_quietly(self, stream: trio.abc.SendStream, data: bytes) -> None:
+        """Best effort, bounded: the connection is about to close anyway."""
+        with (
+            trio.move_on_after(2),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(data)

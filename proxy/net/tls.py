@@ -1,0 +1,45 @@
+"""TLS contexts for both sides of the proxy, and a friendly description of TLS failures."""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["client_side_context", "describe_tls_error", "upstream_context"]
+
+
+def client_side_context(certificate: Path) -> ssl.SSLContext:
+    """The context our listeners present to legacy clients.
+
+    ``certificate`` is one PEM file holding the private key and the certificate chain.
+    TLS 1.2 is the floor: legacy clients older than that are not worth a downgrade.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate)
+    return context
+
+
+def upstream_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The context for the upstream mail server: certificate and host name always checked,
+    against the system trust store plus ``ca_file`` when given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """One line for the log saying what went wrong in a handshake."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verification failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"TLS handshake failed: {exc}"

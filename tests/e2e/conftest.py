@@ -1,0 +1,179 @@
+"""The end-to-end rig: an emulated Entra, a real Dovecot, and the proxy between them.
+
+Session-scoped: the PKI, the identity provider emulation and Dovecot (started once).
+Per test: a configuration file and an in-process proxy serving it on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pytest
+
+from broker.source import CachingTokenSource
+from proxy.config import load_config
+from proxy.identities import HashParameters, hash_password
+from proxy.net.server import BoundListener, ProxyServer
+from tests.support.certs import TestPki
+from tests.support.dovecot import Dovecot
+from tests.support.entra import EntraEmulator
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    import trio
+
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+CLIENT_SECRET = "emulated-client-secret-Xy7~Qp"
+ROLELESS_CLIENT_ID = "99999999-2222-3333-4444-555555555555"
+MAILBOX = "reports@contoso.com"
+OTHER_MAILBOX = "scanner@contoso.com"
+PASSWORD = 'c0rrect "horse" battery'
+#: Cheap argon2id for tests; production uses the RFC 9106 default.
+TEST_HASH = HashParameters(memory_cost=256, iterations=1, lanes=1)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return TestPki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EntraEmulator]:
+    with EntraEmulator(tmp_path_factory.mktemp("idp")) as emulator:
+        emulator.register_app(CLIENT_ID, secret=CLIENT_SECRET)
+        emulator.register_app(ROLELESS_CLIENT_ID, secret=CLIENT_SECRET, roles=())
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def dovecot(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, idp: EntraEmulator
+) -> Iterator[Dovecot]:
+    with Dovecot(
+        tmp_path_factory.mktemp("dovecot"),
+        pki=pki,
+        jwt_public_key_pem=idp.public_key_pem(),
+        kid=idp.kid,
+        issuer=idp.issuer,
+        mailboxes=(MAILBOX, OTHER_MAILBOX),
+    ) as server:
+        yield server
+
+
+@dataclass
+class Listener:
+    """One ``[[listeners]]`` table of a test configuration."""
+
+    protocol: str = "imap"
+    tls: str = "implicit"
+    upstream_port: int = 0
+    upstream_tls: str = "implicit"
+    upstream_host: str = "127.0.0.1"
+    trust_upstream: bool = True
+
+
+@dataclass
+class ProxyRig:
+    """Writes a configuration for the proxy under test and knows the secrets in it."""
+
+    directory: Path
+    pki: TestPki
+    idp: EntraEmulator
+    dovecot: Dovecot
+    users: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def add_user(
+        self, login: str, password: str, *, mailbox: str | None = None, app: str = "contoso"
+    ) -> None:
+        self.users[login] = (password, mailbox or login, app)
+
+    def write(self, listeners: list[Listener]) -> Path:
+        cert = self.pki.issue("proxy", "localhost", "127.0.0.1")
+        secret_file = self.directory / "client-secret"
+        secret_file.write_text(CLIENT_SECRET + "\n")
+        secret_file.chmod(0o600)
+        lines = []
+        for name, client_id in (("contoso", CLIENT_ID), ("roleless", ROLELESS_CLIENT_ID)):
+            lines += [
+                f"[apps.{name}]",
+                'provider = "microsoft"',
+                f'tenant = "{self.idp.tenant}"',
+                f'client_id = "{client_id}"',
+                'client_secret = { file = "client-secret" }',
+                f'authority = "{self.idp.authority}"',
+                f'ca_file = "{self.idp.ca_file}"',
+                "",
+            ]
+        for listener in listeners:
+            lines += [
+                "[[listeners]]",
+                f'protocol = "{listener.protocol}"',
+                'listen = "127.0.0.1:0"',
+                f'tls = "{listener.tls}"',
+            ]
+            if listener.tls != "none":
+                lines.append(f'certificate = {{ file = "{cert}" }}')
+            lines += [
+                f'upstream = "{listener.upstream_host}:{listener.upstream_port}"',
+                f'upstream_tls = "{listener.upstream_tls}"',
+            ]
+            if listener.trust_upstream:
+                lines.append(f'upstream_ca_file = "{self.dovecot.ca_file}"')
+            lines.append("")
+        lines += ["[limits]", "login_timeout = 20", "upstream_timeout = 5", "token_timeout = 5", ""]
+        for login, (password, mailbox, app) in self.users.items():
+            lines += [
+                f'[users."{login}"]',
+                f'password_hash = "{hash_password(password, TEST_HASH)}"',
+                f'app = "{app}"',
+                f'mailbox = "{mailbox}"',
+                "",
+            ]
+        path = self.directory / "config.toml"
+        path.write_text("\n".join(lines))
+        path.chmod(0o600)
+        return path
+
+
+@pytest.fixture
+def rig(tmp_path: Path, pki: TestPki, idp: EntraEmulator, dovecot: Dovecot) -> ProxyRig:
+    rig = ProxyRig(tmp_path, pki, idp, dovecot)
+    rig.add_user(MAILBOX, PASSWORD)
+    return rig
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    listeners: list[BoundListener]
+    tokens: CachingTokenSource
+
+    @property
+    def port(self) -> int:
+        return self.listeners[0].port
+
+    def port_of(self, index: int) -> int:
+        return self.listeners[index].port
+
+
+async def start_proxy(nursery: trio.Nursery, config_path: Path) -> RunningProxy:
+    config = load_config(config_path)
+    tokens = CachingTokenSource(config.apps)
+    server = ProxyServer(config, tokens, grace=1.0)
+    bound: list[BoundListener] = await nursery.start(server.serve)
+    return RunningProxy(server, bound, tokens)
+
+
+@pytest.fixture
+async def imap_proxy(nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot) -> RunningProxy:
+    """An implicit-TLS IMAP listener in front of Dovecot's implicit-TLS port."""
+    return await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)

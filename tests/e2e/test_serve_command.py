@@ -1,0 +1,121 @@
+"""``xoauth2-proxy serve`` as operators run it: a process, signals, background refresh."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.e2e.conftest import MAILBOX, OTHER_MAILBOX, PASSWORD, Listener, ProxyRig
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from tests.support.dovecot import Dovecot
+    from tests.support.entra import EntraEmulator
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServeProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "-c", str(config), "--grace", "2"],
+            cwd=ROOT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, what: Callable[[], bool], description: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited ({self.process.returncode}):\n{self.text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {description}:\n{self.text()}")
+            time.sleep(0.05)
+
+    def port(self) -> int:
+        self.wait_for(lambda: "listening on" in self.text(), "the listener")
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.text())
+        assert found is not None
+        return int(found.group(1))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def rig_config(rig: ProxyRig, dovecot: Dovecot) -> Path:
+    return rig.write([Listener(upstream_port=dovecot.ports.imaps)])
+
+
+@pytest.fixture
+def serve(tmp_path: Path, rig_config: Path) -> Iterator[ServeProcess]:
+    process = ServeProcess(rig_config, tmp_path / "serve.log")
+    yield process
+    process.close()
+
+
+def login(rig: ProxyRig, port: int, user: str) -> str:
+    context = ssl.create_default_context(cafile=str(rig.pki.ca_file))
+    with imaplib.IMAP4_SSL("localhost", port, ssl_context=context, timeout=30) as imap:
+        status, _ = imap.login(user, PASSWORD)
+        imap.logout()
+        return status
+
+
+def test_token_fetched_in_background_before_any_login(
+    serve: ServeProcess, idp: EntraEmulator, rig: ProxyRig
+) -> None:
+    before = idp.token_requests
+    port = serve.port()
+    # Background refresh asks the IdP at start (both configured apps), before anyone logs in.
+    serve.wait_for(lambda: idp.token_requests >= before + 2, "the background token requests")
+    assert login(rig, port, MAILBOX) == "OK"
+    assert idp.token_requests == before + 2  # the login used the token fetched in advance
+
+
+def test_sighup_reloads_users_and_apps_and_sigterm_stops(
+    serve: ServeProcess, rig: ProxyRig, rig_config: Path, idp: EntraEmulator
+) -> None:
+    port = serve.port()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        login(rig, port, OTHER_MAILBOX)
+
+    # A new user, and the app set changes (an app renamed): a new token source is built.
+    rig.add_user(OTHER_MAILBOX, PASSWORD)
+    rig.write([Listener(upstream_port=rig.dovecot.ports.imaps)])
+    rig_config.write_text(rig_config.read_text().replace("[apps.roleless]", "[apps.spare]"))
+    serve.process.send_signal(signal.SIGHUP)
+    serve.wait_for(lambda: "configuration reloaded" in serve.text(), "the reload")
+    assert login(rig, port, OTHER_MAILBOX) == "OK"
+    assert login(rig, port, MAILBOX) == "OK"
+
+    # A broken file is refused and the running configuration stays.
+    rig_config.write_text(rig_config.read_text() + "\n[users.broken]\npassword_hash = 7\n")
+    serve.process.send_signal(signal.SIGHUP)
+    serve.wait_for(lambda: "reload refused" in serve.text(), "the refusal")
+    assert login(rig, port, OTHER_MAILBOX) == "OK"
+
+    serve.process.send_signal(signal.SIGTERM)
+    assert serve.process.wait(30) == 0
+    assert "SIGTERM received: shutting down" in serve.text()
