@@ -19,6 +19,7 @@ from proxy.net.server import BoundListener, ProxyServer
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator
+from tests.support.smtpsink import SmtpSink
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,8 +51,15 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EntraEmulator]:
 
 
 @pytest.fixture(scope="session")
+def sink() -> Iterator[SmtpSink]:
+    """Where Dovecot's submission service relays what the proxy's SMTP clients send."""
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def dovecot(
-    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, idp: EntraEmulator
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, idp: EntraEmulator, sink: SmtpSink
 ) -> Iterator[Dovecot]:
     with Dovecot(
         tmp_path_factory.mktemp("dovecot"),
@@ -60,6 +68,7 @@ def dovecot(
         kid=idp.kid,
         issuer=idp.issuer,
         mailboxes=(MAILBOX, OTHER_MAILBOX),
+        smtp_relay=sink.address,
     ) as server:
         yield server
 
@@ -84,12 +93,18 @@ class ProxyRig:
     pki: TestPki
     idp: EntraEmulator
     dovecot: Dovecot
-    users: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    users: dict[str, tuple[str, str, str, tuple[str, ...]]] = field(default_factory=dict)
 
     def add_user(
-        self, login: str, password: str, *, mailbox: str | None = None, app: str = "contoso"
+        self,
+        login: str,
+        password: str,
+        *,
+        mailbox: str | None = None,
+        app: str = "contoso",
+        protocols: tuple[str, ...] = (),
     ) -> None:
-        self.users[login] = (password, mailbox or login, app)
+        self.users[login] = (password, mailbox or login, app, protocols)
 
     def write(self, listeners: list[Listener]) -> Path:
         cert = self.pki.issue("proxy", "localhost", "127.0.0.1")
@@ -125,14 +140,16 @@ class ProxyRig:
                 lines.append(f'upstream_ca_file = "{self.dovecot.ca_file}"')
             lines.append("")
         lines += ["[limits]", "login_timeout = 20", "upstream_timeout = 5", "token_timeout = 5", ""]
-        for login, (password, mailbox, app) in self.users.items():
+        for login, (password, mailbox, app, protocols) in self.users.items():
             lines += [
                 f'[users."{login}"]',
                 f'password_hash = "{hash_password(password, TEST_HASH)}"',
                 f'app = "{app}"',
                 f'mailbox = "{mailbox}"',
-                "",
             ]
+            if protocols:
+                lines.append("protocols = [" + ", ".join(f'"{p}"' for p in protocols) + "]")
+            lines.append("")
         path = self.directory / "config.toml"
         path.write_text("\n".join(lines))
         path.chmod(0o600)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import base64
 import imaplib
 import socket
-import ssl
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -25,40 +24,18 @@ from tests.e2e.conftest import (
     RunningProxy,
     start_proxy,
 )
+from tests.e2e.helpers import in_thread, message, raw_session, tls_context
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from tests.support.certs import TestPki
     from tests.support.dovecot import Dovecot
     from tests.support.entra import EntraEmulator
 
 pytestmark = [pytest.mark.e2e]
 
-T = TypeVar("T")
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    with trio.fail_after(60):
-        return await trio.to_thread.run_sync(fn)
-
-
-def tls_context(pki: TestPki) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(pki.ca_file))
-
 
 def connect(pki: TestPki, port: int) -> imaplib.IMAP4_SSL:
     return imaplib.IMAP4_SSL("localhost", port, ssl_context=tls_context(pki), timeout=30)
-
-
-def message(size: int, subject: str = "report") -> bytes:
-    header = (
-        f"From: erp@contoso.com\r\nTo: {MAILBOX}\r\nSubject: {subject}\r\n"
-        "Message-ID: <" + subject + "@test>\r\n\r\n"
-    ).encode()
-    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!#$%&'()*+,-./:;<=>?\r\n"
-    body = (line * (size // len(line) + 1))[:size]
-    return header + body.rstrip(b"\r\n") + b"\r\n"
 
 
 def fetch_by_subject(imap: imaplib.IMAP4, subject: str) -> bytes:
@@ -118,25 +95,6 @@ async def test_authenticate_plain_with_continuation(imap_proxy: RunningProxy, pk
             return typ + typ2
 
     assert await in_thread(client) == "OKOK"
-
-
-def raw_session(pki: TestPki, port: int, script: bytes, until: bytes) -> bytes:
-    """Send ``script`` over TLS after the greeting, read until ``until`` is seen."""
-    context = tls_context(pki)
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
-        context.wrap_socket(sock, server_hostname="localhost") as tls,
-    ):
-        received = b""
-        while b"\r\n" not in received:
-            received += tls.recv(65536)
-        tls.sendall(script)
-        while until not in received:
-            chunk = tls.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
 
 
 async def test_authenticate_plain_sasl_ir_and_pipelined_commands(

@@ -1,0 +1,64 @@
+"""Client-side helpers shared by the end-to-end tests (blocking code, run in threads)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from tests.e2e.conftest import MAILBOX
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.support.certs import TestPki
+
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking client in a worker thread while the proxy serves in this trio loop."""
+    with trio.fail_after(60):
+        return await trio.to_thread.run_sync(fn)
+
+
+def tls_context(pki: TestPki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.ca_file))
+
+
+def message(size: int, subject: str = "report") -> bytes:
+    """A message of about ``size`` bytes with CRLF line endings and a unique subject."""
+    header = (
+        f"From: erp@contoso.com\r\nTo: {MAILBOX}\r\nSubject: {subject}\r\n"
+        "Message-ID: <" + subject + "@test>\r\n\r\n"
+    ).encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!#$%&'()*+,-./:;<=>?\r\n"
+    body = (line * (size // len(line) + 1))[:size]
+    return header + body.rstrip(b"\r\n") + b"\r\n"
+
+
+def raw_session(
+    pki: TestPki, port: int, script: bytes, until: bytes, *, use_tls: bool = True
+) -> bytes:
+    """Read the greeting, send ``script``, read until ``until`` is seen or the peer closes;
+    return everything received (greeting included)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        conn: socket.socket = (
+            tls_context(pki).wrap_socket(sock, server_hostname="localhost") if use_tls else sock
+        )
+        with conn:
+            received = b""
+            while b"\r\n" not in received:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+            conn.sendall(script)
+            while until not in received:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            return received
