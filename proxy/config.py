@@ -30,6 +30,7 @@ from broker.model import (
     Secret,
 )
 from proxy.protocol.modes import ClientTls, UpstreamTls
+from proxy.throttle import ThrottlePolicy
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -106,6 +107,31 @@ class Limits:
     hash_concurrency: int = 2
     #: Seconds a successfully verified password is remembered (0 disables the cache).
     credential_cache_ttl: float = 300.0
+    #: Seconds the first retry after a failed login waits; doubled with each failure.
+    failure_delay: float = 1.0
+    #: The longest such wait.
+    max_failure_delay: float = 16.0
+    #: Seconds after its last failure that a login name or network forgets its failures.
+    failure_window: float = 900.0
+    #: Failures of one login name (from networks it has not logged in from) before lockout.
+    lockout_after: int = 10
+    #: Failures from one network (IPv4 address, IPv6 /64) before it is locked out.
+    network_lockout_after: int = 30
+    #: Seconds a lockout lasts.
+    lockout_time: float = 900.0
+    #: Connections at once per listener, and per source address.
+    max_connections: int = 1000
+    max_connections_per_address: int = 100
+
+    def throttle_policy(self) -> ThrottlePolicy:
+        return ThrottlePolicy(
+            base_delay=self.failure_delay,
+            max_delay=self.max_failure_delay,
+            window=self.failure_window,
+            login_lockout=self.lockout_after,
+            network_lockout=self.network_lockout_after,
+            lockout=self.lockout_time,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +355,14 @@ LIMIT_KEYS: Final = {
     "tls_handshake_timeout",
     "hash_concurrency",
     "credential_cache_ttl",
+    "failure_delay",
+    "max_failure_delay",
+    "failure_window",
+    "lockout_after",
+    "network_lockout_after",
+    "lockout_time",
+    "max_connections",
+    "max_connections_per_address",
 }
 
 
@@ -662,10 +696,14 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
     raw = r.table(data, "limits", "limits")
     r.unknown_keys(raw, "limits", LIMIT_KEYS)
     d = Limits()
-    concurrency = r.number(raw, "limits", "hash_concurrency", d.hash_concurrency)
-    if concurrency < 1 or concurrency != int(concurrency):
-        r.fail("limits.hash_concurrency", "must be a whole number of at least 1")
-        concurrency = d.hash_concurrency
+
+    def count(name: str, default: int) -> int:
+        value = r.number(raw, "limits", name, default)
+        if value < 1 or value != int(value):
+            r.fail(f"limits.{name}", "must be a whole number of at least 1")
+            return default
+        return int(value)
+
     return Limits(
         login_timeout=r.number(raw, "limits", "login_timeout", d.login_timeout),
         upstream_timeout=r.number(raw, "limits", "upstream_timeout", d.upstream_timeout),
@@ -673,9 +711,19 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
         tls_handshake_timeout=r.number(
             raw, "limits", "tls_handshake_timeout", d.tls_handshake_timeout
         ),
-        hash_concurrency=int(concurrency),
+        hash_concurrency=count("hash_concurrency", d.hash_concurrency),
         credential_cache_ttl=r.number(
             raw, "limits", "credential_cache_ttl", d.credential_cache_ttl
+        ),
+        failure_delay=r.number(raw, "limits", "failure_delay", d.failure_delay),
+        max_failure_delay=r.number(raw, "limits", "max_failure_delay", d.max_failure_delay),
+        failure_window=r.number(raw, "limits", "failure_window", d.failure_window),
+        lockout_after=count("lockout_after", d.lockout_after),
+        network_lockout_after=count("network_lockout_after", d.network_lockout_after),
+        lockout_time=r.number(raw, "limits", "lockout_time", d.lockout_time),
+        max_connections=count("max_connections", d.max_connections),
+        max_connections_per_address=count(
+            "max_connections_per_address", d.max_connections_per_address
         ),
     )
 

@@ -6,6 +6,8 @@ handler nursery a deadline (``grace``) for sessions in progress to finish.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -21,6 +23,7 @@ from proxy.net.tls import client_side_context, describe_tls_error, upstream_cont
 from proxy.protocol import replies
 from proxy.protocol.imap import ImapAuth
 from proxy.protocol.modes import AuthSettings, ClientTls
+from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
@@ -52,6 +55,17 @@ def _machine(listener: ListenerConfig) -> tuple[AuthMachine, bytes]:
             raise NotImplementedError(f"{listener.protocol.value} listeners are not available yet")
 
 
+def _busy_reply(listener: ListenerConfig) -> bytes:
+    """What a client over the connection limits is told before the proxy hangs up."""
+    match listener.protocol:
+        case Protocol.IMAP:
+            return replies.IMAP_BYE_BUSY
+        case Protocol.POP3:
+            return replies.POP3_BUSY
+        case Protocol.SMTP:
+            return replies.SMTP_BUSY
+
+
 class ProxyServer:
     """Serve every configured listener until :meth:`shutdown`."""
 
@@ -65,7 +79,8 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.grace = grace
-        self.services = self._services(config, tokens, authenticator)
+        self.throttle = LoginThrottle(config.limits.throttle_policy())
+        self.services = self._services(config, tokens, authenticator, self.throttle)
         self._client_contexts: dict[ListenerConfig, ssl.SSLContext | None] = {}
         self._upstream_contexts: dict[ListenerConfig, ssl.SSLContext] = {}
         for listener in config.listeners:
@@ -75,11 +90,16 @@ class ProxyServer:
             )
             self._upstream_contexts[listener] = upstream_context(listener.upstream_ca_file)
         self._ids = itertools.count(1)
+        self._connections: collections.Counter[ListenerConfig] = collections.Counter()
+        self._connections_from: collections.Counter[str] = collections.Counter()
         self._stop = trio.Event()
 
     @staticmethod
     def _services(
-        config: Config, tokens: TokenSource, authenticator: Authenticator | None
+        config: Config,
+        tokens: TokenSource,
+        authenticator: Authenticator | None,
+        throttle: LoginThrottle,
     ) -> Services:
         if authenticator is None:
             # Unknown users are checked against a dummy hash as costly as the real ones.
@@ -98,6 +118,7 @@ class ProxyServer:
             tokens=tokens,
             limits=config.limits,
             app_providers={name: app.provider for name, app in config.apps.items()},
+            throttle=throttle,
         )
 
     def reload(self, config: Config, tokens: TokenSource) -> bool:
@@ -113,7 +134,9 @@ class ProxyServer:
             )
             return False
         self.config = config
-        self.services = self._services(config, tokens, None)
+        # Failure counts survive a reload; the new limits apply to them.
+        self.throttle.policy = config.limits.throttle_policy()
+        self.services = self._services(config, tokens, None, self.throttle)
         log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
         return True
 
@@ -170,6 +193,48 @@ class ProxyServer:
         conn_id = f"{listener.protocol.value}#{next(self._ids)}"
         try:
             peer = stream.socket.getpeername()
+        except OSError:  # already gone
+            await trio.aclose_forcefully(stream)
+            return
+        address = str(peer[0])
+        limits = self.config.limits
+        if (
+            self._connections[listener] >= limits.max_connections
+            or self._connections_from[address] >= limits.max_connections_per_address
+        ):
+            log.warning(
+                "%s: connection from %s:%s on %s refused: too many connections (%d on the "
+                "listener, %d from that address)",
+                conn_id,
+                address,
+                peer[1],
+                listener.name,
+                self._connections[listener],
+                self._connections_from[address],
+            )
+            if listener.tls is not ClientTls.IMPLICIT:  # a TLS client could not read it
+                with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(_busy_reply(listener))
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections[listener] += 1
+        self._connections_from[address] += 1
+        try:
+            await self._serve_connection(listener, stream, conn_id, peer)
+        finally:
+            self._connections[listener] -= 1
+            self._connections_from[address] -= 1
+            if not self._connections_from[address]:
+                del self._connections_from[address]
+
+    async def _serve_connection(
+        self,
+        listener: ListenerConfig,
+        stream: trio.SocketStream,
+        conn_id: str,
+        peer: tuple[str, int],
+    ) -> None:
+        try:
             log.info("%s: connection from %s:%s on %s", conn_id, peer[0], peer[1], listener.name)
             client: trio.abc.Stream = stream
             context = self._client_contexts[listener]
@@ -192,6 +257,7 @@ class ProxyServer:
             machine, timeout_reply = _machine(listener)
             session = Session(
                 conn_id=conn_id,
+                peer=str(peer[0]),
                 listener=listener,
                 machine=machine,
                 services=self.services,

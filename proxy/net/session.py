@@ -60,6 +60,7 @@ from proxy.protocol.events import (
     TokenRefused,
 )
 from proxy.protocol.modes import UpstreamTls
+from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
@@ -101,6 +102,8 @@ class Services:
     limits: Limits
     #: Provider name per app, for the checks that only apply to Microsoft tokens.
     app_providers: dict[str, str] = field(default_factory=dict)
+    #: Failed-login delays and lockouts, shared by every listener.
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 
 class _Stop(Exception):
@@ -134,6 +137,7 @@ class Session:
         self,
         *,
         conn_id: str,
+        peer: str,
         listener: ListenerConfig,
         machine: AuthMachine,
         services: Services,
@@ -143,6 +147,7 @@ class Session:
         timeout_reply: bytes,
     ) -> None:
         self.conn_id = conn_id
+        self.peer = peer
         self.listener = listener
         self.machine = machine
         self.services = services
@@ -377,9 +382,35 @@ class Session:
     async def _obtain_token(self, credentials: Credentials) -> None:
         services = self.services
         protocol = self.listener.protocol
+        throttle = services.throttle
+        verdict = throttle.verdict(credentials.login, self.peer)
+        if verdict.locked:
+            self._log.warning(
+                "%s: login %r from %s refused without checking: %s",
+                self.conn_id,
+                credentials.login,
+                self.peer,
+                verdict.locked,
+            )
+            await self._tx.send(TokenRefused(Refusal.CREDENTIALS))
+            return
+        if verdict.delay:
+            self._log.info(
+                "%s: login %r from %s delayed %gs after recent failures",
+                self.conn_id,
+                credentials.login,
+                self.peer,
+                verdict.delay,
+            )
+            await trio.sleep(verdict.delay)
         try:
             with trio.fail_after(services.limits.token_timeout):
-                identity = await services.authenticator.authenticate(credentials, protocol)
+                try:
+                    identity = await services.authenticator.authenticate(credentials, protocol)
+                except BadCredentials:
+                    throttle.failed(credentials.login, self.peer)
+                    raise
+                throttle.succeeded(credentials.login, self.peer)
                 token = await services.tokens.token(identity.app, mailbox=identity.mailbox)
         except BadCredentials as exc:
             self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)

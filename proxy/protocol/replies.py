@@ -66,3 +66,8 @@ SMTP_LINE_TOO_LONG: Final = b"500 5.5.6 Line too long"
 SMTP_TLS_REQUIRED: Final = b"530 5.7.0 Must issue a STARTTLS command first"
 SMTP_AUTH_REQUIRED: Final = b"530 5.7.0 Authentication required"
 SMTP_SERVICE_UNAVAILABLE: Final = b"421 4.3.0 Service not available, closing connection"
+
+# --- Connection limits, all protocols: complete lines sent instead of a greeting -----------
+IMAP_BYE_BUSY: Final = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
+POP3_BUSY: Final = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+SMTP_BUSY: Final = b"421 4.7.0 Too many connections, try again later\r\n"

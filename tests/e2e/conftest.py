@@ -94,6 +94,8 @@ class ProxyRig:
     idp: EntraEmulator
     dovecot: Dovecot
     users: dict[str, tuple[str, str, str, tuple[str, ...]]] = field(default_factory=dict)
+    #: Extra ``[limits]`` settings.
+    limits: dict[str, float] = field(default_factory=dict)
 
     def add_user(
         self,
@@ -139,7 +141,8 @@ class ProxyRig:
             if listener.trust_upstream:
                 lines.append(f'upstream_ca_file = "{self.dovecot.ca_file}"')
             lines.append("")
-        lines += ["[limits]", "login_timeout = 20", "upstream_timeout = 5", "token_timeout = 5", ""]
+        limits = {"login_timeout": 20, "upstream_timeout": 5, "token_timeout": 5, **self.limits}
+        lines += ["[limits]", *(f"{key} = {value}" for key, value in limits.items()), ""]
         for login, (password, mailbox, app, protocols) in self.users.items():
             lines += [
                 f'[users."{login}"]',
