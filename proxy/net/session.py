@@ -19,6 +19,9 @@ order. Once the machine says ``BeginRelay``, the readers are stopped and
 from __future__ import annotations
 
 import contextlib
+import datetime
+import enum
+import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,12 +70,14 @@ if TYPE_CHECKING:
 
     from broker.source import TokenSource
     from proxy.config import Limits, ListenerConfig
-    from proxy.identities import Authenticator
+    from proxy.identities import Authenticator, Identity
     from proxy.protocol.sasl import Credentials
 
 __all__ = ["AuthMachine", "Services", "Session", "open_upstream"]
 
 log = logging.getLogger("xoauth2_proxy.session")
+#: One JSON object per authentication attempt; route it to its own file with logging config.
+audit_log = logging.getLogger("xoauth2_proxy.audit")
 
 #: Largest read during authentication.
 READ_SIZE = 16384
@@ -104,6 +109,29 @@ class Services:
     app_providers: dict[str, str] = field(default_factory=dict)
     #: Failed-login delays and lockouts, shared by every listener.
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+
+
+class AuditResult(enum.Enum):
+    SUCCESS = "success"
+    #: Refused: bad credentials, lockout, or the upstream refused the token.
+    FAILURE = "failure"
+    #: Not decided: the identity provider or the app's permissions failed; try again later.
+    TEMPORARY_FAILURE = "temporary-failure"
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    refusal: Refusal
+    result: AuditResult
+    reason: str
+    mailbox: str = ""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    login: str
+    mailbox: str
+    last_note: str = ""
 
 
 class _Stop(Exception):
@@ -162,6 +190,8 @@ class Session:
         self._pending: deque[Event] = deque()
         self._log = logging.LoggerAdapter(log, {"conn": conn_id})
         self._nursery: trio.Nursery | None = None
+        #: A login whose token went upstream and whose outcome is not known yet.
+        self._attempt: _Attempt | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.conn_id} on {self.listener.name}>"
@@ -218,6 +248,7 @@ class Session:
                 return None
             finally:
                 nursery.cancel_scope.cancel()
+                self._finish_attempt(AuditResult.FAILURE)
         return outcome if isinstance(outcome, BeginRelay) else None
 
     async def _execute(
@@ -238,6 +269,7 @@ class Session:
                 case RequestToken(credentials=credentials):
                     nursery.start_soon(self._obtain_token, credentials)
                 case BeginRelay(to_server=to_server, to_client=to_client):
+                    self._finish_attempt(AuditResult.SUCCESS, "logged in upstream")
                     held_client = await self._stop_reader(Side.CLIENT)
                     held_server = await self._stop_reader(Side.SERVER)
                     return BeginRelay(
@@ -250,6 +282,8 @@ class Session:
                         Severity.ERROR: logging.ERROR,
                     }[severity]
                     self._log.log(level, "%s: %s", self.conn_id, text)
+                    if self._attempt is not None:
+                        self._attempt.last_note = text
                 case Close(reason=reason):
                     if reason:
                         self._log.info("%s: closing: %s", self.conn_id, reason)
@@ -380,65 +414,87 @@ class Session:
         self._pending.appendleft(TlsEstablished(side))
 
     async def _obtain_token(self, credentials: Credentials) -> None:
+        if self._attempt is not None:  # the client tries again after an upstream refusal
+            self._finish_attempt(AuditResult.FAILURE)
+        decision = await self._decide(credentials)
+        if isinstance(decision, _Refused):
+            self._audit(credentials.login, decision.result, decision.reason, decision.mailbox)
+            await self._tx.send(TokenRefused(decision.refusal))
+            return
+        # Audited once the upstream has answered (see _execute).
+        self._attempt = _Attempt(credentials.login, decision.mailbox)
+        await self._tx.send(decision)
+
+    async def _decide(self, credentials: Credentials) -> TokenIssued | _Refused:
+        """Check the throttle and the credentials, get a token and check its roles."""
         services = self.services
         protocol = self.listener.protocol
         throttle = services.throttle
-        verdict = throttle.verdict(credentials.login, self.peer)
+        login = credentials.login
+        verdict = throttle.verdict(login, self.peer)
         if verdict.locked:
             self._log.warning(
                 "%s: login %r from %s refused without checking: %s",
                 self.conn_id,
-                credentials.login,
+                login,
                 self.peer,
                 verdict.locked,
             )
-            await self._tx.send(TokenRefused(Refusal.CREDENTIALS))
-            return
+            return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, verdict.locked)
         if verdict.delay:
             self._log.info(
                 "%s: login %r from %s delayed %gs after recent failures",
                 self.conn_id,
-                credentials.login,
+                login,
                 self.peer,
                 verdict.delay,
             )
             await trio.sleep(verdict.delay)
+        identity: Identity | None = None
         try:
             with trio.fail_after(services.limits.token_timeout):
                 try:
                     identity = await services.authenticator.authenticate(credentials, protocol)
                 except BadCredentials:
-                    throttle.failed(credentials.login, self.peer)
+                    throttle.failed(login, self.peer)
                     raise
-                throttle.succeeded(credentials.login, self.peer)
+                throttle.succeeded(login, self.peer)
                 token = await services.tokens.token(identity.app, mailbox=identity.mailbox)
         except BadCredentials as exc:
-            self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)
-            await self._tx.send(TokenRefused(Refusal.CREDENTIALS))
-            return
+            self._log.info("%s: login %r refused: %s", self.conn_id, login, exc.reason)
+            return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, exc.reason)
         except trio.TooSlowError:
             self._log.warning(
                 "%s: login %r: no token within %gs",
                 self.conn_id,
-                credentials.login,
+                login,
                 services.limits.token_timeout,
             )
-            await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
-            return
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                "no token in time",
+                identity.mailbox if identity else "",
+            )
         except BrokerError as exc:
             kind = "permanent" if isinstance(exc, PermanentTokenError) else "temporary"
+            code = f" {exc.code}" if exc.code else ""
             fix = f" Fix: {exc.fix}" if exc.fix else ""
             self._log.error(
                 "%s: login %r: no token (%s error%s): %s.%s",
                 self.conn_id,
-                credentials.login,
+                login,
                 kind,
-                f" {exc.code}" if exc.code else "",
+                code,
                 exc,
                 fix,
             )
-            await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
-            return
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                f"no token ({kind} error{code})",
+                identity.mailbox if identity else "",
+            )
         if services.app_providers.get(identity.app) == "microsoft":
             role = REQUIRED_ROLES[protocol]
             try:
@@ -451,22 +507,53 @@ class Session:
                     "it. An administrator must add the application permission %s to the app "
                     "registration and grant admin consent.",
                     self.conn_id,
-                    credentials.login,
+                    login,
                     identity.app,
                     role,
                     protocol.value.upper(),
                     role,
                 )
-                await self._tx.send(TokenRefused(Refusal.UNAVAILABLE))
-                return
+                return _Refused(
+                    Refusal.UNAVAILABLE,
+                    AuditResult.TEMPORARY_FAILURE,
+                    f"token lacks the {role} role",
+                    identity.mailbox,
+                )
         self._log.info(
             "%s: login %r accepted for mailbox %r (app %r)",
             self.conn_id,
-            credentials.login,
+            login,
             identity.mailbox,
             identity.app,
         )
-        await self._tx.send(TokenIssued(mailbox=identity.mailbox, token=token))
+        return TokenIssued(mailbox=identity.mailbox, token=token)
+
+    def _finish_attempt(self, result: AuditResult, reason: str = "") -> None:
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            reason = reason or attempt.last_note or "the upstream refused the login"
+            self._audit(attempt.login, result, reason, attempt.mailbox)
+
+    def _audit(self, login: str, result: AuditResult, reason: str, mailbox: str = "") -> None:
+        """One structured line per authentication attempt (never a secret)."""
+        audit_log.info(
+            "%s",
+            json.dumps(
+                {
+                    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                    "conn": self.conn_id,
+                    "listener": self.listener.name,
+                    "protocol": self.listener.protocol.value,
+                    "source": self.peer,
+                    "login": login,
+                    "kind": "password",
+                    "mailbox": mailbox,
+                    "result": result.value,
+                    "reason": reason,
+                },
+                ensure_ascii=False,
+            ),
+        )
 
     async def _send_quietly(self, stream: trio.abc.SendStream, data: bytes) -> None:
         """Best effort, bounded: the connection is about to close anyway."""

@@ -22,8 +22,10 @@ ATTACKER = "127.0.0.2"  # loopback has all of 127/8: a second source address
 REAL = "127.0.0.1"
 
 
-def login(pki: TestPki, port: int, password: str, *, source: str = REAL) -> bytes:
-    """One LOGIN from ``source``; the tagged reply."""
+def login(
+    pki: TestPki, port: int, password: str, *, source: str = REAL, user: str = MAILBOX
+) -> bytes:
+    """One LOGIN of ``user`` from ``source``; the tagged reply."""
     address = ("127.0.0.1", port)
     with (
         socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock,
@@ -32,7 +34,7 @@ def login(pki: TestPki, port: int, password: str, *, source: str = REAL) -> byte
     ):
         stream.readline()
         quoted = password.replace("\\", "\\\\").replace('"', '\\"')
-        stream.write(f'a1 LOGIN "{MAILBOX}" "{quoted}"\r\n'.encode())
+        stream.write(f'a1 LOGIN "{user}" "{quoted}"\r\n'.encode())
         stream.flush()
         while not (line := stream.readline()).startswith(b"a1 "):
             assert line, "connection closed before the reply"

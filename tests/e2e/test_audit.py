@@ -1,0 +1,93 @@
+"""The audit log: one JSON line per authentication attempt, whatever its outcome."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.e2e.conftest import (
+    CLIENT_SECRET,
+    MAILBOX,
+    OTHER_MAILBOX,
+    PASSWORD,
+    Listener,
+    ProxyRig,
+    start_proxy,
+)
+from tests.e2e.helpers import in_thread
+from tests.e2e.test_abuse import login
+
+if TYPE_CHECKING:
+    import trio
+
+    from tests.support.certs import TestPki
+    from tests.support.dovecot import Dovecot
+
+pytestmark = [pytest.mark.e2e]
+
+ROLE = "IMAP.AccessAsApp"
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [
+        json.loads(record.getMessage())
+        for record in caplog.records
+        if record.name == "xoauth2_proxy.audit"
+    ]
+
+
+async def test_every_attempt_is_audited_once_without_secrets(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig.limits.update(failure_delay=0)
+    rig.add_user(OTHER_MAILBOX, PASSWORD, app="roleless")
+    rig.add_user("ghost-user@contoso.com", PASSWORD, mailbox="ghost@contoso.com")
+    proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
+
+    def attempts() -> list[bytes]:
+        return [
+            login(pki, proxy.port, PASSWORD),
+            login(pki, proxy.port, "wrong-" + PASSWORD),
+            login(pki, proxy.port, PASSWORD, user="nobody@contoso.com"),
+            login(pki, proxy.port, PASSWORD, user=OTHER_MAILBOX),
+            login(pki, proxy.port, PASSWORD, user="ghost-user@contoso.com"),
+        ]
+
+    replies = await in_thread(attempts)
+    assert replies[0].startswith(b"a1 OK")
+    lines = audit_lines(caplog)
+    summary = [(line["login"], line["mailbox"], line["result"], line["reason"]) for line in lines]
+    assert summary[:4] == [
+        (MAILBOX, MAILBOX, "success", "logged in upstream"),
+        (MAILBOX, "", "failure", "wrong password"),
+        ("nobody@contoso.com", "", "failure", "unknown user"),
+        (
+            OTHER_MAILBOX,
+            OTHER_MAILBOX,
+            "temporary-failure",
+            "token lacks the IMAP.AccessAsApp role",
+        ),
+    ]
+    ghost = lines[4]
+    assert (ghost["login"], ghost["mailbox"], ghost["result"]) == (
+        "ghost-user@contoso.com",
+        "ghost@contoso.com",
+        "failure",
+    )
+    assert "the upstream rejected the token" in ghost["reason"]
+    assert len(lines) == 5
+    for line in lines:
+        assert line["protocol"] == "imap"
+        assert line["source"] == "127.0.0.1"
+        assert line["kind"] == "password"
+        assert line["listener"] == proxy.listeners[0].config.name
+        assert line["time"].endswith("+00:00")
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    for secret in (PASSWORD, "wrong-" + PASSWORD, CLIENT_SECRET):
+        assert secret not in text
