@@ -640,7 +640,7 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
 def _read_users(
     r: _Reader, data: Mapping[str, object], apps: Mapping[str, object], app_names: set[str]
 ) -> dict[str, UserConfig]:
-    from proxy.identities import check_hash_format  # avoids an import cycle
+    from proxy.identities import check_hash_format, outdated_parameters  # no import cycle
 
     users: dict[str, UserConfig] = {}
     for login, raw in r.table(data, "users", "users").items():
@@ -660,10 +660,13 @@ def _read_users(
                 f"{key}.password_hash",
                 "must be a hash from `xoauth2-proxy hash-password` (or a list of them)",
             )
-        for h in hashes:
+        for index, h in enumerate(hashes):
+            which = f"{key}.password_hash" + (f"[{index}]" if len(hashes) > 1 else "")
             problem = check_hash_format(h)
             if problem:
-                r.fail(f"{key}.password_hash", problem)
+                r.fail(which, problem)
+            elif outdated := outdated_parameters(h):
+                r.warn(which, outdated)
         app = r.string(raw, key, "app")
         if app is not None and app not in app_names:
             r.fail(f"{key}.app", f"no [apps.{app}] is configured")

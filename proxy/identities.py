@@ -42,6 +42,7 @@ __all__ = [
     "Identity",
     "check_hash_format",
     "hash_password",
+    "outdated_parameters",
     "parameters_of",
 ]
 
@@ -88,6 +89,23 @@ def check_hash_format(phc: str) -> str | None:
     if memory < 8 * lanes or iterations < 1 or lanes < 1:
         return "invalid argon2id parameters"
     return None
+
+
+def outdated_parameters(phc: str) -> str | None:
+    """Say so if a stored hash costs less than :data:`DEFAULT_PARAMETERS` (an old or
+    hand-tuned hash that is cheaper to attack); ``None`` if it does not."""
+    current = parameters_of(phc)
+    if current is None:
+        return None
+    default = DEFAULT_PARAMETERS
+    if current.memory_cost >= default.memory_cost and current.iterations >= default.iterations:
+        return None
+    return (
+        f"argon2id m={current.memory_cost},t={current.iterations},p={current.lanes} costs less "
+        f"than the current default m={default.memory_cost},t={default.iterations},"
+        f"p={default.lanes}: when you next rotate this password, hash it again with "
+        "`xoauth2-proxy hash-password`"
+    )
 
 
 def parameters_of(phc: str) -> HashParameters | None:

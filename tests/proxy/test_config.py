@@ -414,3 +414,20 @@ def test_the_shipped_example_is_valid_once_its_placeholders_are_filled(
     config = load_config(write(tmp_path, text))
     assert [listener.protocol for listener in config.listeners] == [Protocol.IMAP, Protocol.IMAP]
     assert config.cache.kind == "memory"
+
+
+def test_cheaper_than_default_hashes_are_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    strong = hash_password("new")  # today's default cost
+    text = good_config(tmp_path).replace(f'"{HASH}"', f'["{strong}", "{HASH}"]')
+    path = write(tmp_path, text)
+    config = load_config(path)
+    assert config.warnings == (
+        f'{path}: users."Reports@contoso.com".password_hash[1]: argon2id m=64,t=1,p=1 costs '
+        "less than the current default m=65536,t=3,p=4: when you next rotate this password, "
+        "hash it again with `xoauth2-proxy hash-password`",
+    )
+    only_strong = good_config(tmp_path).replace(HASH, strong)
+    assert load_config(write(tmp_path, only_strong)).warnings == ()
