@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -66,7 +68,11 @@ def _runtime_problems(config: Config) -> list[str]:
         key = f"{config.path}: listeners[{index}]"
         if listener.certificate is not None:
             try:
-                client_side_context(listener.certificate)
+                client_side_context(
+                    listener.certificate,
+                    client_ca_file=listener.client_ca_file,
+                    client_certificates=listener.client_certificates,
+                )
             except (OSError, ValueError) as exc:
                 problems.append(
                     f"{key}.certificate: cannot load key and certificate from "
@@ -109,6 +115,15 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
         print("refusing to hash an empty password", file=sys.stderr)
         return EXIT_FAILURE
     print(hash_password(password))
+    return 0
+
+
+def _cmd_app_key(args: argparse.Namespace) -> int:
+    """Make a new app key: the program keeps the key, the configuration its hash."""
+    key = "xo2k_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    print(f"app key (give it to the program as its OAuth token; shown only now): {key}")
+    print(f'for its [users."..."] table:  app_key_hash = "sha256:{digest}"')
     return 0
 
 
@@ -297,6 +312,13 @@ def _parser() -> argparse.ArgumentParser:
         "hash-password", help="print an argon2id hash of a password read from the terminal or stdin"
     )
     hashp.set_defaults(func=_cmd_hash_password)
+
+    app_key = commands.add_parser(
+        "app-key",
+        help="make a key for a program that speaks XOAUTH2 or OAUTHBEARER itself, and the "
+        "app_key_hash line for the configuration",
+    )
+    app_key.set_defaults(func=_cmd_app_key)
 
     token = commands.add_parser(
         "token",

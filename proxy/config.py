@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "ClientCertificates",
     "Config",
     "ConfigError",
     "Limits",
@@ -63,6 +64,17 @@ CLIENT_TLS: Final = {
 UPSTREAM_TLS: Final = {"implicit": UpstreamTls.IMPLICIT, "starttls": UpstreamTls.STARTTLS}
 
 
+class ClientCertificates(enum.Enum):
+    """Does a listener ask TLS clients for a certificate?"""
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+CLIENT_CERTIFICATES: Final = {c.value: c for c in ClientCertificates}
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     protocol: Protocol
@@ -77,6 +89,10 @@ class ListenerConfig:
     upstream_ca_file: Path | None = None
     #: ``tls = "none"`` on an address other than loopback needs this explicit opt-in.
     allow_plaintext: bool = False
+    #: Trust anchors for client certificates; without it none are requested.
+    client_ca_file: Path | None = None
+    #: Whether a client certificate is asked for (optional) or demanded (required).
+    client_certificates: ClientCertificates = ClientCertificates.NONE
 
     @property
     def name(self) -> str:
@@ -86,11 +102,49 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class UserConfig:
+    """One ``[users."LOGIN"]`` table: an identity and what it may open."""
+
     login: str
     password_hashes: tuple[str, ...] = field(repr=False)
     app: str
+    #: The mailbox opened when the client names none.
     mailbox: str
     protocols: frozenset[Protocol]
+    #: SHA-256 of the DER client certificates that are this identity (lowercase hex).
+    certificate_fingerprints: frozenset[str] = frozenset()
+    #: Client certificate subjects (RFC 4514, as ``openssl x509 -subject -nameopt RFC2253``).
+    certificate_subjects: frozenset[str] = frozenset()
+    #: SHA-256 of the app keys (lowercase hex) a client may present as its bearer token.
+    app_key_hashes: frozenset[str] = field(default=frozenset(), repr=False)
+    #: The mailboxes it may open: addresses, or patterns with ``*`` (``*@reports.contoso.com``).
+    mailboxes: tuple[str, ...] = ()
+
+    @property
+    def has_certificate(self) -> bool:
+        return bool(self.certificate_fingerprints or self.certificate_subjects)
+
+    def may_open(self, mailbox: str) -> bool:
+        """Is ``mailbox`` allowed by this identity's mailbox policy (case-insensitive)?"""
+        wanted = mailbox.casefold()
+        return any(
+            _pattern_matches(p.casefold(), wanted) for p in self.mailboxes or (self.mailbox,)
+        )
+
+
+def _pattern_matches(pattern: str, text: str) -> bool:
+    """``*`` matches any run of characters; everything else matches itself."""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return pattern == text
+    if not (text.startswith(parts[0]) and text.endswith(parts[-1])):
+        return False
+    position, end = len(parts[0]), len(text) - len(parts[-1])
+    for part in parts[1:-1]:
+        found = text.find(part, position, end)
+        if found < 0:
+            return False
+        position = found + len(part)
+    return position <= end
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +250,17 @@ class _Reader:
             self.fail(f"{key}.{name}", "must be a non-empty string")
             return None
         return value
+
+    def strings(self, data: Mapping[str, object], key: str, name: str) -> list[str] | None:
+        """An optional string or list of non-empty strings (``None`` if absent or wrong)."""
+        value = data.get(name)
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+            self.fail(f"{key}.{name}", "must be a string or a list of strings")
+            return None
+        return [str(i) for i in items]
 
     def choice(
         self,
@@ -339,8 +404,19 @@ LISTENER_KEYS: Final = {
     "upstream_tls",
     "upstream_ca_file",
     "allow_plaintext",
+    "client_ca_file",
+    "client_certificates",
 }
-USER_KEYS: Final = {"password_hash", "app", "mailbox", "protocols"}
+USER_KEYS: Final = {
+    "password_hash",
+    "app",
+    "mailbox",
+    "protocols",
+    "certificate_fingerprint",
+    "certificate_subject",
+    "app_key_hash",
+    "mailboxes",
+}
 CACHE_KEYS: Final = {"kind", "path", "key", "url", "password", "prefix", "lock_timeout", "ca_file"}
 #: The [cache] keys each kind takes (besides kind).
 CACHE_KIND_KEYS: Final = {
@@ -619,6 +695,21 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
                 r.fail(f"{key}.listen", "address used by another listener")
             seen.add(listen)
         upstream_ca = r.path(raw, key, "upstream_ca_file")
+        client_ca = r.path(raw, key, "client_ca_file")
+        wanted = (
+            r.choice(raw, key, "client_certificates", CLIENT_CERTIFICATES)
+            if "client_certificates" in raw
+            else None
+        )
+        client_certificates = CLIENT_CERTIFICATES.get(
+            wanted or "", ClientCertificates.OPTIONAL if client_ca else ClientCertificates.NONE
+        )
+        if client_certificates is not ClientCertificates.NONE and "client_ca_file" not in raw:
+            r.fail(f"{key}.client_ca_file", "is required to ask clients for certificates")
+        if client_ca and client_certificates is ClientCertificates.NONE:
+            r.fail(f"{key}.client_certificates", 'cannot be "none" with a client_ca_file')
+        if client_ca and tls == "none":
+            r.fail(f"{key}.client_ca_file", "client certificates need TLS")
         if protocol and tls and upstream_tls and listen and upstream:
             listeners.append(
                 ListenerConfig(
@@ -632,6 +723,8 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
                     upstream_tls=UPSTREAM_TLS[upstream_tls],
                     upstream_ca_file=upstream_ca,
                     allow_plaintext=allow_plaintext,
+                    client_ca_file=client_ca,
+                    client_certificates=client_certificates,
                 )
             )
     return listeners
@@ -649,19 +742,40 @@ def _read_users(
             r.fail(key, "must be a table")
             continue
         r.unknown_keys(raw, key, USER_KEYS)
-        hashes_raw = raw.get("password_hash")
-        hashes: list[str] = []
-        if isinstance(hashes_raw, str):
-            hashes = [hashes_raw]
-        elif isinstance(hashes_raw, list) and all(isinstance(h, str) for h in hashes_raw):
-            hashes = list(hashes_raw)
-        if not hashes:
+        hashes_raw = raw.get("password_hash", [])
+        hashes = [hashes_raw] if isinstance(hashes_raw, str) else hashes_raw
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and h for h in hashes):
             r.fail(
                 f"{key}.password_hash",
                 "must be a hash from `xoauth2-proxy hash-password` (or a list of them)",
             )
-        for index, h in enumerate(hashes):
-            which = f"{key}.password_hash" + (f"[{index}]" if len(hashes) > 1 else "")
+            hashes = None
+        fingerprints: set[str] = set()
+        for text in r.strings(raw, key, "certificate_fingerprint") or []:
+            digest = text.removeprefix("sha256:").replace(":", "").lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                r.fail(f"{key}.certificate_fingerprint", f"not a SHA-256 fingerprint: {text!r}")
+            else:
+                fingerprints.add(digest)
+        subjects = set(r.strings(raw, key, "certificate_subject") or [])
+        key_hashes: set[str] = set()
+        for text in r.strings(raw, key, "app_key_hash") or []:
+            digest = text.removeprefix("sha256:").lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                r.fail(f"{key}.app_key_hash", "must be the sha256:... line `app-key` printed")
+            else:
+                key_hashes.add(digest)
+        if hashes is not None and not (hashes or fingerprints or subjects or key_hashes):
+            r.fail(
+                key,
+                "needs a credential: password_hash, certificate_fingerprint, "
+                "certificate_subject or app_key_hash",
+            )
+        patterns = r.strings(raw, key, "mailboxes")
+        if patterns is not None and not patterns:
+            r.fail(f"{key}.mailboxes", "must list at least one mailbox or pattern")
+        for index, h in enumerate(hashes or ()):
+            which = f"{key}.password_hash" + (f"[{index}]" if len(hashes or ()) > 1 else "")
             problem = check_hash_format(h)
             if problem:
                 r.fail(which, problem)
@@ -684,15 +798,38 @@ def _read_users(
         folded = login.casefold()
         if folded in users:
             r.fail(key, "the same login name, ignoring case, appears twice")
-        if hashes and app and mailbox and protocols:
+        if app and mailbox and protocols:
             users[folded] = UserConfig(
                 login=login,
-                password_hashes=tuple(hashes),
+                password_hashes=tuple(hashes or ()),
                 app=app,
                 mailbox=mailbox,
                 protocols=frozenset(protocols),
+                certificate_fingerprints=frozenset(fingerprints),
+                certificate_subjects=frozenset(subjects),
+                app_key_hashes=frozenset(key_hashes),
+                mailboxes=tuple(patterns or ()),
             )
+    _check_unique_credentials(r, users)
     return users
+
+
+def _check_unique_credentials(r: _Reader, users: Mapping[str, UserConfig]) -> None:
+    """A certificate or an app key must name exactly one identity."""
+    owners: dict[tuple[str, str], str] = {}
+    for user in users.values():
+        credentials = [
+            *(("certificate_fingerprint", f) for f in user.certificate_fingerprints),
+            *(("certificate_subject", s) for s in user.certificate_subjects),
+            *(("app_key_hash", k) for k in user.app_key_hashes),
+        ]
+        for kind, value in credentials:
+            other = owners.setdefault((kind, value), user.login)
+            if other != user.login:
+                r.fail(
+                    f'users."{user.login}".{kind}',
+                    f'the same {kind.replace("_", " ")} is given to users."{other}"',
+                )
 
 
 def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import trio
+from cryptography import x509
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from proxy.protocol.sasl import BearerCredentials, ExternalCredentials
+
 if TYPE_CHECKING:
     from proxy.config import Protocol, UserConfig
-    from proxy.protocol.sasl import Credentials
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "DEFAULT_PARAMETERS",
@@ -133,6 +136,8 @@ class Identity:
     login: str
     mailbox: str
     app: str
+    #: How it proved itself: ``password``, ``certificate`` or ``app-key``.
+    kind: str = "password"
 
 
 class BadCredentials(Exception):
@@ -159,11 +164,18 @@ class Authenticator:
         dummy_parameters: HashParameters = DEFAULT_PARAMETERS,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        self._by_certificate: dict[str, UserConfig] = {}
+        self._by_subject: dict[str, UserConfig] = {}
+        self._by_app_key: dict[str, UserConfig] = {}
         if isinstance(users, Mapping):
             table = users
             self._lookup: Callable[[str], UserConfig | None] = lambda login: table.get(
                 login.casefold()
             )
+            for user in table.values():
+                self._by_certificate.update(dict.fromkeys(user.certificate_fingerprints, user))
+                self._by_subject.update(dict.fromkeys(user.certificate_subjects, user))
+                self._by_app_key.update(dict.fromkeys(user.app_key_hashes, user))
         else:
             self._lookup = users
         self._limiter = trio.CapacityLimiter(hash_concurrency)
@@ -177,27 +189,84 @@ class Authenticator:
     def __repr__(self) -> str:
         return f"<Authenticator {len(self._verified)} cached verifications>"
 
-    async def authenticate(self, credentials: Credentials, protocol: Protocol) -> Identity:
-        """Return the identity for ``credentials`` or raise :class:`BadCredentials`."""
+    async def authenticate(
+        self, credentials: AnyCredentials, protocol: Protocol, *, certificate: bytes | None = None
+    ) -> Identity:
+        """Return the identity for ``credentials`` or raise :class:`BadCredentials`.
+
+        ``certificate`` is the client's TLS certificate (DER), if it presented one; the
+        listener's TLS layer has already verified it against ``client_ca_file``.
+        """
+        if isinstance(credentials, ExternalCredentials):
+            await trio.lowlevel.checkpoint()
+            owner = self._certificate_owner(certificate)
+            return self._identity(owner, protocol, credentials.authzid, "certificate", certificate)
+        if isinstance(credentials, BearerCredentials):
+            await trio.lowlevel.checkpoint()
+            digest = hashlib.sha256(credentials.key.encode()).hexdigest()
+            found = self._by_app_key.get(digest)
+            if found is None:
+                raise BadCredentials("unknown app key")
+            return self._identity(found, protocol, credentials.user, "app-key", certificate)
         user = self._lookup(credentials.login)
-        if user is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = await trio.to_thread.run_sync(
-                    hash_password,
-                    secrets.token_urlsafe(16),
-                    self._dummy_parameters,
-                    limiter=self._limiter,
-                )
-            await self._run_hash(_verify, credentials.password, self._dummy_hash)
-            raise BadCredentials("unknown user")
+        if user is None or not user.password_hashes:
+            await self._run_hash(_verify, credentials.password, await self._dummy())
+            raise BadCredentials("unknown user" if user is None else "the user has no password")
         if not await self._password_matches(user, credentials.password):
             raise BadCredentials("wrong password")
+        wanted = credentials.authzid
+        if wanted.casefold() == user.login.casefold():
+            wanted = ""
+        return self._identity(user, protocol, wanted, "password", certificate)
+
+    def _identity(
+        self,
+        user: UserConfig,
+        protocol: Protocol,
+        wanted_mailbox: str,
+        kind: str,
+        certificate: bytes | None,
+    ) -> Identity:
+        """The checks every kind of credential shares, once it has named ``user``."""
         if protocol not in user.protocols:
             raise BadCredentials(f"{protocol.value} is not in the user's protocols")
-        wanted = credentials.authzid
-        if wanted and wanted.casefold() not in {user.login.casefold(), user.mailbox.casefold()}:
-            raise BadCredentials("authorization identity is not the user's mailbox")
-        return Identity(login=user.login, mailbox=user.mailbox, app=user.app)
+        if kind != "certificate" and user.has_certificate:
+            owner = self._certificate_owner(certificate)
+            if owner is not user:
+                raise BadCredentials("the client certificate belongs to another user")
+        mailbox = wanted_mailbox or user.mailbox
+        if not user.may_open(mailbox):
+            raise BadCredentials(f"mailbox {mailbox!r} is not in the user's mailboxes")
+        return Identity(login=user.login, mailbox=mailbox, app=user.app, kind=kind)
+
+    def _certificate_owner(self, certificate: bytes | None) -> UserConfig:
+        if certificate is None:
+            raise BadCredentials("no client certificate")
+        fingerprint = hashlib.sha256(certificate).hexdigest()
+        by_fingerprint = self._by_certificate.get(fingerprint)
+        if by_fingerprint is not None:
+            return by_fingerprint
+        try:
+            subject = x509.load_der_x509_certificate(certificate).subject.rfc4514_string()
+        except ValueError as exc:
+            raise BadCredentials("unreadable client certificate") from exc
+        by_subject = self._by_subject.get(subject)
+        if by_subject is None:
+            raise BadCredentials(
+                f"client certificate not configured (subject {subject!r}, sha256 {fingerprint})"
+            )
+        return by_subject
+
+    async def _dummy(self) -> str:
+        """A hash as costly as the real ones, for logins that have none to check."""
+        if self._dummy_hash is None:
+            self._dummy_hash = await trio.to_thread.run_sync(
+                hash_password,
+                secrets.token_urlsafe(16),
+                self._dummy_parameters,
+                limiter=self._limiter,
+            )
+        return self._dummy_hash
 
     def forget_all(self) -> None:
         """Drop every remembered verification (after a configuration reload)."""

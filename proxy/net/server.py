@@ -86,7 +86,13 @@ class ProxyServer:
         for listener in config.listeners:
             _machine(listener)  # refuse unsupported protocols before binding anything
             self._client_contexts[listener] = (
-                client_side_context(listener.certificate) if listener.certificate else None
+                client_side_context(
+                    listener.certificate,
+                    client_ca_file=listener.client_ca_file,
+                    client_certificates=listener.client_certificates,
+                )
+                if listener.certificate
+                else None
             )
             self._upstream_contexts[listener] = upstream_context(listener.upstream_ca_file)
         self._ids = itertools.count(1)
@@ -104,11 +110,16 @@ class ProxyServer:
         if authenticator is None:
             # Unknown users are checked against a dummy hash as costly as the real ones.
             typical = next(
-                (p for u in config.users.values() if (p := parameters_of(u.password_hashes[0]))),
+                (
+                    p
+                    for u in config.users.values()
+                    for h in u.password_hashes[:1]
+                    if (p := parameters_of(h))
+                ),
                 DEFAULT_PARAMETERS,
             )
             authenticator = Authenticator(
-                config.user,
+                config.users,
                 hash_concurrency=config.limits.hash_concurrency,
                 cache_ttl=config.limits.credential_cache_ttl,
                 dummy_parameters=typical,

@@ -63,6 +63,12 @@ from proxy.protocol.events import (
     TokenRefused,
 )
 from proxy.protocol.modes import UpstreamTls
+from proxy.protocol.sasl import (
+    AnyCredentials,
+    BearerCredentials,
+    Credentials,
+    ExternalCredentials,
+)
 from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -71,7 +77,6 @@ if TYPE_CHECKING:
     from broker.source import TokenSource
     from proxy.config import Limits, ListenerConfig
     from proxy.identities import Authenticator, Identity
-    from proxy.protocol.sasl import Credentials
 
 __all__ = ["AuthMachine", "Services", "Session", "open_upstream"]
 
@@ -111,6 +116,14 @@ class Services:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 
+#: How each kind of credential is named in the audit log.
+CREDENTIAL_KINDS: dict[type[AnyCredentials], str] = {
+    Credentials: "password",
+    ExternalCredentials: "certificate",
+    BearerCredentials: "app-key",
+}
+
+
 class AuditResult(enum.Enum):
     SUCCESS = "success"
     #: Refused: bad credentials, lockout, or the upstream refused the token.
@@ -131,6 +144,7 @@ class _Refused:
 class _Attempt:
     login: str
     mailbox: str
+    kind: str
     last_note: str = ""
 
 
@@ -283,7 +297,12 @@ class Session:
                     }[severity]
                     self._log.log(level, "%s: %s", self.conn_id, text)
                     if self._attempt is not None:
+                        # After a token went upstream, a warning or an error is the
+                        # upstream's verdict (sent before the client's reply, so the audit
+                        # line is written before the client knows).
                         self._attempt.last_note = text
+                        if severity is not Severity.INFO:
+                            self._finish_attempt(AuditResult.FAILURE)
                 case Close(reason=reason):
                     if reason:
                         self._log.info("%s: closing: %s", self.conn_id, reason)
@@ -413,19 +432,20 @@ class Session:
         await nursery.start(self._reader, side, tls)
         self._pending.appendleft(TlsEstablished(side))
 
-    async def _obtain_token(self, credentials: Credentials) -> None:
+    async def _obtain_token(self, credentials: AnyCredentials) -> None:
         if self._attempt is not None:  # the client tries again after an upstream refusal
             self._finish_attempt(AuditResult.FAILURE)
         decision = await self._decide(credentials)
+        kind = CREDENTIAL_KINDS[type(credentials)]
         if isinstance(decision, _Refused):
-            self._audit(credentials.login, decision.result, decision.reason, decision.mailbox)
+            self._audit(credentials.login, decision.result, decision.reason, decision.mailbox, kind)
             await self._tx.send(TokenRefused(decision.refusal))
             return
         # Audited once the upstream has answered (see _execute).
-        self._attempt = _Attempt(credentials.login, decision.mailbox)
+        self._attempt = _Attempt(credentials.login, decision.mailbox, kind)
         await self._tx.send(decision)
 
-    async def _decide(self, credentials: Credentials) -> TokenIssued | _Refused:
+    async def _decide(self, credentials: AnyCredentials) -> TokenIssued | _Refused:
         """Check the throttle and the credentials, get a token and check its roles."""
         services = self.services
         protocol = self.listener.protocol
@@ -454,7 +474,9 @@ class Session:
         try:
             with trio.fail_after(services.limits.token_timeout):
                 try:
-                    identity = await services.authenticator.authenticate(credentials, protocol)
+                    identity = await services.authenticator.authenticate(
+                        credentials, protocol, certificate=self._client_certificate()
+                    )
                 except BadCredentials:
                     throttle.failed(login, self.peer)
                     raise
@@ -528,13 +550,22 @@ class Session:
         )
         return TokenIssued(mailbox=identity.mailbox, token=token)
 
+    def _client_certificate(self) -> bytes | None:
+        """The client's TLS certificate (DER), verified by the handshake, if it sent one."""
+        if isinstance(self.client, trio.SSLStream):
+            der: bytes | None = self.client.getpeercert(binary_form=True)
+            return der
+        return None
+
     def _finish_attempt(self, result: AuditResult, reason: str = "") -> None:
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             reason = reason or attempt.last_note or "the upstream refused the login"
-            self._audit(attempt.login, result, reason, attempt.mailbox)
+            self._audit(attempt.login, result, reason, attempt.mailbox, attempt.kind)
 
-    def _audit(self, login: str, result: AuditResult, reason: str, mailbox: str = "") -> None:
+    def _audit(
+        self, login: str, result: AuditResult, reason: str, mailbox: str = "", kind: str = ""
+    ) -> None:
         """One structured line per authentication attempt (never a secret)."""
         audit_log.info(
             "%s",
@@ -546,7 +577,7 @@ class Session:
                     "protocol": self.listener.protocol.value,
                     "source": self.peer,
                     "login": login,
-                    "kind": "password",
+                    "kind": kind,
                     "mailbox": mailbox,
                     "result": result.value,
                     "reason": reason,

@@ -5,21 +5,41 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING
 
+from proxy.config import ClientCertificates
+
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["client_side_context", "describe_tls_error", "upstream_context"]
 
 
-def client_side_context(certificate: Path) -> ssl.SSLContext:
+def client_side_context(
+    certificate: Path,
+    *,
+    client_ca_file: Path | None = None,
+    client_certificates: ClientCertificates = ClientCertificates.NONE,
+) -> ssl.SSLContext:
     """The context our listeners present to legacy clients.
 
     ``certificate`` is one PEM file holding the private key and the certificate chain.
     TLS 1.2 is the floor: legacy clients older than that are not worth a downgrade.
+    Client certificates, when asked for, must chain to ``client_ca_file`` and only to it:
+    the system trust store is never used for them, since anyone can get a certificate from
+    a public CA.
     """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(certificate)
+    if client_certificates is not ClientCertificates.NONE:
+        if client_ca_file is None:
+            raise ValueError("client certificates need a client_ca_file")
+        context.load_verify_locations(cafile=client_ca_file)
+        context.verify_mode = (
+            ssl.CERT_REQUIRED
+            if client_certificates is ClientCertificates.REQUIRED
+            else ssl.CERT_OPTIONAL
+        )
     return context
 
 

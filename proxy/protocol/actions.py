@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.protocol.events import Side
-    from proxy.protocol.sasl import Credentials
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "Action",
@@ -69,7 +69,7 @@ class RequestToken:
     :class:`~proxy.protocol.events.TokenRefused`.
     """
 
-    credentials: Credentials
+    credentials: AnyCredentials
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,19 @@ from dataclasses import dataclass, field
 from proxy.protocol.framing import printable
 
 __all__ = [
+    "AnyCredentials",
+    "BearerCredentials",
     "Credentials",
+    "ExternalCredentials",
     "InvalidCredentials",
     "SaslError",
     "b64decode_strict",
     "describe_error_challenge",
+    "parse_external",
     "parse_login_field",
+    "parse_oauthbearer",
     "parse_plain",
+    "parse_xoauth2",
     "text_credential",
     "xoauth2_response",
 ]
@@ -123,3 +129,101 @@ def describe_error_challenge(payload: bytes) -> str:
         return "unreadable error challenge"
     fields = ", ".join(f"{k}={v}" for k, v in sorted(parsed.items()) if isinstance(v, str | int))
     return printable(fields, 300) if fields else "empty error challenge"
+
+
+# --- Clients that bring their own credential kinds (app identities) -------------------------
+
+#: Longest bearer token (an app key) we accept from a client, in bytes.
+MAX_BEARER = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalCredentials:
+    """SASL EXTERNAL (RFC 4422 appendix A): the TLS client certificate is the credential;
+    ``authzid`` optionally names the mailbox to open."""
+
+    authzid: str = ""
+
+    @property
+    def login(self) -> str:
+        """What logs and the failed-login counts call this attempt."""
+        return self.authzid or "(client certificate)"
+
+
+@dataclass(frozen=True, slots=True)
+class BearerCredentials:
+    """XOAUTH2 or OAUTHBEARER from a client that speaks OAuth itself: its bearer token is
+    one of our app keys (never a real token), and ``user`` names the mailbox."""
+
+    user: str
+    key: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"BearerCredentials(user={self.user!r}, key=<redacted>)"
+
+    @property
+    def login(self) -> str:
+        return self.user
+
+
+#: Every kind of credential a protocol machine can ask the driver to check.
+AnyCredentials = Credentials | ExternalCredentials | BearerCredentials
+
+
+def parse_external(message: bytes) -> ExternalCredentials:
+    """Parse a decoded EXTERNAL response: empty, or the authorization identity."""
+    return ExternalCredentials(authzid=_text(message, "authorization identity") if message else "")
+
+
+def _bearer_fields(fields: list[bytes], mechanism: str) -> tuple[str, str]:
+    """``user`` (if present) and the bearer token from ``key=value`` fields."""
+    user, token = "", None
+    for item in fields:
+        name, sep, value = item.partition(b"=")
+        if not sep:
+            raise SaslError(f"{mechanism}: field without '='")
+        if name == b"user":
+            user = _text(value, "user name")
+        elif name == b"auth":
+            scheme, _, credential = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not credential:
+                raise SaslError(f"{mechanism}: auth must be 'Bearer <token>'")
+            if len(credential) > MAX_BEARER:
+                raise InvalidCredentials("bearer token too long")
+            token = _text(credential.strip(), "bearer token")
+    if token is None:
+        raise SaslError(f"{mechanism}: no auth field")
+    return user, token
+
+
+def parse_xoauth2(message: bytes) -> BearerCredentials:
+    """Parse a decoded XOAUTH2 response: ``user=U ^A auth=Bearer T ^A ^A``."""
+    if not message.endswith(b"\x01\x01"):
+        raise SaslError("XOAUTH2: must end with two ^A")
+    user, token = _bearer_fields(message[:-2].split(b"\x01"), "XOAUTH2")
+    if not user:
+        raise InvalidCredentials("XOAUTH2 user is empty")
+    return BearerCredentials(user=user, key=token)
+
+
+def parse_oauthbearer(message: bytes) -> BearerCredentials:
+    """Parse a decoded OAUTHBEARER response (RFC 7628 section 3.1):
+    ``n,a=U, ^A [host=...^A port=...^A] auth=Bearer T ^A ^A``; ``U`` names the mailbox."""
+    if not message.endswith(b"\x01\x01"):
+        raise SaslError("OAUTHBEARER: must end with two ^A")
+    header, sep, rest = message[:-2].partition(b"\x01")
+    if not sep:
+        raise SaslError("OAUTHBEARER: no GS2 header")
+    flag, _, attributes = header.partition(b",")
+    if flag not in (b"n", b"y"):  # "p=..." would ask for channel binding, which we lack
+        raise SaslError("OAUTHBEARER: channel binding is not supported")
+    user = ""
+    for attribute in attributes.split(b","):
+        if attribute.startswith(b"a="):
+            # RFC 5801 saslname: "=2C" is a comma, "=3D" an equals sign.
+            user = _text(attribute[2:].replace(b"=2C", b",").replace(b"=3D", b"="), "user name")
+    field_user, token = _bearer_fields(rest.split(b"\x01") if rest else [], "OAUTHBEARER")
+    user = user or field_user
+    if not user:
+        raise InvalidCredentials("OAUTHBEARER names no user (a=)")
+    return BearerCredentials(user=user, key=token)

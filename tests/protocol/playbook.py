@@ -519,9 +519,11 @@ def _render_action(action: Action, shown: Mapping[str, str]) -> list[str]:
             return _wire("S:", data, shown)
         case SendToServer(data=data):
             return _wire("P:", data, shown)
-        case RequestToken(credentials=c):
+        case RequestToken(credentials=Credentials() as c):
             words = [c.login, c.password, *([c.authzid] if c.authzid else [])]
             return [f"<< request-token {shlex.join(words)}"]
+        case RequestToken(credentials=other):  # app identities: shown as their repr
+            return [f"<< request-token {other!r}"]
         case StartTls(side=side, preface=preface):
             return [f"<< start-tls {side.value} {_text(preface, shown)!r}"]
         case BeginRelay(to_server=to_server, to_client=to_client):

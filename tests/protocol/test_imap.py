@@ -42,7 +42,7 @@ from proxy.protocol.imap import (
     state_diagrams,
 )
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
-from proxy.protocol.sasl import xoauth2_response
+from proxy.protocol.sasl import Credentials, xoauth2_response
 from tests.protocol.playbook import (
     TOKEN,
     Feed,
@@ -1605,6 +1605,7 @@ def test_secrets_only_in_the_token_request_and_the_xoauth2_line(
     token_lines = 0
     for action in actions:
         if isinstance(action, RequestToken):
+            assert isinstance(action.credentials, Credentials)
             assert action.credentials.password == SECRET
             assert SECRET not in repr(action)
             continue

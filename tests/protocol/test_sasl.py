@@ -11,14 +11,20 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol.sasl import (
+    MAX_BEARER,
     MAX_CREDENTIAL,
+    BearerCredentials,
     Credentials,
+    ExternalCredentials,
     InvalidCredentials,
     SaslError,
     b64decode_strict,
     describe_error_challenge,
+    parse_external,
     parse_login_field,
+    parse_oauthbearer,
     parse_plain,
+    parse_xoauth2,
     text_credential,
     xoauth2_response,
 )
@@ -164,3 +170,76 @@ def test_plain_round_trip(login: str, password: str) -> None:
         assert any(ord(c) < 0x20 or c == "\x7f" for c in login + password)
         return
     assert (credentials.login, credentials.password) == (login, password)
+
+
+# -- credentials of app identities -------------------------------------------------------
+
+
+def test_external_with_and_without_authorization_identity() -> None:
+    assert parse_external(b"") == ExternalCredentials()
+    assert parse_external(b"").login == "(client certificate)"
+    assert parse_external(b"reports@contoso.com") == ExternalCredentials("reports@contoso.com")
+    with pytest.raises(InvalidCredentials):
+        parse_external(b"bad\x00name")
+
+
+def test_xoauth2_from_a_client_is_parsed_and_the_key_redacted() -> None:
+    parsed = parse_xoauth2(b"user=reports@contoso.com\x01auth=Bearer key-123\x01\x01")
+    assert parsed == BearerCredentials(user="reports@contoso.com", key="key-123")
+    assert "key-123" not in repr(parsed)
+    assert parsed.login == "reports@contoso.com"
+    # What our own upstream encoder writes is what this parser reads.
+    encoded = base64.b64decode(xoauth2_response("m@contoso.com", "k"))
+    assert parse_xoauth2(encoded) == BearerCredentials("m@contoso.com", "k")
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (b"user=a\x01auth=Bearer k\x01", SaslError),  # one ^A at the end
+        (b"auth=Bearer k\x01\x01", InvalidCredentials),  # no user
+        (b"user=a\x01auth=Basic k\x01\x01", SaslError),
+        (b"user=a\x01auth=Bearer \x01\x01", SaslError),
+        (b"user=a\x01\x01", SaslError),  # no auth
+        (b"user=a\x01garbage\x01auth=Bearer k\x01\x01", SaslError),
+        (b"user=a\x01auth=Bearer " + b"k" * (MAX_BEARER + 1) + b"\x01\x01", InvalidCredentials),
+    ],
+)
+def test_malformed_xoauth2(message: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse_xoauth2(message)
+
+
+def test_oauthbearer_as_rfc_7628_shows_it() -> None:
+    # RFC 7628 section 4.1, with our app key as the token.
+    message = (
+        b"n,a=user@example.com,\x01host=server.example.com\x01port=143\x01"
+        b"auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
+    )
+    assert parse_oauthbearer(message) == BearerCredentials(
+        "user@example.com", "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="
+    )
+    escaped = b"n,a=odd=2Cname=3D@example.com,\x01auth=Bearer k\x01\x01"
+    assert parse_oauthbearer(escaped).user == "odd,name=@example.com"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"p=tls-unique,a=u,\x01auth=Bearer k\x01\x01",  # channel binding
+        b"n,,\x01auth=Bearer k\x01\x01",  # no user anywhere
+        b"n,a=u,auth=Bearer k\x01\x01",  # no ^A after the header
+        b"n,a=u,\x01\x01\x01",  # no auth
+    ],
+)
+def test_malformed_oauthbearer(message: bytes) -> None:
+    with pytest.raises(SaslError):
+        parse_oauthbearer(message)
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_bearer_parsers_only_raise_sasl_errors(message: bytes) -> None:
+    for parse in (parse_xoauth2, parse_oauthbearer, parse_external):
+        with contextlib.suppress(SaslError):
+            parse(message)

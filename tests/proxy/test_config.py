@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, Protocol, load_config
+from proxy.config import ClientCertificates, ConfigError, Protocol, load_config
 from proxy.identities import HashParameters, hash_password
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from tests.support.certs import TestPki
@@ -431,3 +431,87 @@ def test_cheaper_than_default_hashes_are_flagged(
     )
     only_strong = good_config(tmp_path).replace(HASH, strong)
     assert load_config(write(tmp_path, only_strong)).warnings == ()
+
+
+def test_app_identities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    (tmp_path / "clients-ca.pem").write_text("placeholder")
+    fingerprint = "AB:" * 31 + "CD"
+    text = (
+        good_config(tmp_path).replace(
+            'upstream_tls = "implicit"\n',
+            'upstream_tls = "implicit"\nclient_ca_file = "clients-ca.pem"\n',
+            1,
+        )
+        + f"""
+[users.scanner]
+certificate_fingerprint = "sha256:{fingerprint}"
+certificate_subject = ["CN=scanner01,O=Contoso"]
+app = "contoso"
+mailbox = "scans@contoso.com"
+mailboxes = ["scans@contoso.com", "*@reports.contoso.com"]
+
+[users.erp]
+app_key_hash = "sha256:{"0f" * 32}"
+app = "contoso"
+"""
+    )
+    config = load_config(write(tmp_path, text))
+    listener = config.listeners[0]
+    assert listener.client_ca_file == tmp_path / "clients-ca.pem"
+    assert listener.client_certificates is ClientCertificates.OPTIONAL  # asked, not demanded
+    scanner = config.users["scanner"]
+    assert scanner.password_hashes == ()
+    assert scanner.certificate_fingerprints == {fingerprint.replace(":", "").lower()}
+    assert scanner.certificate_subjects == {"CN=scanner01,O=Contoso"}
+    assert scanner.may_open("q3@reports.contoso.com")
+    assert not scanner.may_open("ceo@contoso.com")
+    assert config.users["erp"].app_key_hashes == {"0f" * 32}
+    assert "0f0f" not in repr(config.users["erp"])
+
+
+@pytest.mark.parametrize(
+    ("addition", "problem"),
+    [
+        (
+            '[users.x]\napp = "contoso"\n',
+            'users."x": needs a credential: password_hash, certificate_fingerprint, '
+            "certificate_subject or app_key_hash",
+        ),
+        (
+            '[users.x]\napp = "contoso"\ncertificate_fingerprint = "abc"\n',
+            "users.\"x\".certificate_fingerprint: not a SHA-256 fingerprint: 'abc'",
+        ),
+        (
+            '[users.x]\napp = "contoso"\napp_key_hash = "md5:00"\n',
+            'users."x".app_key_hash: must be the sha256:... line `app-key` printed',
+        ),
+        (
+            f'[users.x]\napp = "contoso"\napp_key_hash = "sha256:{"1" * 64}"\n'
+            f'[users.y]\napp = "contoso"\napp_key_hash = "sha256:{"1" * 64}"\n',
+            'users."y".app_key_hash: the same app key hash is given to users."x"',
+        ),
+        (
+            '[users.x]\napp = "contoso"\ncertificate_subject = "CN=x"\nmailboxes = []\n',
+            'users."x".mailboxes: must list at least one mailbox or pattern',
+        ),
+    ],
+)
+def test_identity_mistakes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, addition: str, problem: str
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    path = write(tmp_path, good_config(tmp_path) + "\n" + addition)
+    assert f"{path}: {problem}" in problems(path)
+
+
+def test_client_certificates_need_a_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    text = good_config(tmp_path).replace(
+        'upstream_tls = "implicit"\n',
+        'upstream_tls = "implicit"\nclient_certificates = "required"\n',
+    )
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f"{path}: listeners[0].client_ca_file: is required to ask clients for certificates"
+    ]

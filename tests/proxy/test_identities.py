@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from typing import Any
+
 import pytest
 import trio
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config import Protocol, UserConfig
 from proxy.identities import (
@@ -14,7 +21,7 @@ from proxy.identities import (
     hash_password,
     parameters_of,
 )
-from proxy.protocol.sasl import Credentials
+from proxy.protocol.sasl import BearerCredentials, Credentials, ExternalCredentials
 
 CHEAP = HashParameters(memory_cost=64, iterations=1, lanes=1)
 
@@ -65,7 +72,7 @@ async def test_accepts_the_right_password_and_names_the_mailbox() -> None:
         (Credentials("nobody@contoso.com", "right"), "unknown user"),
         (
             Credentials("reports@contoso.com", "right", authzid="ceo@contoso.com"),
-            "authorization identity",
+            "not in the user's mailboxes",
         ),
     ],
 )
@@ -148,3 +155,130 @@ async def test_hashing_runs_off_the_event_loop_with_bounded_concurrency(
             nursery.start_soon(auth.authenticate, Credentials("a@b.c", "right"), Protocol.IMAP)
     assert running[1] == 2
     assert loop_thread not in threads
+
+
+# -- app identities: certificates, app keys, mailbox policies ----------------------------
+
+
+@pytest.fixture(scope="module")
+def client_certs() -> tuple[bytes, bytes]:
+    """Two client certificates (DER) from a throwaway CA."""
+    ca = trustme.CA()
+    ders = []
+    for name in ("scanner01", "erp"):
+        pem = ca.issue_cert(f"{name}@contoso.com", common_name=name).cert_chain_pems[0].bytes()
+        ders.append(x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER))
+    return ders[0], ders[1]
+
+
+def identity_user(**fields: Any) -> UserConfig:
+    """User "scanner" (password "right") with ``fields`` replaced."""
+    return dataclasses.replace(user("scanner"), **fields)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_certificate_by_fingerprint_with_and_without_authzid(
+    client_certs: tuple[bytes, bytes],
+) -> None:
+    scanner, erp = client_certs
+    owner = identity_user(
+        certificate_fingerprints=frozenset({sha256(scanner)}),
+        mailbox="scans@contoso.com",
+        mailboxes=("scans@contoso.com", "*@reports.contoso.com"),
+    )
+    auth = authenticator(owner)
+    identity = await auth.authenticate(ExternalCredentials(), Protocol.SMTP, certificate=scanner)
+    assert (identity.login, identity.mailbox, identity.kind) == (
+        "scanner",
+        "scans@contoso.com",
+        "certificate",
+    )
+    chosen = await auth.authenticate(
+        ExternalCredentials("Q3@Reports.Contoso.com"), Protocol.IMAP, certificate=scanner
+    )
+    assert chosen.mailbox == "Q3@Reports.Contoso.com"
+    for credentials, certificate, reason in [
+        (ExternalCredentials("ceo@contoso.com"), scanner, "not in the user's mailboxes"),
+        (ExternalCredentials("x@reports.contoso.com.evil"), scanner, "not in the user's"),
+        (ExternalCredentials(), erp, "client certificate not configured"),
+        (ExternalCredentials(), None, "no client certificate"),
+    ]:
+        with pytest.raises(BadCredentials, match=reason):
+            await auth.authenticate(credentials, Protocol.IMAP, certificate=certificate)
+
+
+async def test_certificate_by_subject(client_certs: tuple[bytes, bytes]) -> None:
+    scanner, _ = client_certs
+    subject = x509.load_der_x509_certificate(scanner).subject.rfc4514_string()
+    assert subject.startswith("CN=scanner")
+    auth = authenticator(identity_user(certificate_subjects=frozenset({subject})))
+    identity = await auth.authenticate(ExternalCredentials(), Protocol.POP3, certificate=scanner)
+    assert identity.login == "scanner"
+
+
+async def test_password_and_certificate_must_both_match(
+    client_certs: tuple[bytes, bytes],
+) -> None:
+    scanner, erp = client_certs
+    owner = identity_user(certificate_fingerprints=frozenset({sha256(scanner)}))
+    other = dataclasses.replace(user("erp"), certificate_fingerprints=frozenset({sha256(erp)}))
+    auth = authenticator(owner, other)
+    identity = await auth.authenticate(
+        Credentials("scanner", "right"), Protocol.IMAP, certificate=scanner
+    )
+    assert identity.kind == "password"
+    with pytest.raises(BadCredentials, match="no client certificate"):
+        await auth.authenticate(Credentials("scanner", "right"), Protocol.IMAP)
+    with pytest.raises(BadCredentials, match="belongs to another user"):
+        await auth.authenticate(Credentials("scanner", "right"), Protocol.IMAP, certificate=erp)
+
+
+async def test_app_key_swaps_in_for_the_mailbox_it_names() -> None:
+    key = "xo2k_" + "a" * 43
+    auth = authenticator(
+        identity_user(
+            password_hashes=(),
+            app_key_hashes=frozenset({sha256(key.encode())}),
+            mailboxes=("*@reports.contoso.com",),
+        )
+    )
+    identity = await auth.authenticate(
+        BearerCredentials("daily@reports.contoso.com", key), Protocol.SMTP
+    )
+    assert (identity.login, identity.mailbox, identity.kind) == (
+        "scanner",
+        "daily@reports.contoso.com",
+        "app-key",
+    )
+    with pytest.raises(BadCredentials, match="unknown app key"):
+        await auth.authenticate(
+            BearerCredentials("daily@reports.contoso.com", key + "x"), Protocol.SMTP
+        )
+    with pytest.raises(BadCredentials, match="not in the user's mailboxes"):
+        await auth.authenticate(BearerCredentials("ceo@contoso.com", key), Protocol.SMTP)
+    # An identity without a password cannot log in with one.
+    with pytest.raises(BadCredentials, match="has no password"):
+        await auth.authenticate(Credentials("scanner", ""), Protocol.SMTP)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "mailbox", "allowed"),
+    [
+        ("*@reports.contoso.com", "a@reports.contoso.com", True),
+        ("*@reports.contoso.com", "a@REPORTS.contoso.com", True),
+        ("*@reports.contoso.com", "a@x.reports.contoso.com", False),
+        ("*@reports.contoso.com", "@reports.contoso.com", True),
+        ("*@reports.contoso.com", "a@reports.contoso.com.evil", False),
+        ("scan-*@contoso.com", "scan-1@contoso.com", True),
+        ("scan-*@contoso.com", "scan@contoso.com", False),
+        ("a*b*c", "abc", True),
+        ("a*b*c", "ac", False),
+        ("a*bc*c", "abc", False),
+        ("exact@contoso.com", "exact@contoso.com", True),
+    ],
+)
+def test_mailbox_patterns(pattern: str, mailbox: str, allowed: bool) -> None:
+    assert identity_user(mailboxes=(pattern,)).may_open(mailbox) is allowed
