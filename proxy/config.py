@@ -844,13 +844,19 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
             return default
         return int(value)
 
+    def seconds(name: str, default: float) -> float:
+        """A deadline: zero would fail every login at once."""
+        value = r.number(raw, "limits", name, default)
+        if value <= 0:
+            r.fail(f"limits.{name}", "must be a positive number of seconds")
+            return default
+        return value
+
     return Limits(
-        login_timeout=r.number(raw, "limits", "login_timeout", d.login_timeout),
-        upstream_timeout=r.number(raw, "limits", "upstream_timeout", d.upstream_timeout),
-        token_timeout=r.number(raw, "limits", "token_timeout", d.token_timeout),
-        tls_handshake_timeout=r.number(
-            raw, "limits", "tls_handshake_timeout", d.tls_handshake_timeout
-        ),
+        login_timeout=seconds("login_timeout", d.login_timeout),
+        upstream_timeout=seconds("upstream_timeout", d.upstream_timeout),
+        token_timeout=seconds("token_timeout", d.token_timeout),
+        tls_handshake_timeout=seconds("tls_handshake_timeout", d.tls_handshake_timeout),
         hash_concurrency=count("hash_concurrency", d.hash_concurrency),
         credential_cache_ttl=r.number(
             raw, "limits", "credential_cache_ttl", d.credential_cache_ttl

@@ -16,6 +16,7 @@ Argon2id is slow and memory-hard on purpose, so it must never sit bare on the lo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -183,19 +184,33 @@ class Authenticator:
         self._clock = clock
         self._cache_key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, float] = OrderedDict()
-        self._dummy_parameters = dummy_parameters
-        self._dummy_hash: str | None = None
+        # A stand-in hash for logins with nothing to check: verifying it costs what verifying
+        # a real one does (the cost is in the parameters; the bytes are random).
+        self._dummy_hash = _random_phc(dummy_parameters)
+        #: Hashes a failed password check costs, whoever the user: the most any user has.
+        self._rounds = max(
+            (len(u.password_hashes) for u in self._users_for_rounds(users)), default=1
+        )
 
     def __repr__(self) -> str:
         return f"<Authenticator {len(self._verified)} cached verifications>"
 
     async def authenticate(
-        self, credentials: AnyCredentials, protocol: Protocol, *, certificate: bytes | None = None
+        self,
+        credentials: AnyCredentials,
+        protocol: Protocol,
+        *,
+        certificate: bytes | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> Identity:
         """Return the identity for ``credentials`` or raise :class:`BadCredentials`.
 
         ``certificate`` is the client's TLS certificate (DER), if it presented one; the
-        listener's TLS layer has already verified it against ``client_ca_file``.
+        listener's TLS layer has already verified it against ``client_ca_file``. ``gate``
+        is called once a password hash may be computed (a slot of ``hash_concurrency`` is
+        held) and may raise :class:`BadCredentials` to refuse without computing it: the
+        caller re-checks its failed-login limits there, which parallel attempts would
+        otherwise all pass before the first failure is counted.
         """
         if isinstance(credentials, ExternalCredentials):
             await trio.lowlevel.checkpoint()
@@ -209,11 +224,12 @@ class Authenticator:
                 raise BadCredentials("unknown app key")
             return self._identity(found, protocol, credentials.user, "app-key", certificate)
         user = self._lookup(credentials.login)
-        if user is None or not user.password_hashes:
-            await self._run_hash(_verify, credentials.password, await self._dummy())
-            raise BadCredentials("unknown user" if user is None else "the user has no password")
-        if not await self._password_matches(user, credentials.password):
-            raise BadCredentials("wrong password")
+        hashes = user.password_hashes if user is not None else ()
+        if not await self._password_matches(user, credentials.password, gate):
+            if user is None:
+                raise BadCredentials("unknown user")
+            raise BadCredentials("wrong password" if hashes else "the user has no password")
+        assert user is not None
         wanted = credentials.authzid
         if wanted.casefold() == user.login.casefold():
             wanted = ""
@@ -257,45 +273,61 @@ class Authenticator:
             )
         return by_subject
 
-    async def _dummy(self) -> str:
-        """A hash as costly as the real ones, for logins that have none to check."""
-        if self._dummy_hash is None:
-            self._dummy_hash = await trio.to_thread.run_sync(
-                hash_password,
-                secrets.token_urlsafe(16),
-                self._dummy_parameters,
-                limiter=self._limiter,
-            )
-        return self._dummy_hash
-
     def forget_all(self) -> None:
         """Drop every remembered verification (after a configuration reload)."""
         self._verified.clear()
 
-    async def _password_matches(self, user: UserConfig, password: str) -> bool:
-        key = hmac.new(
-            self._cache_key,
-            b"\x00".join(
-                [user.login.encode(), password.encode(), "\x00".join(user.password_hashes).encode()]
-            ),
-            hashlib.sha256,
-        ).digest()
-        now = self._clock()
-        expiry = self._verified.get(key)
-        if expiry is not None:
-            if expiry > now:
-                self._verified.move_to_end(key)
-                await trio.lowlevel.checkpoint()
-                return True
-            del self._verified[key]
-        for phc in user.password_hashes:
-            if await self._run_hash(_verify, password, phc):
+    async def _password_matches(
+        self, user: UserConfig | None, password: str, gate: Callable[[], None] | None
+    ) -> bool:
+        """Check ``password``; a failure always costs :attr:`_rounds` hash computations."""
+        hashes = user.password_hashes if user is not None else ()
+        key = b""
+        if user is not None and hashes:
+            key = hmac.new(
+                self._cache_key,
+                b"\x00".join(
+                    [user.login.encode(), password.encode(), "\x00".join(hashes).encode()]
+                ),
+                hashlib.sha256,
+            ).digest()
+            now = self._clock()
+            expiry = self._verified.get(key)
+            if expiry is not None:
+                if expiry > now:
+                    self._verified.move_to_end(key)
+                    await trio.lowlevel.checkpoint()
+                    return True
+                del self._verified[key]
+        padding = (self._dummy_hash,) * max(self._rounds - len(hashes), 0)
+        for phc in (*hashes, *padding):
+            if await self._run_hash(password, phc, gate) and phc is not self._dummy_hash:
                 if self._cache_ttl > 0:
-                    self._verified[key] = now + self._cache_ttl
+                    self._verified[key] = self._clock() + self._cache_ttl
                     while len(self._verified) > _CACHE_SIZE:
                         self._verified.popitem(last=False)
                 return True
         return False
 
-    async def _run_hash(self, fn: Callable[[str, str], bool], password: str, phc: str) -> bool:
-        return await trio.to_thread.run_sync(fn, password, phc, limiter=self._limiter)
+    async def _run_hash(self, password: str, phc: str, gate: Callable[[], None] | None) -> bool:
+        async with self._limiter:
+            if gate is not None:
+                gate()
+            return await trio.to_thread.run_sync(_verify, password, phc)
+
+    @staticmethod
+    def _users_for_rounds(
+        users: Callable[[str], UserConfig | None] | Mapping[str, UserConfig],
+    ) -> list[UserConfig]:
+        return list(users.values()) if isinstance(users, Mapping) else []
+
+
+def _random_phc(parameters: HashParameters) -> str:
+    """A well-formed argon2id PHC string with random salt and hash: no password matches it
+    (but for a 2**-256 chance), and checking one costs what ``parameters`` say."""
+    salt = base64.b64encode(os.urandom(16)).rstrip(b"=").decode()
+    digest = base64.b64encode(os.urandom(32)).rstrip(b"=").decode()
+    return (
+        f"$argon2id$v=19$m={parameters.memory_cost},t={parameters.iterations},"
+        f"p={parameters.lanes}${salt}${digest}"
+    )

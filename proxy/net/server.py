@@ -66,6 +66,26 @@ def _busy_reply(listener: ListenerConfig) -> bytes:
             return replies.SMTP_BUSY
 
 
+def _contexts(
+    config: Config,
+) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, ssl.SSLContext]]:
+    """The TLS contexts of every listener, towards its clients and its upstream."""
+    clients: dict[ListenerConfig, ssl.SSLContext | None] = {}
+    upstreams: dict[ListenerConfig, ssl.SSLContext] = {}
+    for listener in config.listeners:
+        clients[listener] = (
+            client_side_context(
+                listener.certificate,
+                client_ca_file=listener.client_ca_file,
+                client_certificates=listener.client_certificates,
+            )
+            if listener.certificate
+            else None
+        )
+        upstreams[listener] = upstream_context(listener.upstream_ca_file)
+    return clients, upstreams
+
+
 class ProxyServer:
     """Serve every configured listener until :meth:`shutdown`."""
 
@@ -81,20 +101,9 @@ class ProxyServer:
         self.grace = grace
         self.throttle = LoginThrottle(config.limits.throttle_policy())
         self.services = self._services(config, tokens, authenticator, self.throttle)
-        self._client_contexts: dict[ListenerConfig, ssl.SSLContext | None] = {}
-        self._upstream_contexts: dict[ListenerConfig, ssl.SSLContext] = {}
         for listener in config.listeners:
             _machine(listener)  # refuse unsupported protocols before binding anything
-            self._client_contexts[listener] = (
-                client_side_context(
-                    listener.certificate,
-                    client_ca_file=listener.client_ca_file,
-                    client_certificates=listener.client_certificates,
-                )
-                if listener.certificate
-                else None
-            )
-            self._upstream_contexts[listener] = upstream_context(listener.upstream_ca_file)
+        self._client_contexts, self._upstream_contexts = _contexts(config)
         self._ids = itertools.count(1)
         self._connections: collections.Counter[ListenerConfig] = collections.Counter()
         self._connections_from: collections.Counter[str] = collections.Counter()
@@ -109,20 +118,21 @@ class ProxyServer:
     ) -> Services:
         if authenticator is None:
             # Unknown users are checked against a dummy hash as costly as the real ones.
-            typical = next(
-                (
-                    p
-                    for u in config.users.values()
-                    for h in u.password_hashes[:1]
-                    if (p := parameters_of(h))
-                ),
-                DEFAULT_PARAMETERS,
+            costs = [
+                p
+                for u in config.users.values()
+                for h in u.password_hashes
+                if (p := parameters_of(h))
+            ]
+            # The costliest hash in use: an unknown login must not answer faster than any.
+            typical = max(
+                costs, key=lambda p: (p.memory_cost * p.iterations, p.lanes), default=None
             )
             authenticator = Authenticator(
                 config.users,
                 hash_concurrency=config.limits.hash_concurrency,
                 cache_ttl=config.limits.credential_cache_ttl,
-                dummy_parameters=typical,
+                dummy_parameters=typical or DEFAULT_PARAMETERS,
             )
         return Services(
             authenticator=authenticator,
@@ -144,6 +154,13 @@ class ProxyServer:
                 "keeping the previous configuration"
             )
             return False
+        try:
+            client_contexts, upstream_contexts = _contexts(config)
+        except (OSError, ValueError) as exc:
+            log.error("reload refused: %s; keeping the previous configuration", exc)
+            return False
+        # New connections use the new certificates (renewed at the same path, say).
+        self._client_contexts, self._upstream_contexts = client_contexts, upstream_contexts
         self.config = config
         # Failure counts survive a reload; the new limits apply to them.
         self.throttle.policy = config.limits.throttle_policy()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import hashlib
 import json
 import logging
 from collections import deque
@@ -271,11 +272,20 @@ class Session:
         for action in actions:
             match action:
                 case SendToClient(data=data):
-                    await self.client.send_all(data)
+                    try:
+                        await self.client.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        self._log.info("%s: the client went away: %s", self.conn_id, exc)
+                        raise _Stop from exc
                 case SendToServer(data=data):
                     if self.server is None:
                         raise RuntimeError("machine sent to the upstream before it connected")
-                    await self.server.send_all(data)
+                    try:
+                        await self.server.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        # Its reader sees the same and reports ServerClosed, which the
+                        # machine answers with the temporary reply.
+                        self._log.info("%s: the upstream went away: %s", self.conn_id, exc)
                 case ConnectUpstream():
                     nursery.start_soon(self._connect_upstream)
                 case StartTls(side=side, preface=preface):
@@ -397,14 +407,21 @@ class Session:
         if side is Side.CLIENT:
             if self._client_context is None:
                 raise RuntimeError("STARTTLS on a listener without a certificate")
-            await self.client.send_all(preface)
+            try:
+                await self.client.send_all(preface)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Stop from exc
             tls = trio.SSLStream(self.client, self._client_context, server_side=True)
             timeout = self.services.limits.tls_handshake_timeout
         else:
             if self.server is None:
                 raise RuntimeError("STARTTLS towards an upstream that is not connected")
             if preface:
-                await self.server.send_all(preface)
+                try:
+                    await self.server.send_all(preface)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._pending.appendleft(ServerUnavailable(f"upstream went away: {exc}"))
+                    return
             tls = trio.SSLStream(
                 self.server, self._upstream_context, server_hostname=self.listener.upstream_host
             )
@@ -451,7 +468,14 @@ class Session:
         protocol = self.listener.protocol
         throttle = services.throttle
         login = credentials.login
-        verdict = throttle.verdict(login, self.peer)
+        certificate = self._client_certificate()
+        # What failures are counted under: the login name, or for SASL EXTERNAL the
+        # certificate (one constant name for all of them would let anyone lock every
+        # certificate client out at once).
+        key = login
+        if isinstance(credentials, ExternalCredentials):
+            key = f"certificate {hashlib.sha256(certificate or b'').hexdigest()[:32]}"
+        verdict = throttle.verdict(key, self.peer)
         if verdict.locked:
             self._log.warning(
                 "%s: login %r from %s refused without checking: %s",
@@ -473,14 +497,21 @@ class Session:
         identity: Identity | None = None
         try:
             with trio.fail_after(services.limits.token_timeout):
+
+                def gate() -> None:
+                    # Re-checked once a hash slot is ours: attempts made in parallel all
+                    # passed the first check before any of them failed.
+                    if locked := throttle.verdict(key, self.peer).locked:
+                        raise BadCredentials(locked)
+
                 try:
                     identity = await services.authenticator.authenticate(
-                        credentials, protocol, certificate=self._client_certificate()
+                        credentials, protocol, certificate=certificate, gate=gate
                     )
                 except BadCredentials:
-                    throttle.failed(login, self.peer)
+                    throttle.failed(key, self.peer)
                     raise
-                throttle.succeeded(login, self.peer)
+                throttle.succeeded(key, self.peer)
                 token = await services.tokens.token(identity.app, mailbox=identity.mailbox)
         except BadCredentials as exc:
             self._log.info("%s: login %r refused: %s", self.conn_id, login, exc.reason)

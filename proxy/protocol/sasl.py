@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.protocol.framing import printable
 
@@ -62,11 +64,18 @@ class Credentials:
         return f"Credentials(login={self.login!r}, password=<redacted>, authzid={self.authzid!r})"
 
 
+#: RFC 4648 base64 with exactly the padding it needs (the decoders of the standard
+#: library forgive surplus ``=``).
+_BASE64: Final = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 def b64decode_strict(data: bytes) -> bytes:
     """Decode base64 strictly; ``SaslError`` on anything else."""
+    if not _BASE64.fullmatch(data):
+        raise SaslError("invalid base64")
     try:
         return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - the pattern rules it out
         raise SaslError("invalid base64") from exc
 
 

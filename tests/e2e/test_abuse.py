@@ -145,3 +145,25 @@ async def test_an_implicit_tls_listener_over_the_limit_just_closes(
                 return second.recv(4096)
 
     assert await in_thread(over_the_limit) == b""
+
+
+async def test_parallel_guesses_cannot_outrun_the_lockout(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
+    proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
+
+    async def guess() -> None:
+        await in_thread(lambda: login(pki, proxy.port, "guess", source=ATTACKER))
+
+    async with trio.open_nursery() as guesses:
+        for _ in range(20):
+            guesses.start_soon(guess)
+    checked = caplog.text.count("refused: wrong password")
+    # Hashes run hash_concurrency (2) at a time, and each re-checks the lockout first.
+    assert 3 <= checked <= 3 + 1
+    assert caplog.text.count("locked out after") >= 20 - checked

@@ -5,6 +5,7 @@ from __future__ import annotations
 import imaplib
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -119,3 +120,27 @@ def test_sighup_reloads_users_and_apps_and_sigterm_stops(
     serve.process.send_signal(signal.SIGTERM)
     assert serve.process.wait(30) == 0
     assert "SIGTERM received: shutting down" in serve.text()
+
+
+def served_certificate(rig: ProxyRig, port: int) -> bytes:
+    context = ssl.create_default_context(cafile=str(rig.pki.ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        certificate = tls.getpeercert(binary_form=True)
+        assert certificate is not None
+        return certificate
+
+
+def test_sighup_picks_up_a_renewed_certificate(
+    serve: ServeProcess, rig: ProxyRig, rig_config: Path
+) -> None:
+    port = serve.port()
+    before = served_certificate(rig, port)
+    rig.write([Listener(upstream_port=rig.dovecot.ports.imaps)])  # a new certificate, same path
+    serve.process.send_signal(signal.SIGHUP)
+    serve.wait_for(lambda: "configuration reloaded" in serve.text(), "the reload")
+    after = served_certificate(rig, port)
+    assert after != before
+    assert login(rig, port, MAILBOX) == "OK"

@@ -243,3 +243,11 @@ def test_bearer_parsers_only_raise_sasl_errors(message: bytes) -> None:
     for parse in (parse_xoauth2, parse_oauthbearer, parse_external):
         with contextlib.suppress(SaslError):
             parse(message)
+
+
+@pytest.mark.parametrize(
+    "data", [b"c2VjcmV0=", b"c2VjcmV0==", b"AA=", b"AA", b"A===", b"c2Vj\ncmV0"]
+)
+def test_base64_padding_must_be_exact(data: bytes) -> None:
+    with pytest.raises(SaslError):
+        b64decode_strict(data)

@@ -515,3 +515,14 @@ def test_client_certificates_need_a_ca(tmp_path: Path, monkeypatch: pytest.Monke
     assert problems(path) == [
         f"{path}: listeners[0].client_ca_file: is required to ask clients for certificates"
     ]
+
+
+@pytest.mark.parametrize(
+    "name", ["login_timeout", "upstream_timeout", "token_timeout", "tls_handshake_timeout"]
+)
+def test_deadlines_must_be_positive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    path = write(tmp_path, good_config(tmp_path) + f"\n[limits]\n{name} = 0\n")
+    assert problems(path) == [f"{path}: limits.{name}: must be a positive number of seconds"]

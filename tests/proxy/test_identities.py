@@ -282,3 +282,37 @@ async def test_app_key_swaps_in_for_the_mailbox_it_names() -> None:
 )
 def test_mailbox_patterns(pattern: str, mailbox: str, allowed: bool) -> None:
     assert identity_user(mailboxes=(pattern,)).may_open(mailbox) is allowed
+
+
+async def test_every_failed_check_costs_the_same_number_of_hashes() -> None:
+    """Timing: the most hashes any user has (password rotation), for every failure."""
+    auth = authenticator(user("rotating", "old", "new"), user("single", "pw"))
+    computed: list[str] = []
+
+    def count() -> None:
+        computed.append("hash")
+
+    for credentials in (
+        Credentials("rotating", "wrong"),
+        Credentials("single", "wrong"),
+        Credentials("nobody", "wrong"),
+    ):
+        computed.clear()
+        with pytest.raises(BadCredentials):
+            await auth.authenticate(credentials, Protocol.IMAP, gate=count)
+        assert len(computed) == 2, credentials.login
+    computed.clear()
+    await auth.authenticate(Credentials("single", "pw"), Protocol.IMAP, gate=count)
+    assert len(computed) == 1  # success stops at the matching hash
+
+
+async def test_the_gate_can_refuse_before_any_hash_is_computed() -> None:
+    auth = authenticator(user("reports@contoso.com"))
+
+    def locked() -> None:
+        raise BadCredentials("locked out")
+
+    with pytest.raises(BadCredentials, match="locked out"):
+        await auth.authenticate(
+            Credentials("reports@contoso.com", "right"), Protocol.IMAP, gate=locked
+        )

@@ -30,7 +30,9 @@ class TestPki:
 
     def issue(self, name: str, *identities: str) -> Path:
         """Issue a server or client certificate; return the combined key+chain PEM path."""
-        leaf = self.ca.issue_cert(*(identities or ("localhost", "127.0.0.1")))
+        names = identities or ("localhost", "127.0.0.1")
+        # The first name also as the subject CN: some clients (fetchmail) insist on one.
+        leaf = self.ca.issue_cert(*names, common_name=names[0])
         path = self.directory / f"{name}.pem"
         with path.open("wb") as out:
             out.write(leaf.private_key_pem.bytes())
@@ -41,7 +43,9 @@ class TestPki:
 
     def issue_split(self, name: str, *identities: str) -> tuple[Path, Path]:
         """Issue a certificate as separate key and chain files (for servers like Dovecot)."""
-        leaf = self.ca.issue_cert(*(identities or ("localhost", "127.0.0.1")))
+        names = identities or ("localhost", "127.0.0.1")
+        # The first name also as the subject CN: some clients (fetchmail) insist on one.
+        leaf = self.ca.issue_cert(*names, common_name=names[0])
         key = self.directory / f"{name}.key"
         chain = self.directory / f"{name}.crt"
         leaf.private_key_pem.write_to_path(str(key))
