@@ -30,6 +30,7 @@ from broker.model import (
     Secret,
 )
 from proxy.protocol.modes import ClientTls, UpstreamTls
+from proxy.protocol.smtp import is_hostname
 from proxy.throttle import ThrottlePolicy
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ class ListenerConfig:
     client_ca_file: Path | None = None
     #: Whether a client certificate is asked for (optional) or demanded (required).
     client_certificates: ClientCertificates = ClientCertificates.NONE
+    #: SMTP: the name in our greeting and EHLO (default: this host's fully qualified name).
+    hostname: str | None = None
 
     @property
     def name(self) -> str:
@@ -406,6 +409,7 @@ LISTENER_KEYS: Final = {
     "allow_plaintext",
     "client_ca_file",
     "client_certificates",
+    "hostname",
 }
 USER_KEYS: Final = {
     "password_hash",
@@ -690,10 +694,13 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
                 "plaintext on a non-loopback address sends passwords in the "
                 "clear; use TLS, or set allow_plaintext = true",
             )
-        if listen:
+        if listen and listen[1] != 0:  # port 0: each listener gets a port of its own
             if listen in seen:
                 r.fail(f"{key}.listen", "address used by another listener")
             seen.add(listen)
+        hostname = r.string(raw, key, "hostname") if "hostname" in raw else None
+        if hostname is not None and not is_hostname(hostname):
+            r.fail(f"{key}.hostname", f"not a domain name or [address] literal: {hostname!r}")
         upstream_ca = r.path(raw, key, "upstream_ca_file")
         client_ca = r.path(raw, key, "client_ca_file")
         wanted = (
@@ -725,6 +732,7 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
                     allow_plaintext=allow_plaintext,
                     client_ca_file=client_ca,
                     client_certificates=client_certificates,
+                    hostname=hostname,
                 )
             )
     return listeners

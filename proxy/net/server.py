@@ -11,6 +11,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from proxy.net.tls import client_side_context, describe_tls_error, upstream_cont
 from proxy.protocol import replies
 from proxy.protocol.imap import ImapAuth
 from proxy.protocol.modes import AuthSettings, ClientTls
+from proxy.protocol.pop3 import Pop3Auth
+from proxy.protocol.smtp import SmtpAuth, is_hostname
 from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -51,8 +54,20 @@ def _machine(listener: ListenerConfig) -> tuple[AuthMachine, bytes]:
     match listener.protocol:
         case Protocol.IMAP:
             return ImapAuth(settings), replies.IMAP_BYE_TIMEOUT
-        case Protocol.POP3 | Protocol.SMTP:
-            raise NotImplementedError(f"{listener.protocol.value} listeners are not available yet")
+        case Protocol.POP3:
+            return Pop3Auth(settings), replies.POP3_TIMEOUT
+        case Protocol.SMTP:
+            return SmtpAuth(settings, hostname=_smtp_hostname(listener)), replies.SMTP_TIMEOUT
+
+
+@functools.cache
+def _default_hostname() -> str:
+    name = socket.getfqdn()
+    return name if is_hostname(name) else "localhost"
+
+
+def _smtp_hostname(listener: ListenerConfig) -> str:
+    return listener.hostname or _default_hostname()
 
 
 def _busy_reply(listener: ListenerConfig) -> bytes:

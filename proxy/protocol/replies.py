@@ -52,11 +52,46 @@ IMAP_BYE_UNAVAILABLE: Final = b"* BYE [UNAVAILABLE] Temporary failure, try again
 IMAP_BYE_PROTOCOL: Final = b"* BYE Protocol error.\r\n"
 
 # --- POP3 (RFC 1939, RFC 2449 extended response codes, RFC 3206) ---------------------------
+# Status lines are written without their line ending (the machine adds it); continuation
+# requests, and the lines the driver sends on its own (timeout, error hints), are complete.
 POP3_AUTH_FAILED: Final = b"-ERR [AUTH] Authentication failed."
 POP3_UNAVAILABLE: Final = b"-ERR [SYS/TEMP] Temporary failure, try again later."
 POP3_CANCELLED: Final = b"-ERR Authentication cancelled."
+POP3_GREETING: Final = b"+OK xoauth2-proxy ready."
+POP3_CAPA_FOLLOWS: Final = b"+OK Capability list follows."
+POP3_MECHANISMS_FOLLOW: Final = b"+OK Mechanisms follow."
+POP3_USER_ACCEPTED: Final = b"+OK Send PASS."
+POP3_LOGOUT: Final = b"+OK Logging out."
+POP3_BEGIN_TLS: Final = b"+OK Begin TLS negotiation now."
+# No response code: the credentials were not judged, so neither [AUTH] (RFC 3206 section 5,
+# which AUTH-RESP-CODE reserves for problems with the credentials) nor [SYS/PERM] fits.
+POP3_TLS_REQUIRED: Final = b"-ERR Plaintext login disallowed; use STLS first."
+POP3_NO_STLS: Final = b"-ERR STLS is not available here."
+POP3_NO_USER: Final = b"-ERR No user name given; send USER first."
+POP3_LOG_IN_FIRST: Final = b"-ERR Please log in first."
+POP3_UNKNOWN_COMMAND: Final = b"-ERR Unknown command."
+POP3_SYNTAX_ERROR: Final = b"-ERR Syntax error."
+POP3_INVALID_BASE64: Final = b"-ERR Invalid base64 in SASL response."
+POP3_INVALID_SASL: Final = b"-ERR Invalid SASL PLAIN message."
+POP3_UNSUPPORTED_MECHANISM: Final = b"-ERR Unsupported authentication mechanism."
+POP3_CONTINUE_SASL: Final = b"+ \r\n"
+#: SASL LOGIN prompts, base64 of ``Username:`` and ``Password:`` (as clients expect them).
+POP3_CONTINUE_USERNAME: Final = b"+ VXNlcm5hbWU6\r\n"
+POP3_CONTINUE_PASSWORD: Final = b"+ UGFzc3dvcmQ6\r\n"
+POP3_LINE_TOO_LONG: Final = b"-ERR Line too long.\r\n"
+POP3_PIPELINED: Final = b"-ERR Too much data pipelined behind the login.\r\n"
+POP3_TOO_MANY_ERRORS: Final = b"-ERR Too many invalid commands.\r\n"
+POP3_TOO_MANY_FAILURES: Final = b"-ERR Too many failed logins.\r\n"
+POP3_PROTOCOL_ERROR: Final = b"-ERR Protocol error.\r\n"
+POP3_UNAVAILABLE_CLOSING: Final = POP3_UNAVAILABLE + b"\r\n"
+#: Sent by the driver when the login phase outlasts its deadline (UW ipop3d's wording).
+#: ``[SYS/TEMP]`` because the deadline also runs while the proxy waits for a token or the
+#: upstream: the client may be waiting for its PASS reply and must not take it for ``[AUTH]``.
+POP3_TIMEOUT: Final = b"-ERR [SYS/TEMP] Autologout; idle for too long.\r\n"
 
 # --- SMTP (RFC 5321, RFC 3463 enhanced codes, RFC 4954) ------------------------------------
+# Reply lines are written without their line ending (the machine adds it); SMTP_TIMEOUT,
+# which the driver sends on its own, is complete.
 SMTP_AUTH_SUCCEEDED: Final = b"235 2.7.0 Authentication successful"
 SMTP_AUTH_FAILED: Final = b"535 5.7.8 Authentication credentials invalid"
 SMTP_UNAVAILABLE: Final = b"454 4.7.0 Temporary authentication failure"
@@ -66,6 +101,31 @@ SMTP_LINE_TOO_LONG: Final = b"500 5.5.6 Line too long"
 SMTP_TLS_REQUIRED: Final = b"530 5.7.0 Must issue a STARTTLS command first"
 SMTP_AUTH_REQUIRED: Final = b"530 5.7.0 Authentication required"
 SMTP_SERVICE_UNAVAILABLE: Final = b"421 4.3.0 Service not available, closing connection"
+#: Follows ``220 <host name> `` in the greeting.
+SMTP_GREETING_TEXT: Final = b"ESMTP xoauth2-proxy ready"
+SMTP_OK: Final = b"250 2.0.0 OK"
+SMTP_HELP: Final = b"214 2.0.0 Send EHLO, then AUTH PLAIN or AUTH LOGIN"
+SMTP_BYE: Final = b"221 2.0.0 Bye"
+SMTP_READY_FOR_TLS: Final = b"220 2.0.0 Ready to start TLS"
+#: SASL continuations (RFC 4954 section 4): empty for PLAIN; for LOGIN, base64 of
+#: ``Username:`` and ``Password:`` (as clients expect them).
+SMTP_CONTINUE: Final = b"334 "
+SMTP_ASK_USERNAME: Final = b"334 VXNlcm5hbWU6"
+SMTP_ASK_PASSWORD: Final = b"334 UGFzc3dvcmQ6"
+SMTP_HELLO_FIRST: Final = b"503 5.5.1 Send EHLO or HELO first"
+SMTP_UNKNOWN_COMMAND: Final = b"500 5.5.2 Command not recognized"
+SMTP_INVALID_BASE64: Final = b"501 5.5.2 Cannot decode base64 response"
+SMTP_INVALID_SASL: Final = b"501 5.5.2 Invalid SASL PLAIN message"
+SMTP_UNSUPPORTED_MECHANISM: Final = b"504 5.5.4 Unrecognized authentication type"
+SMTP_NO_STARTTLS: Final = b"502 5.5.1 STARTTLS not available"
+SMTP_PIPELINED: Final = b"421 4.7.0 Too much data pipelined, closing connection"
+SMTP_TOO_MANY_ERRORS: Final = b"421 4.7.0 Too many invalid commands, closing connection"
+SMTP_TOO_MANY_FAILURES: Final = b"421 4.7.0 Too many failed logins, closing connection"
+SMTP_PROTOCOL_ERROR: Final = b"421 4.5.0 Protocol error, closing connection"
+#: Sent by the driver when the login phase outlasts its deadline (4.4.2, "bad connection",
+#: is what Postfix says on a timeout). 421 rather than a 5xx: the deadline also runs while
+#: the proxy waits for a token or the upstream, which is nobody's permanent failure.
+SMTP_TIMEOUT: Final = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 
 # --- Connection limits, all protocols: complete lines sent instead of a greeting -----------
 IMAP_BYE_BUSY: Final = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"

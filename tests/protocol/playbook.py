@@ -28,9 +28,10 @@ text cannot show.
 
 :func:`run` plays a transcript against a machine in one of three :class:`Mode` s, after
 h11's ``tr()``: every data chunk whole, one byte at a time, or with trailing bytes
-appended (see :data:`CLIENT_TRAILER`). On a mismatch it fails with an ``ndiff`` of what
-was expected against what came, after the transcript so far; output that the transcript
-does not assert is a mismatch too.
+appended (see :data:`CLIENT_TRAILER`; pass :class:`Trailers` that look like the protocol
+under test). On a mismatch it fails with an ``ndiff`` of what was expected against what
+came, after the transcript so far; output that the transcript does not assert is a
+mismatch too.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_TRAILER",
+    "IMAP_TRAILERS",
     "SERVER_TRAILER",
     "TOKEN",
     "CloseLike",
@@ -92,6 +94,7 @@ __all__ = [
     "NoteLike",
     "Raises",
     "Step",
+    "Trailers",
     "run",
     "three_ways",
     "transcript",
@@ -108,6 +111,21 @@ CLIENT_TRAILER = b"t9 NOOP\r\nt10 SEL"
 PARTIAL_TRAILER = b"t10 SEL"
 #: Appended to the last upstream chunk before ``<< relay``: must reach ``to_client``.
 SERVER_TRAILER = b"* 3 EXISTS\r\n* 1 REC"
+
+
+@dataclass(frozen=True, slots=True)
+class Trailers:
+    """The bytes :attr:`Mode.TRAILING` appends (see :data:`CLIENT_TRAILER`)."""
+
+    #: Before a relay: complete command(s) and a partial one, for ``to_server``.
+    client: bytes
+    #: Without a relay: an incomplete command that must change nothing.
+    partial: bytes
+    #: Before a relay: upstream bytes for ``to_client``.
+    server: bytes
+
+
+IMAP_TRAILERS = Trailers(CLIENT_TRAILER, PARTIAL_TRAILER, SERVER_TRAILER)
 
 
 class Machine(Protocol):
@@ -301,7 +319,7 @@ def _coalesce(actions: Sequence[Action]) -> list[Action]:
 # === Modes =================================================================================
 
 
-def _with_trailers(steps: list[Step]) -> list[Step]:
+def _with_trailers(steps: list[Step], trailers: Trailers) -> list[Step]:
     relay = next(
         (
             i
@@ -315,7 +333,7 @@ def _with_trailers(steps: list[Step]) -> list[Step]:
     steps = list(steps)
     if relay is None:
         if last_client is not None:
-            steps[last_client] = _appended(steps[last_client], PARTIAL_TRAILER)
+            steps[last_client] = _appended(steps[last_client], trailers.partial)
         return steps
     last_server = _last_feed(steps, end, ServerDataReceived)
     expected = steps[relay]
@@ -323,11 +341,11 @@ def _with_trailers(steps: list[Step]) -> list[Step]:
     assert isinstance(expected.action, BeginRelay)
     to_server, to_client = expected.action.to_server, expected.action.to_client
     if last_client is not None:
-        steps[last_client] = _appended(steps[last_client], CLIENT_TRAILER)
-        to_server += CLIENT_TRAILER
+        steps[last_client] = _appended(steps[last_client], trailers.client)
+        to_server += trailers.client
     if last_server is not None:
-        steps[last_server] = _appended(steps[last_server], SERVER_TRAILER)
-        to_client += SERVER_TRAILER
+        steps[last_server] = _appended(steps[last_server], trailers.server)
+        to_client += trailers.server
     steps[relay] = Expect(BeginRelay(to_server, to_client))
     return steps
 
@@ -365,9 +383,10 @@ def run(
     steps: Sequence[Step],
     mode: Mode = Mode.WHOLE,
     variables: Mapping[str, str] | None = None,
+    trailers: Trailers = IMAP_TRAILERS,
 ) -> None:
     """Play ``steps`` against ``machine``; fail the test at the first difference."""
-    plan = _with_trailers(list(steps)) if mode is Mode.TRAILING else list(steps)
+    plan = _with_trailers(list(steps), trailers) if mode is Mode.TRAILING else list(steps)
     shown = dict(variables or {})
     history: list[str] = []
     index = 0
