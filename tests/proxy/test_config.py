@@ -412,7 +412,12 @@ def test_the_shipped_example_is_valid_once_its_placeholders_are_filled(
     )
     monkeypatch.setenv("CONTOSO_SECRET", "s3cret")
     config = load_config(write(tmp_path, text))
-    assert [listener.protocol for listener in config.listeners] == [Protocol.IMAP, Protocol.IMAP]
+    assert [listener.protocol for listener in config.listeners] == [
+        Protocol.IMAP,
+        Protocol.IMAP,
+        Protocol.POP3,
+        Protocol.SMTP,
+    ]
     assert config.cache.kind == "memory"
 
 
