@@ -160,6 +160,9 @@ class Limits:
     token_timeout: float = 30.0
     #: Seconds for a TLS handshake with the client.
     tls_handshake_timeout: float = 30.0
+    #: Seconds a client may take, before it has logged in, to send its next whole command
+    #: after our last reply (a slow-drip client is cut off here, not only at login_timeout).
+    line_timeout: float = 60.0
     #: Password hashes computed at once (argon2id uses its memory cost per hash).
     hash_concurrency: int = 2
     #: Seconds a successfully verified password is remembered (0 disables the cache).
@@ -433,6 +436,7 @@ LIMIT_KEYS: Final = {
     "upstream_timeout",
     "token_timeout",
     "tls_handshake_timeout",
+    "line_timeout",
     "hash_concurrency",
     "credential_cache_ttl",
     "failure_delay",
@@ -865,6 +869,7 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
         upstream_timeout=seconds("upstream_timeout", d.upstream_timeout),
         token_timeout=seconds("token_timeout", d.token_timeout),
         tls_handshake_timeout=seconds("tls_handshake_timeout", d.tls_handshake_timeout),
+        line_timeout=seconds("line_timeout", d.line_timeout),
         hash_concurrency=count("hash_concurrency", d.hash_concurrency),
         credential_cache_ttl=r.number(
             raw, "limits", "credential_cache_ttl", d.credential_cache_ttl

@@ -24,6 +24,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, assert_never
@@ -207,6 +208,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         #: A login whose token went upstream and whose outcome is not known yet.
         self._attempt: _Attempt | None = None
+        self._token_pending = False
+        self._line_deadline = trio.current_time() + services.limits.line_timeout
 
     def __repr__(self) -> str:
         return f"<Session {self.conn_id} on {self.listener.name}>"
@@ -250,7 +253,25 @@ class Session:
                 await nursery.start(self._reader, Side.CLIENT, self.client)
                 outcome = await self._execute(nursery, self.machine.start())
                 while outcome is None:
-                    event = self._pending.popleft() if self._pending else await self._rx.receive()
+                    if self._pending:
+                        event = self._pending.popleft()
+                    else:
+                        # Each command must arrive whole within line_timeout of our last
+                        # reply, unless we are the ones waiting (for a token).
+                        deadline = math.inf if self._token_pending else self._line_deadline
+                        with trio.move_on_at(deadline) as waiting:
+                            event = await self._rx.receive()
+                        if waiting.cancelled_caught:
+                            self._log.info(
+                                "%s: no complete command within %gs, closing",
+                                self.conn_id,
+                                self.services.limits.line_timeout,
+                            )
+                            await self._send_quietly(self.client, self._timeout_reply)
+                            return None
+                    if isinstance(event, TokenIssued | TokenRefused):
+                        self._token_pending = False
+                        self._progress()
                     try:
                         actions = self.machine.handle(event)
                     except ProxyError as exc:
@@ -272,6 +293,7 @@ class Session:
         for action in actions:
             match action:
                 case SendToClient(data=data):
+                    self._progress()
                     try:
                         await self.client.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -291,6 +313,7 @@ class Session:
                 case StartTls(side=side, preface=preface):
                     await self._start_tls(nursery, side, preface)
                 case RequestToken(credentials=credentials):
+                    self._token_pending = True
                     nursery.start_soon(self._obtain_token, credentials)
                 case BeginRelay(to_server=to_server, to_client=to_client):
                     self._finish_attempt(AuditResult.SUCCESS, "logged in upstream")
@@ -580,6 +603,10 @@ class Session:
             identity.app,
         )
         return TokenIssued(mailbox=identity.mailbox, token=token)
+
+    def _progress(self) -> None:
+        """The client has our attention again: its next command has line_timeout."""
+        self._line_deadline = trio.current_time() + self.services.limits.line_timeout
 
     def _client_certificate(self) -> bytes | None:
         """The client's TLS certificate (DER), verified by the handshake, if it sent one."""

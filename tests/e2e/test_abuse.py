@@ -3,7 +3,10 @@ connection limits."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -167,3 +170,86 @@ async def test_parallel_guesses_cannot_outrun_the_lockout(
     # Hashes run hash_concurrency (2) at a time, and each re-checks the lockout first.
     assert 3 <= checked <= 3 + 1
     assert caplog.text.count("locked out after") >= 20 - checked
+
+
+@pytest.mark.parametrize(
+    ("protocol", "expected"),
+    [
+        ("imap", b"* BYE Autologout; idle for too long.\r\n"),
+        ("pop3", b"-ERR [SYS/TEMP] Autologout; idle for too long.\r\n"),
+        ("smtp", b"421 4.4.2 "),
+    ],
+)
+async def test_a_client_that_dribbles_a_command_is_cut_off(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    protocol: str,
+    expected: bytes,
+) -> None:
+    """line_timeout: a whole command within a second of the greeting, not one byte at a time."""
+    rig.limits.update(line_timeout=1, login_timeout=100)
+    upstream = {"imap": dovecot.ports.imaps, "pop3": dovecot.ports.pop3s}.get(
+        protocol, dovecot.ports.submissions or 0
+    )
+    listener = Listener(protocol=protocol, upstream_port=upstream)
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def dribble() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock,
+            tls_context(pki).wrap_socket(sock, server_hostname="localhost") as tls,
+        ):
+            received = tls.recv(4096)  # the greeting
+            with contextlib.suppress(OSError):
+                for byte in b"a1 NOOP":  # never finished: no CRLF
+                    tls.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            while chunk := tls.recv(4096):  # a socket timeout here fails the test
+                received += chunk
+            return received
+
+    transcript = await in_thread(dribble)
+    assert expected in transcript
+
+
+@pytest.mark.parametrize(
+    ("protocol", "script", "begin_tls"),
+    [
+        ("imap", b"a1 STARTTLS\r\na2 LOGIN x y\r\n", b"a1 OK"),
+        ("pop3", b"STLS\r\nUSER x\r\n", b"+OK Begin TLS"),
+        ("smtp", b"EHLO client.test\r\nSTARTTLS\r\nAUTH PLAIN AHgAeQ==\r\n", b"220 2.0.0"),
+    ],
+)
+async def test_commands_injected_behind_starttls_are_never_executed(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    caplog: pytest.LogCaptureFixture,
+    protocol: str,
+    script: bytes,
+    begin_tls: bytes,
+) -> None:
+    """CVE-2011-0411: plaintext sent in the same packet as STARTTLS must not be run later,
+    inside TLS, as if the client had sent it there. The proxy hangs up instead."""
+    upstream = {"imap": dovecot.ports.imaps, "pop3": dovecot.ports.pop3s}.get(
+        protocol, dovecot.ports.submissions or 0
+    )
+    listener = Listener(protocol=protocol, tls="starttls", upstream_port=upstream)
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def inject() -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            received = sock.recv(4096)
+            sock.sendall(script)
+            while chunk := sock.recv(4096):
+                received += chunk
+            return received
+
+    transcript = await in_thread(inject)
+    # Nothing answers the injected command: the last thing said is (at most) "begin TLS".
+    last_line = transcript.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+    assert begin_tls not in transcript or last_line.startswith(begin_tls), transcript
+    assert re.search(r"(pipelined|sent) data (behind|right after) (STLS|STARTTLS)", caplog.text)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
-from tests.e2e.helpers import in_thread
+from tests.e2e.helpers import in_thread, raw_session
 from tests.e2e.test_abuse import login
 
 if TYPE_CHECKING:
@@ -53,4 +53,47 @@ async def test_upstream_reset_after_greeting_is_a_temporary_failure(
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=port)]))
     reply = await in_thread(lambda: login(pki, proxy.port, PASSWORD, user=MAILBOX))
     assert reply.startswith(b"a1 NO [UNAVAILABLE]"), reply
+    assert "internal error" not in caplog.text
+
+
+async def injecting_upstream(
+    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A plaintext IMAP server that answers STARTTLS with its OK *and* an untagged response
+    in the same packet: a man in the middle's attempt to get a line taken as said in TLS."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake\r\n")
+        buffer = b""
+        while b"\r\n" not in buffer:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buffer += data
+        tag = buffer.split(b" ", 1)[0]
+        await stream.send_all(tag + b" OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\n")
+        await stream.receive_some(4096)  # a ClientHello must never come
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+async def test_bytes_behind_the_upstream_starttls_reply_end_the_upstream_connection(
+    nursery: trio.Nursery, rig: ProxyRig, pki: TestPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await nursery.start(injecting_upstream)
+    listener = Listener(upstream_port=port, upstream_tls="starttls")
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def session() -> bytes:
+        script = f'a1 LOGIN "{MAILBOX}" "{PASSWORD.replace(chr(34), chr(92) + chr(34))}"\r\n'
+        return raw_session(pki, proxy.port, script.encode(), b"\x00")  # read until closed
+
+    transcript = await in_thread(session)
+    # A man in the middle is not a password problem: a temporary refusal, then goodbye.
+    assert b"* BYE [UNAVAILABLE]" in transcript, transcript
+    assert b"a1 OK" not in transcript
+    assert "upstream sent data behind its STARTTLS OK" in caplog.text
     assert "internal error" not in caplog.text
