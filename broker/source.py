@@ -45,7 +45,11 @@ error, without asking the provider.
 - *Temporary* (network, timeouts, HTTP 5xx and 429, the provider's transient codes): the hold
   and the background retry come after an exponential backoff with jitter (``base_backoff``
   doubling up to ``max_backoff``), or after the provider's Retry-After if that is longer.
-  Logged as a warning at each attempt.
+  Logged as a warning at each attempt. A provider's HTTP timeouts bound each read, not a
+  server that trickles its answer byte by byte, so every request to the provider also has
+  an overall deadline, ``fetch_timeout``: a fetch still running then is cancelled and
+  counts as a temporary failure -- and no longer holds the shared lock of the other
+  instances.
 - *Permanent* (bad secret, unknown client or tenant, expired certificate...): logged once as
   an error with the provider's code and the fix, not again until the error changes or a
   fetch succeeds. Logins are held back for ``permanent_hold`` seconds (short: the operator
@@ -196,7 +200,10 @@ class CachingTokenSource:
         max_backoff: float = 120.0,
         permanent_hold: float = 60.0,
         keep_warm: float = 86400.0,
+        fetch_timeout: float = 60.0,
     ) -> None:
+        if not fetch_timeout > 0:
+            raise ValueError("fetch_timeout must be positive")
         for name, value in (
             ("refresh_margin", refresh_margin),
             ("refresh_jitter", refresh_jitter),
@@ -218,6 +225,7 @@ class CachingTokenSource:
         self._max_backoff = max(max_backoff, base_backoff)
         self._permanent_hold = permanent_hold
         self._keep_warm = keep_warm
+        self._fetch_timeout = fetch_timeout
         self._own_cache = cache is None or close_cache
         self._cache: TokenCache = MemoryTokenCache() if cache is None else cache
         self._providers: dict[str, Provider | MailboxProvider] = dict(providers or {})
@@ -414,19 +422,29 @@ class CachingTokenSource:
                 assert shared is not None
                 return self._entry(shared)
             obtained_at = self._clock()
-            provider = self._providers[key.app]
             try:
-                if isinstance(provider, MailboxProvider):
-                    assert key.mailbox is not None
-                    token = await provider.fetch_for(key.mailbox)
-                else:
-                    token = await provider.fetch()
+                token = await self._ask(key)
             except BrokerError:
                 self._keep_as_fallback(state, shared)
                 raise
             cached = CachedToken(token, obtained_at)
             await self._save(key, cached)
         return self._entry(cached)
+
+    async def _ask(self, key: CacheKey) -> AccessToken:
+        """The provider's new token, if it comes within ``fetch_timeout`` seconds."""
+        provider = self._providers[key.app]
+        with trio.move_on_after(self._fetch_timeout):
+            if isinstance(provider, MailboxProvider):
+                assert key.mailbox is not None
+                return await provider.fetch_for(key.mailbox)
+            return await provider.fetch()
+        raise TemporaryTokenError(
+            f"{key}: the identity provider did not answer within {self._fetch_timeout:g} s",
+            code="FETCH_TIMEOUT",
+            fix="Nothing to change: the broker retries. If it persists, check the network "
+            "path (and any HTTPS proxy) to the identity provider, and its status.",
+        )
 
     def _fresh(self, shared: CachedToken | None, state: _State) -> bool:
         """Is the cache's token one we should use instead of asking the provider?"""

@@ -15,11 +15,16 @@ nothing, not even which mailboxes have tokens.
   see the old or the new file, never half of one.
 - **Several writers.** The proxy and ``xoauth2-proxy token`` may write at the same time: each
   write re-reads the file and merges under an ``flock`` on ``PATH.lock``, so no writer loses
-  another's entries. Tokens that expired are dropped on write.
+  another's entries. Tokens that expired are dropped on write. A writer waits at most
+  ``lock_wait`` seconds for the lock (a stopped process may hold it forever), then gives up
+  with :class:`~broker.cache.CacheError`, as for any other failure to read or write: the
+  source carries on without the cache.
 - **Wrong key or damaged file.** Treated as empty (logged once); the next write replaces it.
   Changing the key therefore only costs one token request per app.
 
-Blocking file I/O runs in worker threads (``trio.to_thread.run_sync``).
+Blocking file I/O runs in worker threads (``trio.to_thread.run_sync``), which a cancelled
+caller abandons: a write then finishes (or gives up) on its own, and no caller waits longer
+than its own deadline.
 :meth:`FileTokenCache.exclusive` does nothing: one proxy per file is the intended use; two
 processes racing for the same token both ask the identity provider, which is harmless.
 """
@@ -56,18 +61,26 @@ log = logging.getLogger("xoauth2_proxy.broker.cache")
 
 #: Associated data of the sealed document: the format's name and version.
 CONTEXT: Final = b"xoauth2-proxy token cache file v1"
+#: Seconds a writer waits for the lock file (held only while another writer merges).
+LOCK_WAIT: Final = 5.0
+#: How often a waiting writer tries the lock: first, and at most (seconds).
+LOCK_POLL_FIRST: Final = 0.005
+LOCK_POLL_MAX: Final = 0.1
 
 
 class FileTokenCache:
     """Tokens in the encrypted file ``path`` (created on first write), sealed with ``key``.
 
     ``ValueError`` at once for a bad key, a missing directory or an existing file that is not
-    private.
+    private. A write waits at most ``lock_wait`` seconds for another writer's lock.
     """
 
-    def __init__(self, path: Path, key: Secret) -> None:
+    def __init__(self, path: Path, key: Secret, *, lock_wait: float = LOCK_WAIT) -> None:
+        if not lock_wait >= 0:
+            raise ValueError("lock_wait must not be negative")
         self._path = path
         self._lock_path = path.with_name(path.name + ".lock")
+        self._lock_wait = lock_wait
         self._sealer = Sealer(key)
         self._mutex = threading.Lock()
         self._warned: str | None = None
@@ -86,7 +99,9 @@ class FileTokenCache:
         return entries.get(key.name)
 
     async def store(self, key: CacheKey, entry: CachedToken) -> None:
-        await trio.to_thread.run_sync(self._merge, key.name, entry)
+        # Abandoning the thread is safe: the write is atomic, and waits for the lock only
+        # until its own deadline.
+        await trio.to_thread.run_sync(self._merge, key.name, entry, abandon_on_cancel=True)
 
     @asynccontextmanager
     async def exclusive(self, key: CacheKey) -> AsyncIterator[None]:
@@ -103,10 +118,13 @@ class FileTokenCache:
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            raise CacheError(f"token cache {self._path}: cannot open: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            self._check_private(os.fstat(f.fileno()))
-            data = f.read()
+            raise CacheError(f"token cache {self._path}: cannot open: {_reason(exc)}") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                self._check_private(os.fstat(f.fileno()))
+                data = f.read()
+        except OSError as exc:
+            raise CacheError(f"token cache {self._path}: cannot read: {_reason(exc)}") from None
         try:
             document = json.loads(self._sealer.open(data, CONTEXT))
             raw = document["entries"]
@@ -138,7 +156,7 @@ class FileTokenCache:
             )
 
     def _merge(self, name: str, entry: CachedToken) -> None:
-        with self._mutex, self._flock():
+        with self._locked(time.monotonic() + self._lock_wait):
             entries = self._read()
             entries[name] = entry
             now = time.time()
@@ -146,20 +164,52 @@ class FileTokenCache:
             self._write(keep)
 
     @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
+    def _locked(self, deadline: float) -> Iterator[None]:
+        """This process's writers one at a time, and then the ``flock`` shared with others,
+        both waited for until ``deadline`` (``time.monotonic``); :class:`CacheError` after."""
+        if not self._mutex.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise self._busy()
+        try:
+            with self._flock(deadline):
+                yield
+        finally:
+            self._mutex.release()
+
+    @contextlib.contextmanager
+    def _flock(self, deadline: float) -> Iterator[None]:
         try:
             fd = os.open(
                 self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
             raise CacheError(
-                f"token cache {self._lock_path}: cannot open: {exc.strerror}"
+                f"token cache {self._lock_path}: cannot open: {_reason(exc)}"
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            pause = LOCK_POLL_FIRST
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise self._busy() from None
+                except OSError as exc:  # e.g. ENOLCK on NFS
+                    raise CacheError(
+                        f"token cache {self._lock_path}: cannot lock: {_reason(exc)}"
+                    ) from None
+                time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+                pause = min(pause * 2, LOCK_POLL_MAX)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            with contextlib.suppress(OSError):
+                os.close(fd)  # releases the lock
+
+    def _busy(self) -> CacheError:
+        return CacheError(
+            f"token cache {self._lock_path}: still locked by another writer after "
+            f"{self._lock_wait:g} s (is a stopped process holding it?); token not written"
+        )
 
     def _write(self, entries: dict[str, CachedToken]) -> None:
         document = {"entries": {k: json.loads(v.to_json()) for k, v in entries.items()}}
@@ -187,4 +237,8 @@ class FileTokenCache:
             finally:
                 os.close(directory)
         except OSError as exc:
-            raise CacheError(f"token cache {self._path}: cannot write: {exc.strerror}") from None
+            raise CacheError(f"token cache {self._path}: cannot write: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__

@@ -30,7 +30,12 @@ for renewal -- a few times per token lifetime per key, never on the hot login pa
 source serves from memory -- so a worker-thread hop per command costs nothing that matters,
 and we keep redis-py's URL parsing, AUTH, TLS and reconnection instead of a RESP client of
 our own. redis-py's connection pool is thread-safe; socket timeouts bound every command, so
-a cancelled caller may abandon its thread safely.
+a cancelled caller may abandon its thread safely -- except a lock attempt, whose ``SET NX``
+may succeed after its caller has gone: the attempt and its caller agree, under a mutex, which
+of them releases that lock, so it never lingers until ``lock_timeout``.
+
+**TLS.** ``rediss://`` checks the server's certificate against the system store (plus
+``ca_file``) and that it names the host in the URL, whatever redis-py's defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -95,8 +101,13 @@ class RedisTokenCache:
         }
         if password is not None:
             options["password"] = password.reveal()
-        if ca_file is not None and url.startswith("rediss://"):
-            options["ssl_ca_certs"] = str(ca_file)
+        if url.startswith("rediss://"):
+            # Explicit: redis-py before 6 verifies the certificate but not that it names the
+            # host (redis/redis-py#3626), so any certificate from a trusted CA would do.
+            options["ssl_cert_reqs"] = "required"
+            options["ssl_check_hostname"] = True
+            if ca_file is not None:
+                options["ssl_ca_certs"] = str(ca_file)
         try:
             self._client = redis.Redis.from_url(url, **options)
         except ValueError as exc:
@@ -173,9 +184,49 @@ class RedisTokenCache:
 
     async def _acquire(self, lock: Lock) -> None:
         pause = POLL_FIRST
-        while not await self._call(lambda: lock.acquire(blocking=False)):
+        while not await self._try_acquire(lock):
             await trio.sleep(pause)
             pause = min(pause * 2, POLL_MAX)
+
+    async def _try_acquire(self, lock: Lock) -> bool:
+        """One ``SET NX`` attempt in a worker thread that a cancelled caller abandons.
+
+        The abandoned ``SET NX`` may still succeed after the caller has gone: then nobody
+        would renew or release the lock, and the other instances would wait ``lock_timeout``
+        for it. So the caller and the thread agree, under a mutex, on who releases it: the
+        thread if it finishes after the caller gave up, the caller (shielded, time-limited)
+        if the thread had already taken the lock when the cancellation came.
+        """
+        mutex = threading.Lock()
+        abandoned = False
+        acquired = False
+
+        def attempt() -> bool:
+            nonlocal acquired
+            taken = bool(lock.acquire(blocking=False))
+            with mutex:
+                if not abandoned:
+                    acquired = taken
+                    return taken
+            if taken:
+                with contextlib.suppress(redis.exceptions.RedisError):  # it expires anyway
+                    lock.release()
+            return False
+
+        try:
+            return bool(await self._call(attempt))
+        except trio.Cancelled:
+            with mutex:
+                abandoned = True
+                taken = acquired
+            if taken:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(SOCKET_TIMEOUT),
+                    contextlib.suppress(redis.exceptions.RedisError),  # LockNotOwnedError too
+                ):
+                    await trio.to_thread.run_sync(lock.release, abandon_on_cancel=True)
+            raise
 
     async def _keep(self, lock: Lock) -> None:
         """Renew the lock every third of its timeout while the holder works."""

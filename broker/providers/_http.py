@@ -18,7 +18,7 @@ import email.utils
 import json
 import ssl
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import httpx
 
@@ -35,9 +35,15 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "OAuthError",
     "TokenEndpoint",
+    "exception_chain",
+    "find_cause",
     "retry_after",
+    "root_message",
     "tls_context",
+    "transport_error",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
 
 #: Seconds to connect, and to wait for each read/write, on the IdP connection.
 CONNECT_TIMEOUT: Final = 5.0
@@ -215,25 +221,14 @@ class TokenEndpoint:
         )
 
     def _transport_error(self, exc: httpx.HTTPError) -> BrokerError:
-        verify = _find_cause(exc, ssl.SSLCertVerificationError)
-        if verify is not None:
-            reason = verify.verify_message or str(verify.reason) or "verification failed"
-            return PermanentTokenError(
-                f"{self._where}: the authorization server's TLS certificate is not trusted "
-                f"({reason})",
-                code="CERTIFICATE_VERIFY_FAILED",
-                fix="Trust its CA: install it in the system store or set ca_file to a PEM file "
-                "holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            what = f"timed out ({type(exc).__name__})"
-        elif isinstance(exc, httpx.ConnectError):
-            what = f"is unreachable ({_root_message(exc)})"
-        else:
-            what = f"connection failed ({type(exc).__name__}: {_root_message(exc)})"
-        return TemporaryTokenError(
-            self._scrub(f"{self._where}: the authorization server {what}"),
-            fix=f"Check DNS, routing, firewalls and proxies (HTTPS_PROXY) to {self.url}.",
+        return transport_error(
+            exc,
+            where=self._where,
+            peer="the authorization server",
+            trust_fix="Trust its CA: install it in the system store or set ca_file to a PEM "
+            "file holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
+            network_fix=f"Check DNS, routing, firewalls and proxies (HTTPS_PROXY) to {self.url}.",
+            scrub=self._scrub,
         )
 
     def _scrub(self, text: str) -> str:
@@ -250,7 +245,40 @@ def _json(response: httpx.Response) -> dict[str, object] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def transport_error(
+    exc: httpx.HTTPError,
+    *,
+    where: str,
+    peer: str,
+    trust_fix: str,
+    network_fix: str,
+    scrub: Callable[[str], str],
+) -> BrokerError:
+    """Classify a failed HTTP exchange with ``peer`` ("the identity provider"...).
+
+    An untrusted certificate is permanent (``trust_fix``); timeouts, unreachable hosts and
+    broken connections are temporary (``network_fix``). ``where`` names the app; ``scrub``
+    removes secrets from the message.
+    """
+    verify = find_cause(exc, ssl.SSLCertVerificationError)
+    if verify is not None:
+        reason = verify.verify_message or str(verify.reason) or "verification failed"
+        return PermanentTokenError(
+            f"{where}: {peer}'s TLS certificate is not trusted ({reason})",
+            code="CERTIFICATE_VERIFY_FAILED",
+            fix=trust_fix,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        what = f"timed out ({type(exc).__name__})"
+    elif isinstance(exc, httpx.ConnectError):
+        what = f"is unreachable ({root_message(exc)})"
+    else:
+        what = f"connection failed ({type(exc).__name__}: {root_message(exc)})"
+    return TemporaryTokenError(scrub(f"{where}: {peer} {what}"), fix=network_fix)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then its cause or context, and so on (each once)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -259,15 +287,15 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _find_cause(
-    exc: BaseException, kind: type[ssl.SSLCertVerificationError]
-) -> ssl.SSLCertVerificationError | None:
-    for link in _chain(exc):
+def find_cause(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of type ``kind`` in ``exc``'s chain."""
+    for link in exception_chain(exc):
         if isinstance(link, kind):
             return link
     return None
 
 
-def _root_message(exc: BaseException) -> str:
-    *_, root = _chain(exc)
+def root_message(exc: BaseException) -> str:
+    """What the innermost exception of the chain says (its type if nothing)."""
+    *_, root = exception_chain(exc)
     return str(root) or type(root).__name__

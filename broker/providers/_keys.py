@@ -1,4 +1,5 @@
-"""Private keys that sign JWT assertions, loaded once, in the form authlib signs with."""
+"""Private keys from the configuration's PEM secrets; those that sign JWT assertions, loaded
+once, in the form authlib signs with."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey, RSAKey
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
     from broker.model import App, Secret
 
-__all__ = ["SigningKey", "load_signing_key"]
+__all__ = ["SigningKey", "load_private_key", "load_signing_key", "pkcs8_pem"]
 
 
 class SigningKey:
@@ -32,11 +35,12 @@ class SigningKey:
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
-def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
-    """RSA (RS256) or EC P-256/384/521 (ES256/384/512) key from a PEM; ``ValueError``."""
+def load_private_key(app: App, secret: Secret, what: str) -> PrivateKeyTypes:
+    """The unencrypted private key in the PEM ``secret`` (``what`` names the setting);
+    ``ValueError`` naming only where it came from."""
     pem = secret.reveal().encode("utf-8")
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        return serialization.load_pem_private_key(pem, password=None)
     except TypeError:
         raise ValueError(
             f"app {app.name!r}: the private key in {what} ({secret.origin}) is encrypted; "
@@ -46,17 +50,26 @@ def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
         raise ValueError(
             f"app {app.name!r}: {what} ({secret.origin}) holds no readable PEM private key"
         ) from None
-    der = key.private_bytes(
+
+
+def pkcs8_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    """``key`` as an unencrypted PKCS #8 PEM."""
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
+    """RSA (RS256) or EC P-256/384/521 (ES256/384/512) key from a PEM; ``ValueError``."""
+    key = load_private_key(app, secret, what)
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 2048:
             raise ValueError(f"app {app.name!r}: the RSA key in {what} is shorter than 2048 bits")
-        return SigningKey(RSAKey.import_key(der), "RS256")
+        return SigningKey(RSAKey.import_key(pkcs8_pem(key)), "RS256")
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_ALGORITHMS:
-        return SigningKey(ECKey.import_key(der), _EC_ALGORITHMS[key.curve.name])
+        return SigningKey(ECKey.import_key(pkcs8_pem(key)), _EC_ALGORITHMS[key.curve.name])
     raise ValueError(
         f"app {app.name!r}: {what} ({secret.origin}) has a {type(key).__name__}; "
         "use an RSA (2048 bits or more) or an EC P-256/P-384/P-521 key"

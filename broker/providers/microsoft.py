@@ -47,11 +47,10 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self
 from urllib.parse import urlencode
 
 import httpx
@@ -63,8 +62,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 from broker.model import AccessToken
+from broker.providers._http import CONNECT_TIMEOUT, IO_TIMEOUT, exception_chain, tls_context
 from broker.providers._http import MAX_RETRY_AFTER as MAX_RETRY_AFTER
 from broker.providers._http import retry_after as _retry_after
+from broker.providers._http import transport_error as _transport_error
+from broker.providers._keys import load_private_key, pkcs8_pem
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -75,15 +77,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MicrosoftProvider", "classify_entra_error"]
 
-#: Seconds to connect, and to wait for each read/write, on the IdP connection.
-CONNECT_TIMEOUT: Final = 5.0
-IO_TIMEOUT: Final = 15.0
 #: Used when a token response has no ``expires_in`` (Entra always sends one).
 _FALLBACK_LIFETIME: Final = 300
 _MULTI_TENANT: Final = frozenset({"common", "organizations", "consumers"})
 _AADSTS: Final = re.compile(r"AADSTS(\d+)")
-
-_E = TypeVar("_E", bound=BaseException)
 
 _REGISTRATION = "Microsoft Entra admin center > App registrations > the app"
 
@@ -310,31 +307,20 @@ class MicrosoftProvider:
         )
 
     def _transport_error(self, exc: httpx.HTTPError) -> BrokerError:
-        verify = _find_cause(exc, ssl.SSLCertVerificationError)
-        where = self._where()
-        if verify is not None:
-            reason = verify.verify_message or str(verify.reason) or "verification failed"
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
             return PermanentTokenError(
-                f"{where}: the identity provider's TLS certificate is not trusted ({reason})",
-                code="CERTIFICATE_VERIFY_FAILED",
-                fix="Trust the IdP's CA: install it in the system store or set ca_file to a PEM "
-                "file holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            what = f"timed out ({type(exc).__name__})"
-        elif isinstance(exc, httpx.ConnectError):
-            what = f"is unreachable ({_root_message(exc)})"
-        elif isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            return PermanentTokenError(
-                f"{where}: authority {self._app.authority!r} is not an https:// URL",
+                f"{self._where()}: authority {self._app.authority!r} is not an https:// URL",
                 fix="Set authority to the IdP's base URL, e.g. https://login.microsoftonline.com.",
             )
-        else:
-            what = f"connection failed ({type(exc).__name__}: {_root_message(exc)})"
-        return TemporaryTokenError(
-            self._scrub(f"{where}: the identity provider {what}"),
-            fix="Check DNS, routing, firewalls and proxies (HTTPS_PROXY) between this host and "
-            f"{self._app.authority}.",
+        return _transport_error(
+            exc,
+            where=self._where(),
+            peer="the identity provider",
+            trust_fix="Trust the IdP's CA: install it in the system store or set ca_file to a "
+            "PEM file holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
+            network_fix="Check DNS, routing, firewalls and proxies (HTTPS_PROXY) between this "
+            f"host and {self._app.authority}.",
+            scrub=self._scrub,
         )
 
     def _where(self) -> str:
@@ -403,11 +389,8 @@ class _MsalHttpClient:
     """
 
     def __init__(self, *, ca_file: Path | None, connect_timeout: float, io_timeout: float) -> None:
-        context = ssl.create_default_context()
-        if ca_file is not None:
-            context.load_verify_locations(cafile=str(ca_file))
         self._client = httpx.Client(
-            verify=context,
+            verify=tls_context(ca_file),
             timeout=httpx.Timeout(io_timeout, connect=connect_timeout),
             # One token request an hour gains nothing from keep-alive, and no idle pooled
             # socket is left for the garbage collector if the owner never calls close().
@@ -489,20 +472,9 @@ def _certificate_credential(app: App) -> tuple[dict[str, str], datetime]:
     and when the certificate expires."""
     assert app.certificate is not None
     origin = app.certificate.origin
-    pem = app.certificate.reveal().encode("utf-8")
+    key = load_private_key(app, app.certificate, "certificate")
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise ValueError(
-            f"app {app.name!r}: the private key in certificate ({origin}) is encrypted; "
-            "store it unencrypted with restrictive file permissions"
-        ) from None
-    except ValueError:
-        raise ValueError(
-            f"app {app.name!r}: certificate ({origin}) holds no readable PEM private key"
-        ) from None
-    try:
-        chain = x509.load_pem_x509_certificates(pem)
+        chain = x509.load_pem_x509_certificates(app.certificate.reveal().encode("utf-8"))
     except ValueError:
         raise ValueError(
             f"app {app.name!r}: certificate ({origin}) holds no PEM certificate"
@@ -522,11 +494,7 @@ def _certificate_credential(app: App) -> tuple[dict[str, str], datetime]:
             "belong to the private key; put the app's certificate first, then its issuers"
         )
     credential = {
-        "private_key": key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode("ascii"),
+        "private_key": pkcs8_pem(key).decode("ascii"),
         # Entra's x5t: SHA-1 of the DER certificate, as shown in the Entra portal.
         "thumbprint": leaf.fingerprint(hashes.SHA1()).hex().upper(),
         # Sent as x5c, so subject name + issuer authentication works too.
@@ -554,29 +522,8 @@ def _first_code_in(result: dict[str, Any]) -> int | None:
 
 
 def _first_code(exc: BaseException) -> int | None:
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         match = _AADSTS.search(str(link))
         if match:
             return int(match.group(1))
     return None
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _find_cause(exc: BaseException, kind: type[_E]) -> _E | None:
-    for link in _chain(exc):
-        if isinstance(link, kind):
-            return link
-    return None
-
-
-def _root_message(exc: BaseException) -> str:
-    *_, root = _chain(exc)
-    return str(root) or type(root).__name__

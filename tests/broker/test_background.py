@@ -165,6 +165,39 @@ async def test_idp_down_logins_use_the_cached_token_then_get_temporary(
     assert 9 <= calls < 20  # 1, 2, 4... up to 120 s apart: not hammered
 
 
+async def test_a_fetch_that_never_finishes_is_a_temporary_failure(
+    wall: Clock, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IdP that accepts the request and never finishes answering (HTTP read timeouts do
+    not catch one that trickles bytes) holds nobody up beyond fetch_timeout."""
+    fake = FakeProvider(wall)
+    fake.gate = trio.Event()  # the IdP's answer never completes
+    source = make(wall, {"contoso": fake}, base_backoff=10, max_backoff=10)
+    async with trio.open_nursery() as nursery:
+        await running(nursery, source)  # the warm-up fetch hangs
+        with trio.fail_after(3600):
+            with pytest.raises(TemporaryTokenError, match="did not answer within 60 s"):
+                await source.token("contoso")  # waits for the warm-up fetch
+            with pytest.raises(TemporaryTokenError, match="did not answer"):
+                await source.token("contoso")  # held back: the IdP is not asked again
+            assert fake.calls == 1
+            fake.gate = None  # the IdP recovers; the background retries after the backoff
+            await trio.sleep(10)
+            assert (await source.token("contoso")).value == "token-2"
+        nursery.cancel_scope.cancel()
+    assert fake.calls == 2
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "did not answer within 60 s [FETCH_TIMEOUT] (attempt 1; trying again in" in (
+        warning.getMessage()
+    )
+
+
+def test_fetch_timeout_must_be_positive(wall: Clock) -> None:
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="fetch_timeout must be positive"):
+            make(wall, {"contoso": FakeProvider(wall)}, fetch_timeout=bad)
+
+
 async def test_permanent_error_reported_once_with_fix_and_not_hammered(
     wall: Clock, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -345,3 +378,18 @@ async def test_bad_secret_reported_once_with_real_idp(
     assert "AADSTS7000215" in message
     assert "Copy the secret's *Value*" in message
     assert "the-secret-ID-not-its-value" not in message
+
+
+async def test_trickling_idp_times_out_with_real_idp(idp: EntraEmulator, secret_app: App) -> None:
+    """Entra sends the headers, then the token a byte at a time: every read succeeds in
+    time, so only the overall fetch_timeout ends the request."""
+    idp.trickle = 0.05  # a couple of minutes for the whole answer
+    source = CachingTokenSource({"contoso": secret_app}, fetch_timeout=1.0)
+    try:
+        with trio.fail_after(20), pytest.raises(TemporaryTokenError) as caught:
+            await source.token("contoso")
+    finally:
+        source.close()
+    assert caught.value.code == "FETCH_TIMEOUT"
+    assert "did not answer within 1 s" in str(caught.value)
+    assert idp.token_requests == 1

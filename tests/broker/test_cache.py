@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import logging
 import os
 import secrets
 import stat
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -20,9 +25,12 @@ from broker.cache.file import FileTokenCache
 from broker.cache.memory import MemoryTokenCache
 from broker.cache.redis import RedisTokenCache, _redact
 from broker.cache.sealing import Sealer, SealError, parse_key
+from broker.clock import wall_clock
 from broker.model import AccessToken, Secret
-from tests.broker.helpers import fake_app
-from tests.support.redis import RedisServer, redis_available
+from broker.source import CachingTokenSource
+from tests.broker.helpers import FakeProvider, fake_app
+from tests.support.certs import TestPki
+from tests.support.redis import RedisServer, RedisTls, redis_available
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -205,6 +213,113 @@ async def test_file_cache_concurrent_writes_lose_nothing(tmp_path: Path) -> None
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
 
 
+#: Takes the flock a writer needs, then stops itself (SIGSTOP) while holding it.
+LOCK_HOLDER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@contextmanager
+def stopped_lock_holder(lock_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process, stopped while it holds the cache's lock; killed on exit."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(lock_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+async def test_file_cache_write_gives_up_on_a_stopped_lock_holder(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, new_key(), lock_wait=0.2)
+    await cache.store(KEY, entry("before"))
+    with stopped_lock_holder(tmp_path / "tokens.lock"):
+        with trio.fail_after(20), pytest.raises(CacheError, match="still locked"):
+            await cache.store(KEY, entry("blocked"))
+        assert (await cache.load(KEY) or entry()).token.value == "before"  # reads need no lock
+    await cache.store(KEY, entry("after"))
+    assert (await cache.load(KEY) or entry()).token.value == "after"
+
+
+async def test_file_cache_write_waiting_for_the_lock_can_be_cancelled(tmp_path: Path) -> None:
+    """A login's deadline is not held up by a writer waiting for a stopped lock holder."""
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, new_key())  # the default lock_wait, longer than the deadline
+    with stopped_lock_holder(tmp_path / "tokens.lock") as holder:
+
+        async def watchdog() -> None:
+            # Only so that a writer that cannot be cancelled fails this test, not hangs it.
+            await trio.sleep(15)
+            holder.kill()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog)
+            with trio.move_on_after(0.1) as deadline:
+                await cache.store(KEY, entry("abandoned"))
+            nursery.cancel_scope.cancel()
+        assert deadline.cancelled_caught
+    # The abandoned write finished or gave up by itself; the next one waits for it.
+    await cache.store(KEY, entry("after"))
+    assert (await cache.load(KEY) or entry()).token.value == "after"
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path) -> FileTokenCache:
+    """A file cache whose file became something that opens but cannot be read (EISDIR)."""
+    cache = FileTokenCache(tmp_path / "tokens", new_key())
+    (tmp_path / "tokens").mkdir(mode=0o700)
+    return cache
+
+
+async def test_file_cache_os_errors_are_cache_errors(
+    unreadable: FileTokenCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = unreadable
+    with pytest.raises(CacheError, match="cannot read"):
+        await cache.load(KEY)
+    with pytest.raises(CacheError, match="cannot read"):
+        await cache.store(KEY, entry())
+    (tmp_path / "tokens").rmdir()
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as NFS without lockd says
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(CacheError, match="cannot lock"):
+        await cache.store(KEY, entry())
+
+
+async def test_source_carries_on_when_the_file_cache_fails(
+    unreadable: FileTokenCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache that meets OSErrors inside must not end the background refresh."""
+    fake = FakeProvider(wall_clock)
+    source = CachingTokenSource(
+        {"contoso": fake_app()}, providers={"contoso": fake}, cache=unreadable
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            token = await source.token("contoso")
+            nursery.cancel_scope.cancel()
+    assert token.value == "token-1"
+    assert fake.calls == 1
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("token cache unavailable" in m and "cannot read" in m for m in logged)
+    assert any("token not shared" in m for m in logged)
+
+
 async def test_damaged_file_is_treated_as_empty(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_bytes(b"\x01" + os.urandom(64))
@@ -362,6 +477,59 @@ async def test_redis_unreachable(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     finally:
         cache.close()
     assert any("without the shared lock" in r.getMessage() for r in caplog.records)
+
+
+@needs_redis
+async def test_redis_lock_taken_by_an_abandoned_attempt_is_released(
+    redis_server: RedisServer,
+) -> None:
+    """A cancelled waiter whose ``SET NX`` lands after it gave up leaves no lock behind."""
+    key, prefix = new_key(), f"t{secrets.token_hex(4)}"
+    # A long lock_timeout: a leaked lock would stall the other instance for a minute.
+    a = RedisTokenCache(redis_server.url, key, prefix=prefix, lock_timeout=60.0)
+    b = RedisTokenCache(redis_server.url, key, prefix=prefix, lock_timeout=60.0)
+    try:
+        # Redis holds every write for a second: a's SET NX is still pending when a is
+        # cancelled, and succeeds afterwards in the thread a abandoned.
+        assert redis_server.command("CLIENT", "PAUSE", "1000", "WRITE") == b"+OK\r\n"
+        with trio.move_on_after(0.2) as gave_up:
+            async with a.exclusive(KEY):
+                pytest.fail("the lock cannot be taken while Redis holds writes")
+        assert gave_up.cancelled_caught
+        with trio.fail_after(20):  # far less than lock_timeout
+            async with b.exclusive(KEY):
+                pass
+        assert redis_server.command("EXISTS", f"{prefix}:lock:{KEY.digest}") == b":0\r\n"
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_redis
+async def test_rediss_checks_the_server_name(tmp_path: Path) -> None:
+    """Over TLS the certificate must name the host in the URL, not just come from a trusted
+    CA: redis-py before 6 did not check the name unless told (redis/redis-py#3626)."""
+    pki = TestPki(tmp_path / "pki")
+    for name, identity, accepted in (
+        ("right", "127.0.0.1", True),
+        ("wrong", "redis.elsewhere.example", False),
+    ):
+        key_file, cert_file = pki.issue_split(name, identity)
+        tls = RedisTls(key_file, cert_file, pki.ca_file)
+        with RedisServer(tmp_path / f"redis-{name}", tls=tls) as server:
+            cache = RedisTokenCache(server.url, new_key(), ca_file=pki.ca_file)
+            try:
+                # Asked for explicitly, whatever redis-py's default is.
+                options = cache._client.connection_pool.connection_kwargs
+                assert options["ssl_check_hostname"] is True
+                if accepted:
+                    await cache.store(KEY, e := entry())
+                    assert await cache.load(KEY) == e
+                else:
+                    with pytest.raises(CacheError, match=r"not valid for '127\.0\.0\.1'"):
+                        await cache.load(KEY)
+            finally:
+                cache.close()
 
 
 def test_redis_url_checks_and_redaction() -> None:

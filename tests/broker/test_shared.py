@@ -19,6 +19,7 @@ from broker import build_source
 from broker.cache import CacheSettings
 from broker.cache.file import FileTokenCache
 from broker.cache.redis import RedisTokenCache
+from broker.clock import wall_clock
 from broker.errors import TemporaryTokenError
 from broker.model import Secret
 from broker.source import CachingTokenSource
@@ -28,7 +29,7 @@ from tests.support.redis import RedisServer, redis_available
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from broker.model import App
+    from broker.model import AccessToken, App
     from tests.support.entra import EntraEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,6 +236,55 @@ async def test_background_refresh_of_instances_sharing_redis(
             cache.close()
     assert idp.token_requests == 2
     assert len(tokens) == 1
+
+
+class HangingProvider:
+    """An IdP that accepts the request and never finishes answering."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+
+    async def fetch(self) -> AccessToken:
+        self.started.set()
+        await trio.sleep_forever()
+
+
+async def test_hanging_fetch_gives_the_shared_lock_up(redis_server: RedisServer) -> None:
+    """An instance whose IdP request never finishes holds the Redis lock only for
+    fetch_timeout, not for ever: the other instances then get their turn."""
+    key = new_key()
+    # lock_timeout is long: only giving the lock up lets the second instance in soon.
+    caches = [RedisTokenCache(redis_server.url, key, lock_timeout=60.0) for _ in range(2)]
+    hanging = HangingProvider()
+    stuck = CachingTokenSource(
+        {"contoso": fake_app()}, providers={"contoso": hanging}, cache=caches[0], fetch_timeout=1
+    )
+    healthy = CachingTokenSource(
+        {"contoso": fake_app()},
+        providers={"contoso": FakeProvider(wall_clock)},
+        cache=caches[1],
+        fetch_timeout=1,
+    )
+    errors: list[TemporaryTokenError] = []
+
+    async def stuck_login() -> None:
+        try:
+            await stuck.token("contoso")
+        except TemporaryTokenError as exc:
+            errors.append(exc)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stuck_login)
+                await hanging.started.wait()  # it holds the lock and waits for its IdP
+                token = await healthy.token("contoso")
+    finally:
+        for cache in caches:
+            cache.close()
+    assert token.value == "token-1"
+    (error,) = errors
+    assert error.code == "FETCH_TIMEOUT"
 
 
 async def test_due_shared_token_serves_logins_while_the_idp_fails(tmp_path: Path) -> None:

@@ -90,6 +90,8 @@ class _Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    #: Seconds between the body's bytes (0: all at once).
+    trickle: float = 0.0
 
 
 class _EntraError(Exception):
@@ -126,6 +128,9 @@ class EntraEmulator:
         self.lifetime: float = 3600.0
         #: Delay added to every token request, in seconds.
         self.latency: float = 0.0
+        #: Seconds between the bytes of each token response body (0: all at once): a server
+        #: so slow that no single read times out, until the emulator is closed.
+        self.trickle: float = 0.0
         #: Claims of every token issued, in order.
         self.issued: list[dict[str, Any]] = []
         self._pki = TestPki(pki_dir / "entra")
@@ -140,6 +145,7 @@ class EntraEmulator:
         self._apps: dict[str, _Registration] = {}
         self._failures: list[_Failure] = []
         self._token_requests = 0
+        self._closing = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -168,6 +174,7 @@ class EntraEmulator:
         server, self._server = self._server, None
         if server is None:
             return
+        self._closing.set()  # ends trickling responses
         server.shutdown()
         server.server_close()
         if self._thread is not None:
@@ -320,9 +327,19 @@ class EntraEmulator:
         with self._lock:
             self._token_requests += 1
             failure = self._failures.pop(0) if self._failures else None
-            latency = self.latency
+            latency, trickle = self.latency, self.trickle
         if latency > 0:
             time.sleep(latency)
+        try:
+            reply = self._token_reply(tenant, headers, body, failure)
+        except _EntraError as exc:
+            reply = self._error_reply(exc.status, exc.error, exc.code, exc.text)
+        reply.trickle = trickle
+        return reply
+
+    def _token_reply(
+        self, tenant: str, headers: dict[str, str], body: bytes, failure: _Failure | None
+    ) -> _Reply:
         if failure is not None:
             reply = self._error_reply(
                 failure.status,
@@ -618,7 +635,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, body: bytes) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
-        reply = self.server.emulator._route(self.command, self.path, headers, body)
+        emulator = self.server.emulator
+        reply = emulator._route(self.command, self.path, headers, body)
         payload = json.dumps(reply.body).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -627,7 +645,14 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        if reply.trickle <= 0:
+            self.wfile.write(payload)
+            return
+        for i in range(len(payload)):
+            if emulator._closing.wait(reply.trickle):
+                self.close_connection = True
+                return
+            self.wfile.write(payload[i : i + 1])
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log on stderr."""

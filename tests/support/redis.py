@@ -1,39 +1,54 @@
 """A private Redis server for tests: ``redis-server`` (Debian package) on a free loopback port.
 
 It keeps nothing on disk (no RDB snapshots, no AOF) and runs in its own temporary directory;
-``close()`` (or leaving the ``with`` block) stops it.
+``close()`` (or leaving the ``with`` block) stops it. With ``tls`` it speaks only TLS
+(Debian's redis-server is built with it), presenting the given certificate to clients, and
+:attr:`RedisServer.url` is a ``rediss://`` URL.
 """
 
 from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from pathlib import Path
     from types import TracebackType
 
-__all__ = ["RedisServer", "redis_available"]
+__all__ = ["RedisServer", "RedisTls", "redis_available"]
 
 
 def redis_available() -> bool:
     return shutil.which("redis-server") is not None
 
 
-class RedisServer:
-    """``redis-server`` on 127.0.0.1, in ``directory``."""
+@dataclass(frozen=True)
+class RedisTls:
+    """The server's key and certificate chain (PEM files), and the CA that issued them."""
 
-    def __init__(self, directory: Path) -> None:
+    key_file: Path
+    cert_file: Path
+    ca_file: Path
+
+
+class RedisServer:
+    """``redis-server`` on 127.0.0.1, in ``directory``; TLS only if ``tls`` is given."""
+
+    def __init__(self, directory: Path, *, tls: RedisTls | None = None) -> None:
         self.directory = directory
+        self.tls = tls
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def __enter__(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -41,10 +56,21 @@ class RedisServer:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 self.port = probe.getsockname()[1]
+            if self.tls is None:
+                listen = ["--port", str(self.port)]
+            else:
+                listen = [
+                    "--port", "0",
+                    "--tls-port", str(self.port),
+                    "--tls-cert-file", str(self.tls.cert_file),
+                    "--tls-key-file", str(self.tls.key_file),
+                    "--tls-ca-cert-file", str(self.tls.ca_file),
+                    "--tls-auth-clients", "no",
+                ]  # fmt: skip
             self._process = subprocess.Popen(
                 [
                     "redis-server",
-                    "--port", str(self.port),
+                    *listen,
                     "--bind", "127.0.0.1",
                     "--dir", str(self.directory),
                     "--save", "",
@@ -75,9 +101,16 @@ class RedisServer:
         for arg in args:
             data = arg.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
-            conn.sendall(b"".join(parts))
-            return conn.recv(65536)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+            conn = raw
+            if self.tls is not None:
+                # Our own bookkeeping: trust the CA, whatever name the certificate has.
+                context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+                context.check_hostname = False
+                conn = context.wrap_socket(raw)
+            with conn:
+                conn.sendall(b"".join(parts))
+                return conn.recv(65536)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + 10
