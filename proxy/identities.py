@@ -245,14 +245,14 @@ class Authenticator:
     ) -> Identity:
         """The checks every kind of credential shares, once it has named ``user``."""
         if protocol not in user.protocols:
-            raise BadCredentials(f"{protocol.value} is not in the user's protocols")
+            raise BadCredentials(f"{protocol.value} is not in user {user.login!r}'s protocols")
         if kind != "certificate" and user.has_certificate:
             owner = self._certificate_owner(certificate)
             if owner is not user:
                 raise BadCredentials("the client certificate belongs to another user")
         mailbox = wanted_mailbox or user.mailbox
         if not user.may_open(mailbox):
-            raise BadCredentials(f"mailbox {mailbox!r} is not in the user's mailboxes")
+            raise BadCredentials(f"mailbox {mailbox!r} is not in user {user.login!r}'s mailboxes")
         return Identity(login=user.login, mailbox=mailbox, app=user.app, kind=kind)
 
     def _certificate_owner(self, certificate: bytes | None) -> UserConfig:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.config import Protocol
+from proxy.config import ClientCertificates, Protocol
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net.session import AuthMachine, Services, Session
 from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
@@ -48,9 +48,18 @@ class BoundListener:
     port: int
 
 
-def _machine(listener: ListenerConfig) -> tuple[AuthMachine, bytes]:
-    """The protocol machine for a new connection, and the reply for a login timeout."""
-    settings = AuthSettings(client_tls=listener.tls, upstream_tls=listener.upstream_tls)
+def _machine(listener: ListenerConfig, *, app_keys: bool) -> tuple[AuthMachine, bytes]:
+    """The protocol machine for a new connection, and the reply for a login timeout.
+
+    SASL EXTERNAL is offered where the listener asks for client certificates, XOAUTH2
+    and OAUTHBEARER where any user has an app key (``app_keys``).
+    """
+    settings = AuthSettings(
+        client_tls=listener.tls,
+        upstream_tls=listener.upstream_tls,
+        sasl_external=listener.client_certificates is not ClientCertificates.NONE,
+        sasl_bearer=app_keys,
+    )
     match listener.protocol:
         case Protocol.IMAP:
             return ImapAuth(settings), replies.IMAP_BYE_TIMEOUT
@@ -58,6 +67,10 @@ def _machine(listener: ListenerConfig) -> tuple[AuthMachine, bytes]:
             return Pop3Auth(settings), replies.POP3_TIMEOUT
         case Protocol.SMTP:
             return SmtpAuth(settings, hostname=_smtp_hostname(listener)), replies.SMTP_TIMEOUT
+
+
+def _has_app_keys(config: Config) -> bool:
+    return any(user.app_key_hashes for user in config.users.values())
 
 
 @functools.cache
@@ -116,8 +129,9 @@ class ProxyServer:
         self.grace = grace
         self.throttle = LoginThrottle(config.limits.throttle_policy())
         self.services = self._services(config, tokens, authenticator, self.throttle)
+        self._app_keys = _has_app_keys(config)
         for listener in config.listeners:
-            _machine(listener)  # refuse unsupported protocols before binding anything
+            _machine(listener, app_keys=False)  # refuse unsupported protocols before binding
         self._client_contexts, self._upstream_contexts = _contexts(config)
         self._ids = itertools.count(1)
         self._connections: collections.Counter[ListenerConfig] = collections.Counter()
@@ -180,6 +194,7 @@ class ProxyServer:
         # Failure counts survive a reload; the new limits apply to them.
         self.throttle.policy = config.limits.throttle_policy()
         self.services = self._services(config, tokens, None, self.throttle)
+        self._app_keys = _has_app_keys(config)
         log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
         return True
 
@@ -297,7 +312,7 @@ class ProxyServer:
                     await trio.aclose_forcefully(stream)
                     return
                 client = tls
-            machine, timeout_reply = _machine(listener)
+            machine, timeout_reply = _machine(listener, app_keys=self._app_keys)
             session = Session(
                 conn_id=conn_id,
                 peer=str(peer[0]),

@@ -142,6 +142,13 @@ class _Refused:
     mailbox: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    issued: TokenIssued
+    #: The identity's name in the configuration (for SASL EXTERNAL, the client sent none).
+    login: str
+
+
 @dataclass(slots=True)
 class _Attempt:
     login: str
@@ -482,10 +489,10 @@ class Session:
             await self._tx.send(TokenRefused(decision.refusal))
             return
         # Audited once the upstream has answered (see _execute).
-        self._attempt = _Attempt(credentials.login, decision.mailbox, kind)
-        await self._tx.send(decision)
+        self._attempt = _Attempt(decision.login, decision.issued.mailbox, kind)
+        await self._tx.send(decision.issued)
 
-    async def _decide(self, credentials: AnyCredentials) -> TokenIssued | _Refused:
+    async def _decide(self, credentials: AnyCredentials) -> _Accepted | _Refused:
         """Check the throttle and the credentials, get a token and check its roles."""
         services = self.services
         protocol = self.listener.protocol
@@ -598,11 +605,11 @@ class Session:
         self._log.info(
             "%s: login %r accepted for mailbox %r (app %r)",
             self.conn_id,
-            login,
+            identity.login,
             identity.mailbox,
             identity.app,
         )
-        return TokenIssued(mailbox=identity.mailbox, token=token)
+        return _Accepted(TokenIssued(mailbox=identity.mailbox, token=token), identity.login)
 
     def _progress(self) -> None:
         """The client has our attention again: its next command has line_timeout."""

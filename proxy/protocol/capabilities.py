@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from proxy.protocol.sasl import Mechanism
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "IMAP_PASSWORD_MECHANISMS",
+    "POP3_SMTP_PASSWORD_MECHANISMS",
     "ImapCapabilities",
     "Pop3Capabilities",
     "SmtpExtensions",
@@ -32,6 +36,9 @@ __all__ = [
 
 #: What the proxy itself implements before authentication, in the order we list it.
 _BASE: Final = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")
+#: The SASL mechanisms for passwords: IMAP has LOGIN as a command, so only PLAIN.
+IMAP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN,)
+POP3_SMTP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN, Mechanism.LOGIN)
 
 
 class ImapCapabilities:
@@ -70,14 +77,20 @@ class ImapCapabilities:
         return frozenset(atom[5:] for atom in self._atoms if atom.startswith("AUTH="))
 
 
-def imap_proxy_capabilities(*, before_tls: bool) -> bytes:
+def imap_proxy_capabilities(
+    *, before_tls: bool, mechanisms: Iterable[Mechanism] = IMAP_PASSWORD_MECHANISMS
+) -> bytes:
     """The proxy's own list, as sent in the greeting and in ``* CAPABILITY``.
 
     On a STARTTLS listener before TLS, logins are refused (``LOGINDISABLED``, no
     ``AUTH=``, RFC 3501 section 6.2.3 and 6.2.1); afterwards, and on implicit-TLS or
-    plaintext listeners, ``LOGIN`` and ``AUTHENTICATE PLAIN`` (RFC 4616) are offered.
+    plaintext listeners, ``LOGIN`` is offered, and ``AUTHENTICATE`` with each of
+    ``mechanisms`` (``AUTH=PLAIN``, then those for app identities).
     """
-    atoms = (*_BASE, "STARTTLS", "LOGINDISABLED") if before_tls else (*_BASE, "AUTH=PLAIN")
+    if before_tls:
+        atoms: tuple[str, ...] = (*_BASE, "STARTTLS", "LOGINDISABLED")
+    else:
+        atoms = (*_BASE, *(f"AUTH={mechanism.value}" for mechanism in mechanisms))
     return " ".join(atoms).encode("ascii")
 
 
@@ -148,16 +161,23 @@ class Pop3Capabilities:
         )
 
 
-def pop3_proxy_capabilities(*, before_tls: bool, upstream: Pop3Capabilities) -> bytes:
+def pop3_proxy_capabilities(
+    *,
+    before_tls: bool,
+    upstream: Pop3Capabilities,
+    mechanisms: Iterable[Mechanism] = POP3_SMTP_PASSWORD_MECHANISMS,
+) -> bytes:
     """The proxy's CAPA list (the lines between ``+OK`` and ``.``, each ending in CRLF).
 
     On a STARTTLS listener before TLS: ``STLS`` and no ``USER`` or ``SASL``, so that clients
     do not offer credentials in the clear (RFC 2595 section 4, RFC 8314). Otherwise ``USER``
-    and ``SASL PLAIN LOGIN``. Always ``RESP-CODES`` and ``AUTH-RESP-CODE`` (our refusals
-    carry ``[AUTH]`` and ``[SYS/TEMP]``, RFC 3206), followed by the upstream's transaction
-    capabilities that are known so far (see ``_POP3_PASSED_ON``).
+    and ``SASL`` with ``mechanisms`` (``SASL PLAIN LOGIN``, then those for app identities).
+    Always ``RESP-CODES`` and ``AUTH-RESP-CODE`` (our refusals carry ``[AUTH]`` and
+    ``[SYS/TEMP]``, RFC 3206), followed by the upstream's transaction capabilities that are
+    known so far (see ``_POP3_PASSED_ON``).
     """
-    own = ("STLS",) if before_tls else ("USER", "SASL PLAIN LOGIN")
+    sasl = " ".join(("SASL", *(mechanism.value for mechanism in mechanisms)))
+    own = ("STLS",) if before_tls else ("USER", sasl)
     lines = [name.encode("ascii") for name in (*own, "RESP-CODES", "AUTH-RESP-CODE")]
     lines += upstream.passed_on()
     return b"".join(line + b"\r\n" for line in lines)
@@ -183,7 +203,6 @@ _SMTP_PASSED_ON: Final = (
 #: The proxy's own list before TLS on a STARTTLS listener (RFC 3207 section 4.2 has the
 #: client forget it after TLS): no AUTH, so that no password is offered in the clear.
 _SMTP_BEFORE_TLS: Final = (b"PIPELINING", b"ENHANCEDSTATUSCODES", b"STARTTLS")
-_SMTP_OWN_AUTH: Final = b"AUTH PLAIN LOGIN"
 #: More digits than this is not a message size (RFC 1870 allows 20).
 _SMTP_SIZE_DIGITS: Final = 20
 
@@ -266,14 +285,21 @@ class SmtpExtensions:
         return tuple(lines)
 
 
-def smtp_proxy_extensions(*, before_tls: bool, upstream: SmtpExtensions) -> tuple[bytes, ...]:
+def smtp_proxy_extensions(
+    *,
+    before_tls: bool,
+    upstream: SmtpExtensions,
+    mechanisms: Iterable[Mechanism] = POP3_SMTP_PASSWORD_MECHANISMS,
+) -> tuple[bytes, ...]:
     """The extension lines of the proxy's EHLO reply, without reply codes or line endings.
 
     On a STARTTLS listener before TLS: the proxy's own ``PIPELINING``,
     ``ENHANCEDSTATUSCODES`` and ``STARTTLS``, and no ``AUTH`` (RFC 3207, RFC 4954 section
-    4, RFC 8314). Otherwise ``AUTH PLAIN LOGIN`` and what the upstream's list passes on
+    4, RFC 8314). Otherwise ``AUTH`` with ``mechanisms`` (``AUTH PLAIN LOGIN``, then those
+    for app identities) and what the upstream's list passes on
     (:meth:`SmtpExtensions.passed_on`; an empty ``upstream`` when its list is unknown).
     """
     if before_tls:
         return _SMTP_BEFORE_TLS
-    return (_SMTP_OWN_AUTH, *upstream.passed_on())
+    auth = b" ".join((b"AUTH", *(mechanism.value.encode("ascii") for mechanism in mechanisms)))
+    return (auth, *upstream.passed_on())

@@ -17,8 +17,10 @@ accepted (a token was issued, client state ``AUTHORIZING``) *and* the upstream i
 
 Client side (we are the server; RFC 3501 / RFC 9051)
     ``start()`` sends our greeting with our own pre-authentication capability list
-    (``IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN``; on a STARTTLS listener before TLS
-    ``STARTTLS LOGINDISABLED`` and no ``AUTH=``, RFC 2595 / RFC 8314) and, in the same
+    (``IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN``, followed by ``AUTH=EXTERNAL`` when
+    ``AuthSettings.sasl_external`` is set and ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` when
+    ``sasl_bearer`` is; on a STARTTLS listener before TLS ``STARTTLS LOGINDISABLED`` and
+    no ``AUTH=``, RFC 2595 / RFC 8314) and, in the same
     breath, asks the driver to connect upstream, so that the upstream greeting, STARTTLS
     and CAPABILITY round trips overlap with the client's login. Command names are
     case-insensitive. CAPABILITY, NOOP, ID (``* ID NIL``) and LOGOUT are answered
@@ -27,12 +29,18 @@ Client side (we are the server; RFC 3501 / RFC 9051)
     behind the STARTTLS line is a :class:`ClientProtocolError` (the CVE-2011-0411 class).
     LOGIN takes two astrings (RFC 3501 section 9): atoms, quoted strings with ``\\\\``
     and ``\\"`` escapes, and literals, synchronizing (``{n}``, answered by ``+ Ready
-    for literal data``) or not (``{n+}``, RFC 7888 LITERAL+). AUTHENTICATE PLAIN
-    (RFC 4616) takes its response on the command line (RFC 4959 SASL-IR, ``=`` for an
-    empty one) or after our empty ``+`` continuation; ``*`` cancels; base64 is strict.
-    Before TLS on a STARTTLS listener both are refused with ``NO [PRIVACYREQUIRED]``
-    (RFC 5530). Other commands get ``BAD`` (``NO Please authenticate first`` for commands
-    of the authenticated state), each counted against ``max_bad_commands``.
+    for literal data``) or not (``{n+}``, RFC 7888 LITERAL+). AUTHENTICATE takes the
+    mechanisms advertised (names are case-insensitive; others get ``NO Unsupported
+    authentication mechanism.``), each with one response: on the command line (RFC 4959
+    SASL-IR, ``=`` for an empty one) or after our empty ``+`` continuation; ``*`` cancels;
+    base64 is strict (``BAD`` otherwise). PLAIN (RFC 4616) carries a password; the
+    mechanisms for app identities carry what :mod:`proxy.protocol.sasl` parses:
+    EXTERNAL (RFC 4422 appendix A: the TLS client certificate, and the authorization
+    identity or nothing as the response), XOAUTH2 and OAUTHBEARER (RFC 7628: a mailbox
+    and an app key as the bearer token). Before TLS on a STARTTLS listener LOGIN and
+    AUTHENTICATE are refused with ``NO [PRIVACYREQUIRED]`` (RFC 5530). Other commands get
+    ``BAD`` (``NO Please authenticate first`` for commands of the authenticated state),
+    each counted against ``max_bad_commands``.
 
     Once credentials are parsed the machine says :class:`RequestToken` and stops parsing:
     whatever the client sends meanwhile is buffered raw (up to ``max_line +
@@ -73,6 +81,12 @@ Outcomes
       Authentication failed.`` whatever the reason (wrong password or unknown user);
       ``UNAVAILABLE`` gives ``NO [UNAVAILABLE]``. Credentials that cannot be anyone's
       (not UTF-8, control characters) are refused the same way without asking.
+    * A refused XOAUTH2 or OAUTHBEARER login (``CREDENTIALS``, or a message that does not
+      parse) is answered as servers do (RFC 7628 section 3.2.2): first an error challenge,
+      ``+ <base64 JSON>`` (``{"status":"invalid_token"}`` for OAUTHBEARER, Google's and
+      Dovecot's ``{"status":"401","schemes":"bearer"}`` for XOAUTH2), then, whatever
+      line the client answers with (``AQ==`` for ^A, or an empty line), ``NO
+      [AUTHENTICATIONFAILED]``. ``UNAVAILABLE`` gets ``NO [UNAVAILABLE]`` directly.
 
     Every failed login, permanent or temporary, counts against ``max_auth_failures``;
     the failure that reaches it is answered and followed by ``* BYE`` and :class:`Close`.
@@ -104,9 +118,10 @@ Limits and errors
     ``RuntimeError``: that is a bug, not a peer's fault.
 
 Secrets
-    The password leaves the machine only inside :class:`RequestToken`, whose
-    :class:`Credentials` redact it; the token only inside the XOAUTH2 line sent upstream.
-    No note, error message or repr contains either.
+    The password and the app key leave the machine only inside :class:`RequestToken`,
+    whose :class:`Credentials` and :class:`BearerCredentials` redact them; the token only
+    inside the XOAUTH2 line sent upstream. No note, error message or repr contains any of
+    them.
 """
 
 from __future__ import annotations
@@ -128,7 +143,11 @@ from proxy.protocol.actions import (
     Severity,
     StartTls,
 )
-from proxy.protocol.capabilities import ImapCapabilities, imap_proxy_capabilities
+from proxy.protocol.capabilities import (
+    IMAP_PASSWORD_MECHANISMS,
+    ImapCapabilities,
+    imap_proxy_capabilities,
+)
 from proxy.protocol.errors import ClientProtocolError, FrameError, ProxyError, UpstreamProtocolError
 from proxy.protocol.events import (
     ClientClosed,
@@ -148,10 +167,11 @@ from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.sasl import (
     Credentials,
     InvalidCredentials,
+    Mechanism,
     SaslError,
     b64decode_strict,
     describe_error_challenge,
-    parse_plain,
+    parse_response,
     text_credential,
     xoauth2_response,
 )
@@ -160,6 +180,7 @@ from proxy.protocol.transitions import TransitionTable
 if TYPE_CHECKING:
     from proxy.protocol.events import Event
     from proxy.protocol.modes import AuthSettings
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "CLIENT_TRANSITIONS",
@@ -186,10 +207,12 @@ class ClientState(enum.Enum):
     #: Our ``OK`` to STARTTLS is out; the driver runs the handshake.
     TLS_NEGOTIATION = "tls-negotiation"
     NOT_AUTHENTICATED = "not-authenticated"
-    #: AUTHENTICATE PLAIN without an initial response: our ``+`` is out.
+    #: AUTHENTICATE without an initial response: our ``+`` is out.
     SASL_RESPONSE = "sasl-response"
     #: Credentials parsed, :class:`RequestToken` out; client bytes are buffered.
     AWAITING_TOKEN = "awaiting-token"
+    #: A bearer login failed: our error challenge is out, the client's answer gets the NO.
+    ERROR_CHALLENGE = "error-challenge"
     #: Token in hand; waiting for the upstream to be ready and to accept it.
     AUTHORIZING = "authorizing"
     AUTHENTICATED = "authenticated"
@@ -206,6 +229,7 @@ class ClientInput(enum.Enum):
     AUTHENTICATE = "authenticate (no initial response)"
     CREDENTIALS = "credentials"
     CANCELLED = "sasl cancelled/malformed"
+    CHALLENGED = "bearer login refused: error challenge"
     TOKEN_ISSUED = "token issued"
     LOGIN_FAILED = "login failed"
     LOGIN_SUCCEEDED = "login succeeded"
@@ -298,6 +322,7 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
             _CI.REJECTED: _C.NOT_AUTHENTICATED,
             _CI.AUTHENTICATE: _C.SASL_RESPONSE,
             _CI.CREDENTIALS: _C.AWAITING_TOKEN,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.NOT_AUTHENTICATED,
             _CI.LOGOUT: _C.CLOSED,
             _CI.BUDGET_EXHAUSTED: _C.CLOSED,
@@ -308,6 +333,7 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
             _CI.DATA: _C.SASL_RESPONSE,
             _CI.CREDENTIALS: _C.AWAITING_TOKEN,
             _CI.CANCELLED: _C.NOT_AUTHENTICATED,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.NOT_AUTHENTICATED,
             _CI.PEER_CLOSED: _C.CLOSED,
             _CI.BROKE: _C.ERROR,
@@ -315,6 +341,13 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
         _C.AWAITING_TOKEN: {
             _CI.DATA: _C.AWAITING_TOKEN,
             _CI.TOKEN_ISSUED: _C.AUTHORIZING,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
+            _CI.LOGIN_FAILED: _C.NOT_AUTHENTICATED,
+            _CI.PEER_CLOSED: _C.CLOSED,
+            _CI.BROKE: _C.ERROR,
+        },
+        _C.ERROR_CHALLENGE: {
+            _CI.DATA: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.NOT_AUTHENTICATED,
             _CI.PEER_CLOSED: _C.CLOSED,
             _CI.BROKE: _C.ERROR,
@@ -407,7 +440,9 @@ UPSTREAM_TRANSITIONS: Final = TransitionTable[UpstreamState, UpstreamInput](
 )
 
 #: Client states in which bytes are parsed as commands or SASL responses.
-_CLIENT_PARSING: Final = frozenset({_C.PLAINTEXT, _C.NOT_AUTHENTICATED, _C.SASL_RESPONSE})
+_CLIENT_PARSING: Final = frozenset(
+    {_C.PLAINTEXT, _C.NOT_AUTHENTICATED, _C.SASL_RESPONSE, _C.ERROR_CHALLENGE}
+)
 #: Client states of a login under way (bytes are buffered raw).
 _CLIENT_LOGGING_IN: Final = frozenset({_C.AWAITING_TOKEN, _C.AUTHORIZING})
 _CLIENT_TERMINAL: Final = frozenset({_C.AUTHENTICATED, _C.CLOSED, _C.ERROR})
@@ -664,6 +699,8 @@ class _Attempt:
 
     tag: bytes
     login: str = ""
+    #: How the client logs in (the LOGIN command carries what PLAIN does).
+    mechanism: Mechanism = Mechanism.PLAIN
     #: Upstream connections this attempt may still open.
     fresh_connections: int = 1
     mailbox: str = ""
@@ -700,6 +737,7 @@ class ImapAuth:
         "_error",
         "_forward",
         "_forward_size",
+        "_mechanisms",
         "_out",
         "_server",
         "_settings",
@@ -712,6 +750,8 @@ class ImapAuth:
 
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
+        #: What AUTHENTICATE accepts and the capability list offers.
+        self._mechanisms = (*IMAP_PASSWORD_MECHANISMS, *settings.app_mechanisms)
         self._started = False
         self._client = (
             _C.PLAINTEXT if settings.client_tls is ClientTls.STARTTLS else _C.NOT_AUTHENTICATED
@@ -760,7 +800,9 @@ class ImapAuth:
             raise RuntimeError("ImapAuth.start() called twice")
         self._started = True
         self._out = []
-        caps = imap_proxy_capabilities(before_tls=self._client is _C.PLAINTEXT)
+        caps = imap_proxy_capabilities(
+            before_tls=self._client is _C.PLAINTEXT, mechanisms=self._mechanisms
+        )
         self._to_client(b"* OK [CAPABILITY " + caps + b"] " + replies.IMAP_GREETING_TEXT + CRLF)
         self._connect()
         return self._out
@@ -813,12 +855,12 @@ class ImapAuth:
                 if self._client is not _C.AWAITING_TOKEN:
                     raise RuntimeError(f"token refused in client state {self._client.name}")
                 attempt = self._current_attempt()
-                reply = (
-                    replies.IMAP_AUTH_FAILED
-                    if refusal is Refusal.CREDENTIALS
-                    else replies.IMAP_UNAVAILABLE
-                )
-                self._login_failed(attempt.tag, reply)
+                if refusal is Refusal.UNAVAILABLE:
+                    self._login_failed(attempt.tag, replies.IMAP_UNAVAILABLE)
+                elif attempt.mechanism.bearer:
+                    self._challenge(attempt)
+                else:
+                    self._login_failed(attempt.tag, replies.IMAP_AUTH_FAILED)
             case _:
                 assert_never(event)
 
@@ -901,11 +943,14 @@ class ImapAuth:
     def _parse_client(self) -> None:
         while self._client in _CLIENT_PARSING:
             try:
-                if self._client is _C.SASL_RESPONSE:
+                if self._client in (_C.SASL_RESPONSE, _C.ERROR_CHALLENGE):
                     line = self._client_buf.next_line()
                     if line is None:
                         return
-                    self._on_sasl_response(line)
+                    if self._client is _C.SASL_RESPONSE:
+                        self._on_sasl_response(line)
+                    else:
+                        self._on_challenge_answered()
                     continue
                 command = self._next_command()
             except FrameError as exc:
@@ -966,7 +1011,9 @@ class ImapAuth:
         tag, name = command.tag, command.name
         plain = command.args == b"" and not command.has_literal
         if name == b"CAPABILITY" and plain:
-            caps = imap_proxy_capabilities(before_tls=self._client is _C.PLAINTEXT)
+            caps = imap_proxy_capabilities(
+                before_tls=self._client is _C.PLAINTEXT, mechanisms=self._mechanisms
+            )
             self._client_move(_CI.HARMLESS)
             self._to_client(b"* CAPABILITY " + caps + CRLF)
             self._tagged(tag, replies.IMAP_CAPABILITY_DONE)
@@ -1052,25 +1099,29 @@ class ImapAuth:
         parts = command.args.split(b" ")
         if command.has_literal or not command.args or len(parts) > 2:
             self._rejected(command.tag, replies.IMAP_SYNTAX_ERROR)
-        elif parts[0].upper() != b"PLAIN":
+            return
+        mechanism = Mechanism.named(parts[0], self._mechanisms)
+        if mechanism is None:
             self._rejected(command.tag, replies.IMAP_UNSUPPORTED_MECHANISM)
         elif len(parts) == 1:
             self._client_move(_CI.AUTHENTICATE)
-            self._attempt = _Attempt(command.tag)
+            self._attempt = _Attempt(command.tag, mechanism=mechanism)
             self._to_client(replies.IMAP_CONTINUE_SASL)
         else:
-            self._plain(command.tag, b"" if parts[1] == b"=" else parts[1], _CI.REJECTED)
+            # RFC 4959: "=" is an empty initial response.
+            initial = b"" if parts[1] == b"=" else parts[1]
+            self._sasl(command.tag, mechanism, initial, _CI.REJECTED)
 
     def _on_sasl_response(self, line: bytes) -> None:
-        tag = self._current_attempt().tag
+        attempt = self._current_attempt()
         if line == b"*":
             self._attempt = None
-            self._rejected(tag, replies.IMAP_CANCELLED, _CI.CANCELLED)
+            self._rejected(attempt.tag, replies.IMAP_CANCELLED, _CI.CANCELLED)
         else:
-            self._plain(tag, line, _CI.CANCELLED)
+            self._sasl(attempt.tag, attempt.mechanism, line, _CI.CANCELLED)
 
-    def _plain(self, tag: bytes, encoded: bytes, refusal: ClientInput) -> None:
-        """Decode a PLAIN response; ``refusal`` is the move when it is malformed."""
+    def _sasl(self, tag: bytes, mechanism: Mechanism, encoded: bytes, refusal: ClientInput) -> None:
+        """Decode a SASL response; ``refusal`` is the move when it is malformed."""
         try:
             message = b64decode_strict(encoded)
         except SaslError:
@@ -1078,24 +1129,42 @@ class ImapAuth:
             self._rejected(tag, replies.IMAP_INVALID_BASE64, refusal)
             return
         try:
-            credentials = parse_plain(message)
-        except InvalidCredentials as exc:
-            self._invalid_credentials(tag, exc)
+            credentials = parse_response(mechanism, message)
+        except SaslError as exc:
+            if mechanism.bearer:
+                # RFC 7628 section 3.2.2: a refusal like any other (and counted as one).
+                self._note(Severity.INFO, f"login refused without asking for a token: {exc}")
+                self._challenge(_Attempt(tag, mechanism=mechanism))
+            elif isinstance(exc, InvalidCredentials):
+                self._invalid_credentials(tag, exc)
+            else:
+                self._attempt = None
+                self._rejected(tag, replies.IMAP_INVALID_SASL, refusal)
             return
-        except SaslError:
-            self._attempt = None
-            self._rejected(tag, replies.IMAP_INVALID_SASL, refusal)
-            return
-        self._begin_login(tag, credentials)
+        self._begin_login(tag, credentials, mechanism)
 
     def _invalid_credentials(self, tag: bytes, exc: InvalidCredentials) -> None:
         self._note(Severity.INFO, f"login refused without asking for a token: {exc}")
         self._login_failed(tag, replies.IMAP_AUTH_FAILED)
 
-    def _begin_login(self, tag: bytes, credentials: Credentials) -> None:
+    def _begin_login(
+        self, tag: bytes, credentials: AnyCredentials, mechanism: Mechanism = Mechanism.PLAIN
+    ) -> None:
         self._client_move(_CI.CREDENTIALS)
-        self._attempt = _Attempt(tag, login=credentials.login)
+        self._attempt = _Attempt(tag, login=credentials.login, mechanism=mechanism)
         self._out.append(RequestToken(credentials))
+
+    def _challenge(self, attempt: _Attempt) -> None:
+        """Refuse a bearer login with an error challenge (RFC 7628 section 3.2.2); the
+        client's answer to it gets the failure (:meth:`_on_challenge_answered`)."""
+        self._client_move(_CI.CHALLENGED)
+        self._attempt = attempt
+        self._to_client(b"+ " + attempt.mechanism.error_challenge + CRLF)
+
+    def _on_challenge_answered(self) -> None:
+        # Whatever the line says (RFC 7628 wants ^A, XOAUTH2 clients send an empty line,
+        # "*" cancels), the login has failed; the answer is not echoed or logged.
+        self._login_failed(self._current_attempt().tag, replies.IMAP_AUTH_FAILED)
 
     def _login_failed(self, tag: bytes, reply: bytes) -> None:
         """Answer a failed login, count it, and close when the budget is spent."""

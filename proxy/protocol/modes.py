@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from proxy.protocol.sasl import Mechanism
+
 __all__ = ["AuthSettings", "ClientTls", "UpstreamTls"]
 
 
@@ -33,6 +35,12 @@ class AuthSettings:
 
     client_tls: ClientTls
     upstream_tls: UpstreamTls
+    #: The listener asks for TLS client certificates: offer SASL EXTERNAL (RFC 4422
+    #: appendix A), with which a client logs in as its certificate's identity.
+    sasl_external: bool = False
+    #: App keys are configured: offer XOAUTH2 and OAUTHBEARER (RFC 7628) to programs
+    #: that present an app key as their bearer token.
+    sasl_bearer: bool = False
     #: Longest command line from the client, line ending included.
     max_line: int = 8192
     #: Largest literal (IMAP) a client may send before login.
@@ -49,3 +57,11 @@ class AuthSettings:
             raise ValueError("line limits below 64 bytes cannot carry a login")
         if self.max_literal < 0 or min(self.max_bad_commands, self.max_auth_failures) < 1:
             raise ValueError("limits must be positive")
+
+    @property
+    def app_mechanisms(self) -> tuple[Mechanism, ...]:
+        """The SASL mechanisms for app identities that this listener offers, in the order
+        they are advertised after the password mechanisms (where those are offered)."""
+        external = (Mechanism.EXTERNAL,) if self.sasl_external else ()
+        bearer = (Mechanism.XOAUTH2, Mechanism.OAUTHBEARER) if self.sasl_bearer else ()
+        return external + bearer

@@ -24,8 +24,10 @@ Client side (we are the server; RFC 1939, RFC 2449, RFC 5034)
     arguments separated by single spaces (RFC 1939 section 3).
 
     * ``CAPA`` (RFC 2449 section 5) is answered locally with our own list: ``USER``,
-      ``SASL PLAIN LOGIN``, ``RESP-CODES``, ``AUTH-RESP-CODE`` (RFC 3206: every refusal
-      of credentials carries ``[AUTH]``); on a STARTTLS listener before TLS ``STLS``
+      ``SASL PLAIN LOGIN`` (followed by ``EXTERNAL`` when ``AuthSettings.sasl_external``
+      is set and ``XOAUTH2 OAUTHBEARER`` when ``sasl_bearer`` is), ``RESP-CODES``,
+      ``AUTH-RESP-CODE`` (RFC 3206: every refusal of credentials carries ``[AUTH]``);
+      on a STARTTLS listener before TLS ``STLS``
       instead of ``USER`` and ``SASL`` (RFC 2595 section 4, RFC 8314). Once the
       upstream's own CAPA is known, its lines for ``TOP``, ``UIDL``, ``PIPELINING``,
       ``EXPIRE`` and ``LOGIN-DELAY`` follow ours unchanged: they describe the
@@ -52,7 +54,13 @@ Client side (we are the server; RFC 1939, RFC 2449, RFC 5034)
       an initial response (RFC 5034 section 4; ``=`` for an empty one; for LOGIN it is
       the user name) or after our continuations: ``+ `` for PLAIN, ``+ VXNlcm5hbWU6``
       and ``+ UGFzc3dvcmQ6`` ("Username:", "Password:") for LOGIN, as clients expect.
-      ``*`` cancels (``-ERR``, RFC 5034 section 4); base64 is strict.
+      ``*`` cancels (``-ERR``, RFC 5034 section 4); base64 is strict. Where offered, the
+      mechanisms for app identities work like PLAIN (one response, inline or after
+      ``+ ``): ``AUTH EXTERNAL`` (RFC 4422 appendix A: the TLS client certificate, with
+      the authorization identity or nothing as the response), ``AUTH XOAUTH2`` and ``AUTH
+      OAUTHBEARER`` (RFC 7628: a mailbox and an app key as the bearer token). Mechanism
+      names are case-insensitive; others get ``-ERR Unsupported authentication
+      mechanism.``
     * ``QUIT`` is answered locally and closes.
     * Before TLS on a STARTTLS listener, ``USER``, ``PASS`` and ``AUTH <mechanism>`` get
       ``-ERR Plaintext login disallowed; use STLS first.`` without a response code: the
@@ -107,6 +115,12 @@ Outcomes
       failed.`` whatever the reason (wrong password or unknown user); ``UNAVAILABLE``
       gives ``-ERR [SYS/TEMP] ...``. Credentials that cannot be anyone's (not UTF-8,
       control characters, an empty user name) are refused the same way without asking.
+    * A refused XOAUTH2 or OAUTHBEARER login (``CREDENTIALS``, or a message that does not
+      parse) is answered as servers do (RFC 7628 section 3.2.2): first an error challenge,
+      ``+ <base64 JSON>`` (``{"status":"invalid_token"}`` for OAUTHBEARER, Google's and
+      Dovecot's ``{"status":"401","schemes":"bearer"}`` for XOAUTH2), then, whatever
+      line the client answers with (``AQ==`` for ^A, or an empty line), ``-ERR [AUTH]
+      Authentication failed.`` ``UNAVAILABLE`` gets ``-ERR [SYS/TEMP]`` directly.
 
     Every failed login, permanent or temporary, counts against ``max_auth_failures``;
     the failure that reaches it is answered, followed by ``-ERR Too many failed
@@ -137,10 +151,10 @@ Limits and errors
     login phase outlasts its deadline.
 
 Secrets
-    The password leaves the machine only inside :class:`RequestToken`, whose
-    :class:`Credentials` redact it; the token only as the XOAUTH2 line sent upstream.
-    No note, error message or repr contains either, and nothing the client sends is ever
-    echoed back to it.
+    The password and the app key leave the machine only inside :class:`RequestToken`,
+    whose :class:`Credentials` and :class:`BearerCredentials` redact them; the token only
+    as the XOAUTH2 line sent upstream. No note, error message or repr contains any of
+    them, and nothing the client sends is ever echoed back to it.
 """
 
 from __future__ import annotations
@@ -162,7 +176,11 @@ from proxy.protocol.actions import (
     Severity,
     StartTls,
 )
-from proxy.protocol.capabilities import Pop3Capabilities, pop3_proxy_capabilities
+from proxy.protocol.capabilities import (
+    POP3_SMTP_PASSWORD_MECHANISMS,
+    Pop3Capabilities,
+    pop3_proxy_capabilities,
+)
 from proxy.protocol.errors import ClientProtocolError, FrameError, ProxyError, UpstreamProtocolError
 from proxy.protocol.events import (
     ClientClosed,
@@ -182,11 +200,12 @@ from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.sasl import (
     Credentials,
     InvalidCredentials,
+    Mechanism,
     SaslError,
     b64decode_strict,
     describe_error_challenge,
     parse_login_field,
-    parse_plain,
+    parse_response,
     text_credential,
     xoauth2_response,
 )
@@ -195,6 +214,7 @@ from proxy.protocol.transitions import TransitionTable
 if TYPE_CHECKING:
     from proxy.protocol.events import Event
     from proxy.protocol.modes import AuthSettings
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "CLIENT_TRANSITIONS",
@@ -224,14 +244,17 @@ class ClientState(enum.Enum):
     AUTHORIZATION = "authorization"
     #: USER was accepted; PASS may follow.
     USER_GIVEN = "user-given"
-    #: AUTH PLAIN without an initial response: our ``+ `` is out.
-    PLAIN_RESPONSE = "plain-response"
+    #: AUTH PLAIN, EXTERNAL, XOAUTH2 or OAUTHBEARER without an initial response: our
+    #: ``+ `` is out.
+    SASL_RESPONSE = "sasl-response"
     #: AUTH LOGIN without an initial response: our ``+ VXNlcm5hbWU6`` is out.
     LOGIN_USERNAME = "login-username"
     #: AUTH LOGIN has its user name: our ``+ UGFzc3dvcmQ6`` is out.
     LOGIN_PASSWORD = "login-password"
     #: Credentials parsed, :class:`RequestToken` out; client bytes are buffered.
     AWAITING_TOKEN = "awaiting-token"
+    #: A bearer login failed: our error challenge is out, the client's answer gets -ERR.
+    ERROR_CHALLENGE = "error-challenge"
     #: Token in hand; waiting for the upstream to be ready and to accept it.
     AUTHORIZING = "authorizing"
     AUTHENTICATED = "authenticated"
@@ -246,11 +269,12 @@ class ClientInput(enum.Enum):
     STLS = "stls"
     TLS_ESTABLISHED = "tls established"
     USER = "user"
-    AUTH_PLAIN = "auth plain (no initial response)"
+    AUTH_SASL = "auth plain/external/xoauth2/oauthbearer (no initial response)"
     AUTH_LOGIN = "auth login (no initial response)"
     LOGIN_USERNAME = "auth login user name"
     CREDENTIALS = "credentials"
     CANCELLED = "sasl cancelled/malformed"
+    CHALLENGED = "bearer login refused: error challenge"
     TOKEN_ISSUED = "token issued"
     LOGIN_FAILED = "login failed"
     LOGIN_SUCCEEDED = "login succeeded"
@@ -319,10 +343,11 @@ _UI = UpstreamInput
 #: What a client may do wherever it may start a login (AUTHORIZATION and USER_GIVEN).
 _LOGIN_STARTS: Final = {
     _CI.USER: _C.USER_GIVEN,
-    _CI.AUTH_PLAIN: _C.PLAIN_RESPONSE,
+    _CI.AUTH_SASL: _C.SASL_RESPONSE,
     _CI.AUTH_LOGIN: _C.LOGIN_USERNAME,
     _CI.LOGIN_USERNAME: _C.LOGIN_PASSWORD,
     _CI.CREDENTIALS: _C.AWAITING_TOKEN,
+    _CI.CHALLENGED: _C.ERROR_CHALLENGE,
     _CI.LOGIN_FAILED: _C.AUTHORIZATION,
     _CI.QUIT: _C.CLOSED,
     _CI.BUDGET_EXHAUSTED: _C.CLOSED,
@@ -370,9 +395,10 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
             _CI.REJECTED: _C.AUTHORIZATION,
             **_LOGIN_STARTS,
         },
-        _C.PLAIN_RESPONSE: {
-            _CI.DATA: _C.PLAIN_RESPONSE,
+        _C.SASL_RESPONSE: {
+            _CI.DATA: _C.SASL_RESPONSE,
             _CI.CREDENTIALS: _C.AWAITING_TOKEN,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
             **_SASL_EXITS,
         },
         _C.LOGIN_USERNAME: {
@@ -388,6 +414,13 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
         _C.AWAITING_TOKEN: {
             _CI.DATA: _C.AWAITING_TOKEN,
             _CI.TOKEN_ISSUED: _C.AUTHORIZING,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
+            _CI.LOGIN_FAILED: _C.AUTHORIZATION,
+            _CI.PEER_CLOSED: _C.CLOSED,
+            _CI.BROKE: _C.ERROR,
+        },
+        _C.ERROR_CHALLENGE: {
+            _CI.DATA: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.AUTHORIZATION,
             _CI.PEER_CLOSED: _C.CLOSED,
             _CI.BROKE: _C.ERROR,
@@ -473,13 +506,16 @@ _CLIENT_PARSING: Final = frozenset(
         _C.PLAINTEXT,
         _C.AUTHORIZATION,
         _C.USER_GIVEN,
-        _C.PLAIN_RESPONSE,
+        _C.SASL_RESPONSE,
         _C.LOGIN_USERNAME,
         _C.LOGIN_PASSWORD,
+        _C.ERROR_CHALLENGE,
     }
 )
 #: Client states in which a line is a SASL response, not a command.
-_CLIENT_SASL: Final = frozenset({_C.PLAIN_RESPONSE, _C.LOGIN_USERNAME, _C.LOGIN_PASSWORD})
+_CLIENT_SASL: Final = frozenset(
+    {_C.SASL_RESPONSE, _C.LOGIN_USERNAME, _C.LOGIN_PASSWORD, _C.ERROR_CHALLENGE}
+)
 #: Client states of a login under way (bytes are buffered raw).
 _CLIENT_LOGGING_IN: Final = frozenset({_C.AWAITING_TOKEN, _C.AUTHORIZING})
 _CLIENT_TERMINAL: Final = frozenset({_C.AUTHENTICATED, _C.CLOSED, _C.ERROR})
@@ -558,6 +594,8 @@ class _Attempt:
     """One login attempt, from the credentials to the upstream's verdict."""
 
     login: str
+    #: How the client logs in (USER and PASS carry what PLAIN does).
+    mechanism: Mechanism = Mechanism.PLAIN
     #: Upstream connections this attempt may still open.
     fresh_connections: int = 1
     mailbox: str = ""
@@ -594,6 +632,8 @@ class Pop3Auth:
         "_client_buf",
         "_error",
         "_login_name",
+        "_mechanism",
+        "_mechanisms",
         "_out",
         "_server",
         "_settings",
@@ -605,6 +645,8 @@ class Pop3Auth:
 
     def __init__(self, settings: AuthSettings) -> None:
         self._settings = settings
+        #: What AUTH accepts and lists, and CAPA offers.
+        self._mechanisms = (*POP3_SMTP_PASSWORD_MECHANISMS, *settings.app_mechanisms)
         self._started = False
         self._client = (
             _C.PLAINTEXT if settings.client_tls is ClientTls.STARTTLS else _C.AUTHORIZATION
@@ -616,6 +658,8 @@ class Pop3Auth:
         self._user = b""
         #: The AUTH LOGIN user name, until its password arrives.
         self._login_name = ""
+        #: The mechanism whose response is awaited in ``SASL_RESPONSE``.
+        self._mechanism = Mechanism.PLAIN
         self._attempt: _Attempt | None = None
         self._bad_commands = 0
         self._auth_failures = 0
@@ -705,11 +749,13 @@ class Pop3Auth:
             case TokenRefused(refusal=refusal):
                 if self._client is not _C.AWAITING_TOKEN:
                     raise RuntimeError(f"token refused in client state {self._client.name}")
-                self._login_failed(
-                    replies.POP3_AUTH_FAILED
-                    if refusal is Refusal.CREDENTIALS
-                    else replies.POP3_UNAVAILABLE
-                )
+                attempt = self._current_attempt()
+                if refusal is Refusal.UNAVAILABLE:
+                    self._login_failed(replies.POP3_UNAVAILABLE)
+                elif attempt.mechanism.bearer:
+                    self._challenge(attempt)
+                else:
+                    self._login_failed(replies.POP3_AUTH_FAILED)
             case _:
                 assert_never(event)
 
@@ -814,11 +860,14 @@ class Pop3Auth:
         plaintext = self._client is _C.PLAINTEXT
         if name == b"CAPA" and bare:
             self._client_move(_CI.HARMLESS)
-            caps = pop3_proxy_capabilities(before_tls=plaintext, upstream=self._caps)
+            caps = pop3_proxy_capabilities(
+                before_tls=plaintext, upstream=self._caps, mechanisms=self._mechanisms
+            )
             self._to_client(replies.POP3_CAPA_FOLLOWS + CRLF + caps + b"." + CRLF)
         elif name == b"AUTH" and bare:
             self._client_move(_CI.HARMLESS)
-            mechanisms = b"" if plaintext else b"PLAIN\r\nLOGIN\r\n"
+            mechanisms = b"".join(m.value.encode("ascii") + CRLF for m in self._mechanisms)
+            mechanisms = b"" if plaintext else mechanisms
             self._to_client(replies.POP3_MECHANISMS_FOLLOW + CRLF + mechanisms + b"." + CRLF)
         elif name == b"QUIT" and bare:
             self._client_move(_CI.QUIT)
@@ -876,31 +925,37 @@ class Pop3Auth:
         self._begin_login(credentials)
 
     def _on_auth(self, args: bytes) -> None:
-        mechanism, space, initial = args.partition(b" ")
-        if not mechanism or (space and not initial) or b" " in initial:
+        name, space, initial = args.partition(b" ")
+        if not name or (space and not initial) or b" " in initial:
             self._rejected(replies.POP3_SYNTAX_ERROR)
             return
+        # RFC 5034 section 4: "=" is an empty initial response.
         encoded = b"" if initial == b"=" else initial
-        match mechanism.upper():
-            case b"PLAIN" if space:
-                self._plain(encoded, _CI.REJECTED)
-            case b"PLAIN":
-                self._client_move(_CI.AUTH_PLAIN)
-                self._to_client(replies.POP3_CONTINUE_SASL)
-            case b"LOGIN" if space:
-                self._login_username(encoded, _CI.REJECTED)
-            case b"LOGIN":
-                self._client_move(_CI.AUTH_LOGIN)
-                self._to_client(replies.POP3_CONTINUE_USERNAME)
-            case _:
-                self._rejected(replies.POP3_UNSUPPORTED_MECHANISM)
+        mechanism = Mechanism.named(name, self._mechanisms)
+        if mechanism is None:
+            self._rejected(replies.POP3_UNSUPPORTED_MECHANISM)
+        elif mechanism is Mechanism.LOGIN and space:
+            self._login_username(encoded, _CI.REJECTED)
+        elif mechanism is Mechanism.LOGIN:
+            self._client_move(_CI.AUTH_LOGIN)
+            self._to_client(replies.POP3_CONTINUE_USERNAME)
+        elif space:
+            self._sasl(mechanism, encoded, _CI.REJECTED)
+        else:
+            self._client_move(_CI.AUTH_SASL)
+            self._mechanism = mechanism
+            self._to_client(replies.POP3_CONTINUE_SASL)
 
     def _on_sasl_response(self, line: bytes) -> None:
         state = self._client
-        if line == b"*":
+        if state is _C.ERROR_CHALLENGE:
+            # Whatever the line says (RFC 7628 wants ^A, XOAUTH2 clients send an empty
+            # line, "*" cancels), the login has failed; the answer is not echoed or logged.
+            self._login_failed(replies.POP3_AUTH_FAILED)
+        elif line == b"*":
             self._rejected(replies.POP3_CANCELLED, _CI.CANCELLED)
-        elif state is _C.PLAIN_RESPONSE:
-            self._plain(line, _CI.CANCELLED)
+        elif state is _C.SASL_RESPONSE:
+            self._sasl(self._mechanism, line, _CI.CANCELLED)
         elif state is _C.LOGIN_USERNAME:
             self._login_username(line, _CI.CANCELLED)
         else:
@@ -923,20 +978,25 @@ class Pop3Auth:
             self._rejected(replies.POP3_INVALID_BASE64, refusal)
             return None
 
-    def _plain(self, encoded: bytes, refusal: ClientInput) -> None:
-        """Decode a PLAIN response; ``refusal`` is the move when it is malformed."""
+    def _sasl(self, mechanism: Mechanism, encoded: bytes, refusal: ClientInput) -> None:
+        """Decode the one response of ``mechanism``; ``refusal`` is the move when it is
+        malformed."""
         message = self._decode(encoded, refusal)
         if message is None:
             return
         try:
-            credentials = parse_plain(message)
-        except InvalidCredentials as exc:
-            self._invalid_credentials(exc)
+            credentials = parse_response(mechanism, message)
+        except SaslError as exc:
+            if mechanism.bearer:
+                # RFC 7628 section 3.2.2: a refusal like any other (and counted as one).
+                self._note(Severity.INFO, f"login refused without asking for a token: {exc}")
+                self._challenge(_Attempt("", mechanism=mechanism))
+            elif isinstance(exc, InvalidCredentials):
+                self._invalid_credentials(exc)
+            else:
+                self._rejected(replies.POP3_INVALID_SASL, refusal)
             return
-        except SaslError:
-            self._rejected(replies.POP3_INVALID_SASL, refusal)
-            return
-        self._begin_login(credentials)
+        self._begin_login(credentials, mechanism)
 
     def _login_username(self, encoded: bytes, refusal: ClientInput) -> None:
         """Take the AUTH LOGIN user name and ask for the password."""
@@ -958,10 +1018,19 @@ class Pop3Auth:
         self._note(Severity.INFO, f"login refused without asking for a token: {exc}")
         self._login_failed(replies.POP3_AUTH_FAILED)
 
-    def _begin_login(self, credentials: Credentials) -> None:
+    def _begin_login(
+        self, credentials: AnyCredentials, mechanism: Mechanism = Mechanism.PLAIN
+    ) -> None:
         self._client_move(_CI.CREDENTIALS)
-        self._attempt = _Attempt(credentials.login)
+        self._attempt = _Attempt(credentials.login, mechanism=mechanism)
         self._out.append(RequestToken(credentials))
+
+    def _challenge(self, attempt: _Attempt) -> None:
+        """Refuse a bearer login with an error challenge (RFC 7628 section 3.2.2); the
+        client's answer to it gets the failure (see :meth:`_on_sasl_response`)."""
+        self._client_move(_CI.CHALLENGED)
+        self._attempt = attempt
+        self._to_client(b"+ " + attempt.mechanism.error_challenge + CRLF)
 
     def _login_failed(self, reply: bytes) -> None:
         """Answer a failed login, count it, and close when the budget is spent."""

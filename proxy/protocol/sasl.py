@@ -1,20 +1,26 @@
 """SASL pieces shared by IMAP, POP3 and SMTP (RFC 4422, 4616, 7628; XOAUTH2).
 
-Decoding what clients send (PLAIN, LOGIN) and encoding what we send upstream (XOAUTH2,
-OAUTHBEARER). Base64 is decoded strictly: anything but the RFC 4648 alphabet with correct
-padding is refused, as RFC 4422 requires of SASL profiles.
+Decoding what clients send (PLAIN, LOGIN, and for app identities EXTERNAL, XOAUTH2 and
+OAUTHBEARER), the error challenge we answer a refused bearer login with (RFC 7628 section
+3.2.2), and encoding what we send upstream (XOAUTH2). Base64 is decoded strictly: anything
+but the RFC 4648 alphabet with correct padding is refused, as RFC 4422 requires of SASL
+profiles.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from proxy.protocol.framing import printable
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "AnyCredentials",
@@ -22,6 +28,7 @@ __all__ = [
     "Credentials",
     "ExternalCredentials",
     "InvalidCredentials",
+    "Mechanism",
     "SaslError",
     "b64decode_strict",
     "describe_error_challenge",
@@ -29,6 +36,7 @@ __all__ = [
     "parse_login_field",
     "parse_oauthbearer",
     "parse_plain",
+    "parse_response",
     "parse_xoauth2",
     "text_credential",
     "xoauth2_response",
@@ -79,8 +87,8 @@ def b64decode_strict(data: bytes) -> bytes:
         raise SaslError("invalid base64") from exc
 
 
-def _text(raw: bytes, what: str) -> str:
-    if len(raw) > MAX_CREDENTIAL:
+def _text(raw: bytes, what: str, limit: int = MAX_CREDENTIAL) -> str:
+    if len(raw) > limit:
         raise InvalidCredentials(f"{what} too long")
     try:
         text = raw.decode("utf-8")
@@ -194,12 +202,12 @@ def _bearer_fields(fields: list[bytes], mechanism: str) -> tuple[str, str]:
         if name == b"user":
             user = _text(value, "user name")
         elif name == b"auth":
+            # RFC 7628 section 3.1 (RFC 6750 section 2.1): "Bearer" 1*SP token.
             scheme, _, credential = value.partition(b" ")
+            credential = credential.strip(b" ")
             if scheme.lower() != b"bearer" or not credential:
                 raise SaslError(f"{mechanism}: auth must be 'Bearer <token>'")
-            if len(credential) > MAX_BEARER:
-                raise InvalidCredentials("bearer token too long")
-            token = _text(credential.strip(), "bearer token")
+            token = _text(credential, "bearer token", MAX_BEARER)
     if token is None:
         raise SaslError(f"{mechanism}: no auth field")
     return user, token
@@ -215,6 +223,22 @@ def parse_xoauth2(message: bytes) -> BearerCredentials:
     return BearerCredentials(user=user, key=token)
 
 
+#: RFC 5801 section 4 ``gs2-header`` as OAUTHBEARER uses it: a channel binding flag, an
+#: optional ``a=`` authorization identity, and nothing else.
+_GS2_HEADER: Final = re.compile(rb"([ny]),(?:a=([^,]*))?,")
+#: RFC 5801 ``saslname``: ``=`` only in the escapes ``=2C`` (a comma) and ``=3D`` (``=``).
+_SASLNAME_ESCAPE: Final = re.compile(rb"=(2C|3D)?")
+
+
+def _saslname(raw: bytes) -> bytes:
+    def unescape(match: re.Match[bytes]) -> bytes:
+        if match.group(1) is None:
+            raise SaslError("OAUTHBEARER: '=' in a user name must start =2C or =3D")
+        return b"," if match.group(1) == b"2C" else b"="
+
+    return _SASLNAME_ESCAPE.sub(unescape, raw)
+
+
 def parse_oauthbearer(message: bytes) -> BearerCredentials:
     """Parse a decoded OAUTHBEARER response (RFC 7628 section 3.1):
     ``n,a=U, ^A [host=...^A port=...^A] auth=Bearer T ^A ^A``; ``U`` names the mailbox."""
@@ -223,16 +247,76 @@ def parse_oauthbearer(message: bytes) -> BearerCredentials:
     header, sep, rest = message[:-2].partition(b"\x01")
     if not sep:
         raise SaslError("OAUTHBEARER: no GS2 header")
-    flag, _, attributes = header.partition(b",")
-    if flag not in (b"n", b"y"):  # "p=..." would ask for channel binding, which we lack
+    if header.startswith(b"p="):  # it would ask for channel binding, which we lack
         raise SaslError("OAUTHBEARER: channel binding is not supported")
-    user = ""
-    for attribute in attributes.split(b","):
-        if attribute.startswith(b"a="):
-            # RFC 5801 saslname: "=2C" is a comma, "=3D" an equals sign.
-            user = _text(attribute[2:].replace(b"=2C", b",").replace(b"=3D", b"="), "user name")
+    gs2 = _GS2_HEADER.fullmatch(header)
+    if gs2 is None:
+        raise SaslError("OAUTHBEARER: malformed GS2 header")
+    user = _text(_saslname(gs2.group(2) or b""), "user name")
     field_user, token = _bearer_fields(rest.split(b"\x01") if rest else [], "OAUTHBEARER")
     user = user or field_user
     if not user:
         raise InvalidCredentials("OAUTHBEARER names no user (a=)")
     return BearerCredentials(user=user, key=token)
+
+
+# --- Mechanisms, as the protocol machines offer and run them ---------------------------------
+
+
+class Mechanism(enum.Enum):
+    """A SASL mechanism a client may log in to the proxy with (names are case-insensitive).
+
+    PLAIN (RFC 4616) and LOGIN carry passwords; EXTERNAL (RFC 4422 appendix A), XOAUTH2 and
+    OAUTHBEARER (RFC 7628) carry app identities and are offered only where the listener is
+    set up for them (:attr:`~proxy.protocol.modes.AuthSettings.app_mechanisms`).
+    """
+
+    PLAIN = "PLAIN"
+    LOGIN = "LOGIN"
+    EXTERNAL = "EXTERNAL"
+    XOAUTH2 = "XOAUTH2"
+    OAUTHBEARER = "OAUTHBEARER"
+
+    @classmethod
+    def named(cls, name: bytes, offered: tuple[Mechanism, ...]) -> Mechanism | None:
+        """The mechanism ``name`` (any case) if it is among ``offered``, else ``None``."""
+        return next((m for m in offered if m.value.encode() == name.upper()), None)
+
+    @property
+    def bearer(self) -> bool:
+        """Does a refusal take RFC 7628's error challenge (XOAUTH2, OAUTHBEARER)?"""
+        return self in (Mechanism.XOAUTH2, Mechanism.OAUTHBEARER)
+
+    @property
+    def error_challenge(self) -> bytes:
+        """The base64 JSON error challenge that announces a refused bearer login
+        (RFC 7628 section 3.2.2); the client answers it to get the final failure."""
+        return _ERROR_CHALLENGES[self]
+
+
+#: What servers send: RFC 7628 section 3.2.2 for OAUTHBEARER, Google's and Dovecot's form
+#: for XOAUTH2 (which has no RFC). Sent whatever was wrong (unknown key, user or mailbox,
+#: malformed message), so that a refusal says nothing about which it was.
+_ERROR_CHALLENGES: Final = {
+    Mechanism.OAUTHBEARER: base64.b64encode(b'{"status":"invalid_token"}'),
+    Mechanism.XOAUTH2: base64.b64encode(b'{"status":"401","schemes":"bearer"}'),
+}
+
+_PARSERS: Final[dict[Mechanism, Callable[[bytes], AnyCredentials]]] = {
+    Mechanism.PLAIN: parse_plain,
+    Mechanism.EXTERNAL: parse_external,
+    Mechanism.XOAUTH2: parse_xoauth2,
+    Mechanism.OAUTHBEARER: parse_oauthbearer,
+}
+
+
+def parse_response(mechanism: Mechanism, message: bytes) -> AnyCredentials:
+    """Parse the one (decoded) client response of PLAIN, EXTERNAL, XOAUTH2 or OAUTHBEARER.
+
+    Raises :class:`SaslError` (or its :class:`InvalidCredentials`) like the parsers above.
+    LOGIN takes two responses, so it is not one of these (``ValueError``: a bug).
+    """
+    parse = _PARSERS.get(mechanism)
+    if parse is None:
+        raise ValueError(f"{mechanism.value} does not take a single response")
+    return parse(message)

@@ -49,7 +49,9 @@ Client side (we are the server; RFC 5321, 3207, 4954, 2920)
     3207 section 4.2): the client is back in ``CONNECTED`` and must say EHLO again.
 
     After TLS, or from the start on an implicit-TLS or plaintext listener, EHLO is
-    answered with ``250-<hostname>``, ``AUTH PLAIN LOGIN``, and those of the upstream's
+    answered with ``250-<hostname>``, ``AUTH PLAIN LOGIN`` (followed by ``EXTERNAL`` when
+    ``AuthSettings.sasl_external`` is set and ``XOAUTH2 OAUTHBEARER`` when
+    ``sasl_bearer`` is), and those of the upstream's
     ``PIPELINING``, ``SIZE`` (with its limit), ``ENHANCEDSTATUSCODES``, ``8BITMIME``,
     ``SMTPUTF8`` and ``CHUNKING`` that its EHLO after TLS listed
     (:func:`~proxy.protocol.capabilities.smtp_proxy_extensions`). They describe the mail
@@ -63,9 +65,13 @@ Client side (we are the server; RFC 5321, 3207, 4954, 2920)
     is an EHLO session either way. AUTH PLAIN (RFC 4616) and AUTH LOGIN each take an
     initial response (``=`` for an empty one) or answer ``334`` continuations (PLAIN:
     ``334`` with no text; LOGIN: ``334 VXNlcm5hbWU6``, then ``334 UGFzc3dvcmQ6``); ``*``
-    cancels (``501 5.0.0``); base64 is strict (``501 5.5.2``); other mechanisms get ``504
-    5.5.4``. A LOGIN user name that cannot be anyone's is remembered and refused only after
-    the password, so that the password line is never taken for a command. NOOP and RSET
+    cancels (``501 5.0.0``); base64 is strict (``501 5.5.2``). Where offered, the
+    mechanisms for app identities work like PLAIN (one response, inline or after ``334``):
+    EXTERNAL (RFC 4422 appendix A: the TLS client certificate, with the authorization
+    identity or nothing as the response), XOAUTH2 and OAUTHBEARER (RFC 7628: a mailbox
+    and an app key as the bearer token). Mechanism names are case-insensitive; others get
+    ``504 5.5.4``. A LOGIN user name that cannot be anyone's is remembered and refused only
+    after the password, so that the password line is never taken for a command. NOOP and RSET
     get ``250 2.0.0 OK``, HELP a ``214``, QUIT ``221 2.0.0 Bye`` and :class:`Close`.
     MAIL, RCPT, DATA, BDAT and the other mail commands get ``530 5.7.0 Authentication
     required``, unknown commands ``500 5.5.2``, bad arguments ``501 5.5.2``; every refused
@@ -111,6 +117,12 @@ Outcomes
       credentials invalid`` whatever the reason (wrong password or unknown user);
       ``UNAVAILABLE`` gives ``454 4.7.0``. Credentials that cannot be anyone's (not
       UTF-8, control characters) are refused the same way without asking.
+    * A refused XOAUTH2 or OAUTHBEARER login (``CREDENTIALS``, or a message that does not
+      parse) is answered as servers do (RFC 7628 section 3.2.2, RFC 4954 section 4):
+      first an error challenge, ``334 <base64 JSON>`` (``{"status":"invalid_token"}`` for
+      OAUTHBEARER, Google's and Dovecot's ``{"status":"401","schemes":"bearer"}`` for
+      XOAUTH2), then, whatever line the client answers with (``AQ==`` for ^A, or an
+      empty line), ``535 5.7.8``. ``UNAVAILABLE`` gets ``454 4.7.0`` directly.
 
     Every failed login, permanent or temporary, counts against ``max_auth_failures``;
     the failure that reaches it is answered and followed by ``421`` and :class:`Close`.
@@ -141,9 +153,10 @@ Limits and errors
     raises ``RuntimeError``: that is a bug, not a peer's fault.
 
 Secrets
-    The password leaves the machine only inside :class:`RequestToken`, whose
-    :class:`Credentials` redact it; the token only on the XOAUTH2 line sent upstream.
-    No note, error message or repr contains either.
+    The password and the app key leave the machine only inside :class:`RequestToken`,
+    whose :class:`Credentials` and :class:`BearerCredentials` redact them; the token only
+    on the XOAUTH2 line sent upstream. No note, error message or repr contains any of
+    them, and nothing the client sends is ever echoed back to it.
 """
 
 from __future__ import annotations
@@ -166,7 +179,11 @@ from proxy.protocol.actions import (
     Severity,
     StartTls,
 )
-from proxy.protocol.capabilities import SmtpExtensions, smtp_proxy_extensions
+from proxy.protocol.capabilities import (
+    POP3_SMTP_PASSWORD_MECHANISMS,
+    SmtpExtensions,
+    smtp_proxy_extensions,
+)
 from proxy.protocol.errors import ClientProtocolError, FrameError, ProxyError, UpstreamProtocolError
 from proxy.protocol.events import (
     ClientClosed,
@@ -186,11 +203,12 @@ from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.sasl import (
     Credentials,
     InvalidCredentials,
+    Mechanism,
     SaslError,
     b64decode_strict,
     describe_error_challenge,
     parse_login_field,
-    parse_plain,
+    parse_response,
     xoauth2_response,
 )
 from proxy.protocol.transitions import TransitionTable
@@ -198,6 +216,7 @@ from proxy.protocol.transitions import TransitionTable
 if TYPE_CHECKING:
     from proxy.protocol.events import Event
     from proxy.protocol.modes import AuthSettings
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "CLIENT_TRANSITIONS",
@@ -229,14 +248,17 @@ class ClientState(enum.Enum):
     EHLO_HELD = "ehlo-held"
     #: EHLO or HELO answered: AUTH may come.
     GREETED = "greeted"
-    #: ``AUTH PLAIN`` without an initial response: our ``334`` is out.
-    SASL_PLAIN = "sasl-plain"
+    #: ``AUTH PLAIN``, ``EXTERNAL``, ``XOAUTH2`` or ``OAUTHBEARER`` without an initial
+    #: response: our ``334`` is out.
+    SASL_RESPONSE = "sasl-response"
     #: ``AUTH LOGIN``: our ``334 VXNlcm5hbWU6`` is out.
     SASL_USERNAME = "sasl-username"
     #: ``AUTH LOGIN``: our ``334 UGFzc3dvcmQ6`` is out.
     SASL_PASSWORD = "sasl-password"
     #: Credentials parsed, :class:`RequestToken` out; client bytes are buffered.
     AWAITING_TOKEN = "awaiting-token"
+    #: A bearer login failed: our error challenge is out, the client's answer gets 535.
+    ERROR_CHALLENGE = "error-challenge"
     #: Token in hand; waiting for the upstream to be ready and to accept it.
     AUTHORIZING = "authorizing"
     AUTHENTICATED = "authenticated"
@@ -253,11 +275,12 @@ class ClientInput(enum.Enum):
     REJECTED = "refused command"
     STARTTLS = "starttls"
     TLS_ESTABLISHED = "tls established"
-    AUTH_PLAIN = "auth plain (no initial response)"
+    AUTH_SASL = "auth plain/external/xoauth2/oauthbearer (no initial response)"
     AUTH_LOGIN = "auth login (no initial response)"
     USERNAME = "login user name"
     CREDENTIALS = "credentials"
     CANCELLED = "sasl cancelled/malformed"
+    CHALLENGED = "bearer login refused: error challenge"
     TOKEN_ISSUED = "token issued"
     LOGIN_FAILED = "login failed"
     LOGIN_SUCCEEDED = "login succeeded"
@@ -360,18 +383,20 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
             _CI.HELLO: _C.GREETED,
             _CI.HOLD_EHLO: _C.EHLO_HELD,
             _CI.REJECTED: _C.GREETED,
-            _CI.AUTH_PLAIN: _C.SASL_PLAIN,
+            _CI.AUTH_SASL: _C.SASL_RESPONSE,
             _CI.AUTH_LOGIN: _C.SASL_USERNAME,
             _CI.USERNAME: _C.SASL_PASSWORD,
             _CI.CREDENTIALS: _C.AWAITING_TOKEN,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.GREETED,
             _CI.QUIT: _C.CLOSED,
             _CI.BUDGET_EXHAUSTED: _C.CLOSED,
             **_CLIENT_EXITS,
         },
-        _C.SASL_PLAIN: {
-            _CI.DATA: _C.SASL_PLAIN,
+        _C.SASL_RESPONSE: {
+            _CI.DATA: _C.SASL_RESPONSE,
             _CI.CREDENTIALS: _C.AWAITING_TOKEN,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
             _CI.CANCELLED: _C.GREETED,
             _CI.LOGIN_FAILED: _C.GREETED,
             **_CLIENT_EXITS,
@@ -392,6 +417,12 @@ CLIENT_TRANSITIONS: Final = TransitionTable[ClientState, ClientInput](
         _C.AWAITING_TOKEN: {
             _CI.DATA: _C.AWAITING_TOKEN,
             _CI.TOKEN_ISSUED: _C.AUTHORIZING,
+            _CI.CHALLENGED: _C.ERROR_CHALLENGE,
+            _CI.LOGIN_FAILED: _C.GREETED,
+            **_CLIENT_EXITS,
+        },
+        _C.ERROR_CHALLENGE: {
+            _CI.DATA: _C.ERROR_CHALLENGE,
             _CI.LOGIN_FAILED: _C.GREETED,
             **_CLIENT_EXITS,
         },
@@ -467,11 +498,12 @@ UPSTREAM_TRANSITIONS: Final = TransitionTable[UpstreamState, UpstreamInput](
     },
 )
 
-#: Client states in which bytes are parsed as commands or SASL responses.
-_CLIENT_PARSING: Final = frozenset(
-    {_C.PLAINTEXT, _C.CONNECTED, _C.GREETED, _C.SASL_PLAIN, _C.SASL_USERNAME, _C.SASL_PASSWORD}
+#: Client states in which a line is a SASL response (or the answer to an error challenge).
+_CLIENT_SASL: Final = frozenset(
+    {_C.SASL_RESPONSE, _C.SASL_USERNAME, _C.SASL_PASSWORD, _C.ERROR_CHALLENGE}
 )
-_CLIENT_SASL: Final = frozenset({_C.SASL_PLAIN, _C.SASL_USERNAME, _C.SASL_PASSWORD})
+#: Client states in which bytes are parsed as commands or SASL responses.
+_CLIENT_PARSING: Final = _CLIENT_SASL | {_C.PLAINTEXT, _C.CONNECTED, _C.GREETED}
 #: Client states of a login under way.
 _CLIENT_LOGGING_IN: Final = frozenset({_C.AWAITING_TOKEN, _C.AUTHORIZING})
 #: Client states in which bytes are buffered raw, unparsed.
@@ -604,6 +636,8 @@ class _Attempt:
     """One login attempt, from the credentials to the upstream's verdict."""
 
     login: str = ""
+    #: How the client logs in.
+    mechanism: Mechanism = Mechanism.PLAIN
     #: Why a LOGIN user name cannot be anyone's (refused once the password is in).
     invalid: str = ""
     #: Upstream connections this attempt may still open.
@@ -644,6 +678,7 @@ class SmtpAuth:
         "_error",
         "_extensions",
         "_hostname",
+        "_mechanisms",
         "_out",
         "_server",
         "_settings",
@@ -656,6 +691,8 @@ class SmtpAuth:
         if not is_hostname(hostname):
             raise ValueError(f"not a domain or address literal: {hostname!r}")
         self._settings = settings
+        #: What AUTH accepts and the EHLO reply offers.
+        self._mechanisms = (*POP3_SMTP_PASSWORD_MECHANISMS, *settings.app_mechanisms)
         self._hostname = hostname.encode("ascii")
         self._started = False
         self._client = _C.PLAINTEXT if settings.client_tls is ClientTls.STARTTLS else _C.CONNECTED
@@ -751,11 +788,13 @@ class SmtpAuth:
             case TokenRefused(refusal=refusal):
                 if self._client is not _C.AWAITING_TOKEN:
                     raise RuntimeError(f"token refused in client state {self._client.name}")
-                self._login_failed(
-                    replies.SMTP_AUTH_FAILED
-                    if refusal is Refusal.CREDENTIALS
-                    else replies.SMTP_UNAVAILABLE
-                )
+                attempt = self._current_attempt()
+                if refusal is Refusal.UNAVAILABLE:
+                    self._login_failed(replies.SMTP_UNAVAILABLE)
+                elif attempt.mechanism.bearer:
+                    self._challenge(attempt)
+                else:
+                    self._login_failed(replies.SMTP_AUTH_FAILED)
             case _:
                 assert_never(event)
 
@@ -914,7 +953,9 @@ class SmtpAuth:
             self._reply(b"250 " + self._hostname)
             return
         upstream = self._extensions or SmtpExtensions()
-        keywords = smtp_proxy_extensions(before_tls=before_tls, upstream=upstream)
+        keywords = smtp_proxy_extensions(
+            before_tls=before_tls, upstream=upstream, mechanisms=self._mechanisms
+        )
         if not before_tls:
             self._advertised |= {line.split(b" ")[0] for line in upstream.passed_on()}
         lines = [self._hostname, *keywords]
@@ -939,50 +980,62 @@ class SmtpAuth:
         if not args or len(args) > 2:
             self._rejected(replies.SMTP_SYNTAX)
             return
-        mechanism = args[0].upper()
-        if mechanism not in (b"PLAIN", b"LOGIN"):
+        mechanism = Mechanism.named(args[0], self._mechanisms)
+        if mechanism is None:
             self._rejected(replies.SMTP_UNSUPPORTED_MECHANISM)
-        elif len(args) == 1 and mechanism == b"PLAIN":
-            self._client_move(_CI.AUTH_PLAIN)
-            self._reply(replies.SMTP_CONTINUE)
-        elif len(args) == 1:
+        elif len(args) == 1 and mechanism is Mechanism.LOGIN:
             self._client_move(_CI.AUTH_LOGIN)
             self._reply(replies.SMTP_ASK_USERNAME)
+        elif len(args) == 1:
+            self._client_move(_CI.AUTH_SASL)
+            self._attempt = _Attempt(mechanism=mechanism)
+            self._reply(replies.SMTP_CONTINUE)
         else:
             # RFC 4954 section 4: "=" is an empty initial response.
             initial = b"" if args[1] == b"=" else args[1]
-            if mechanism == b"PLAIN":
-                self._plain(initial, _CI.REJECTED)
-            else:
+            if mechanism is Mechanism.LOGIN:
                 self._login_username(initial, _CI.REJECTED)
+            else:
+                self._sasl(mechanism, initial, _CI.REJECTED)
 
     def _on_sasl_response(self, line: bytes) -> None:
-        if line == b"*":
+        if self._client is _C.ERROR_CHALLENGE:
+            # Whatever the line says (RFC 7628 wants ^A, XOAUTH2 clients send an empty
+            # line, "*" cancels), the login has failed; the answer is not echoed or logged.
+            self._login_failed(replies.SMTP_AUTH_FAILED)
+        elif line == b"*":
             self._attempt = None
             self._rejected(replies.SMTP_CANCELLED, _CI.CANCELLED)
-        elif self._client is _C.SASL_PLAIN:
-            self._plain(line, _CI.CANCELLED)
+        elif self._client is _C.SASL_RESPONSE:
+            self._sasl(self._current_attempt().mechanism, line, _CI.CANCELLED)
         elif self._client is _C.SASL_USERNAME:
             self._login_username(line, _CI.CANCELLED)
         else:
             self._login_password(line)
 
-    def _plain(self, encoded: bytes, refusal: ClientInput) -> None:
-        """Decode a PLAIN response; ``refusal`` is the move when it is malformed."""
+    def _sasl(self, mechanism: Mechanism, encoded: bytes, refusal: ClientInput) -> None:
+        """Decode the one response of ``mechanism``; ``refusal`` is the move when it is
+        malformed."""
         try:
             message = b64decode_strict(encoded)
         except SaslError:
+            self._attempt = None
             self._rejected(replies.SMTP_INVALID_BASE64, refusal)
             return
         try:
-            credentials = parse_plain(message)
-        except InvalidCredentials as exc:
-            self._invalid_credentials(str(exc))
+            credentials = parse_response(mechanism, message)
+        except SaslError as exc:
+            if mechanism.bearer:
+                # RFC 7628 section 3.2.2: a refusal like any other (and counted as one).
+                self._note(Severity.INFO, f"login refused without asking for a token: {exc}")
+                self._challenge(_Attempt(mechanism=mechanism))
+            elif isinstance(exc, InvalidCredentials):
+                self._invalid_credentials(str(exc))
+            else:
+                self._attempt = None
+                self._rejected(replies.SMTP_INVALID_SASL, refusal)
             return
-        except SaslError:
-            self._rejected(replies.SMTP_INVALID_SASL, refusal)
-            return
-        self._begin_login(credentials)
+        self._begin_login(credentials, mechanism)
 
     def _login_username(self, encoded: bytes, refusal: ClientInput) -> None:
         try:
@@ -1022,10 +1075,19 @@ class SmtpAuth:
         self._note(Severity.INFO, f"login refused without asking for a token: {why}")
         self._login_failed(replies.SMTP_AUTH_FAILED)
 
-    def _begin_login(self, credentials: Credentials) -> None:
+    def _begin_login(
+        self, credentials: AnyCredentials, mechanism: Mechanism = Mechanism.PLAIN
+    ) -> None:
         self._client_move(_CI.CREDENTIALS)
-        self._attempt = _Attempt(login=credentials.login)
+        self._attempt = _Attempt(login=credentials.login, mechanism=mechanism)
         self._out.append(RequestToken(credentials))
+
+    def _challenge(self, attempt: _Attempt) -> None:
+        """Refuse a bearer login with an error challenge (RFC 7628 section 3.2.2); the
+        client's answer to it gets the failure (see :meth:`_on_sasl_response`)."""
+        self._client_move(_CI.CHALLENGED)
+        self._attempt = attempt
+        self._reply(b"334 " + attempt.mechanism.error_challenge)
 
     def _login_failed(self, reply: bytes) -> None:
         """Answer a failed login, count it, and close when the budget is spent."""

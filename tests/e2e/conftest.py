@@ -83,6 +83,20 @@ class Listener:
     upstream_tls: str = "implicit"
     upstream_host: str = "127.0.0.1"
     trust_upstream: bool = True
+    #: Further keys of the table, values as TOML text: ``{"client_certificates": '"optional"'}``.
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class User:
+    """One ``[users."LOGIN"]`` table of a test configuration."""
+
+    password: str | None
+    mailbox: str
+    app: str = "contoso"
+    protocols: tuple[str, ...] = ()
+    #: Further keys of the table, values as TOML text.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,20 +107,21 @@ class ProxyRig:
     pki: TestPki
     idp: EntraEmulator
     dovecot: Dovecot
-    users: dict[str, tuple[str, str, str, tuple[str, ...]]] = field(default_factory=dict)
+    users: dict[str, User] = field(default_factory=dict)
     #: Extra ``[limits]`` settings.
     limits: dict[str, float] = field(default_factory=dict)
 
     def add_user(
         self,
         login: str,
-        password: str,
+        password: str | None,
         *,
         mailbox: str | None = None,
         app: str = "contoso",
         protocols: tuple[str, ...] = (),
+        extra: dict[str, str] | None = None,
     ) -> None:
-        self.users[login] = (password, mailbox or login, app, protocols)
+        self.users[login] = User(password, mailbox or login, app, protocols, extra or {})
 
     def write(self, listeners: list[Listener]) -> Path:
         cert = self.pki.issue("proxy", "localhost", "127.0.0.1")
@@ -140,18 +155,17 @@ class ProxyRig:
             ]
             if listener.trust_upstream:
                 lines.append(f'upstream_ca_file = "{self.dovecot.ca_file}"')
+            lines += [f"{key} = {value}" for key, value in listener.extra.items()]
             lines.append("")
         limits = {"login_timeout": 20, "upstream_timeout": 5, "token_timeout": 5, **self.limits}
         lines += ["[limits]", *(f"{key} = {value}" for key, value in limits.items()), ""]
-        for login, (password, mailbox, app, protocols) in self.users.items():
-            lines += [
-                f'[users."{login}"]',
-                f'password_hash = "{hash_password(password, TEST_HASH)}"',
-                f'app = "{app}"',
-                f'mailbox = "{mailbox}"',
-            ]
-            if protocols:
-                lines.append("protocols = [" + ", ".join(f'"{p}"' for p in protocols) + "]")
+        for login, user in self.users.items():
+            lines += [f'[users."{login}"]', f'app = "{user.app}"', f'mailbox = "{user.mailbox}"']
+            if user.password is not None:
+                lines.append(f'password_hash = "{hash_password(user.password, TEST_HASH)}"')
+            if user.protocols:
+                lines.append("protocols = [" + ", ".join(f'"{p}"' for p in user.protocols) + "]")
+            lines += [f"{key} = {value}" for key, value in user.extra.items()]
             lines.append("")
         path = self.directory / "config.toml"
         path.write_text("\n".join(lines))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import subprocess
 from typing import TYPE_CHECKING, TypeVar
 
+import pytest
 import trio
 
 from tests.e2e.conftest import MAILBOX
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from tests.support.certs import TestPki
 
@@ -62,3 +66,31 @@ def raw_session(
                     break
                 received += chunk
             return received
+
+
+def run(
+    command: list[str], *, home: Path, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command-line client as a user would (own HOME, C locale); a failure fails the
+    test with the client's output."""
+    done = subprocess.run(
+        command,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ["PATH"], "HOME": str(home), "LC_ALL": "C"},
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"{command[0]} exited {done.returncode}\n--- stdout\n"
+            f"{done.stdout.decode(errors='replace')}\n--- stderr\n"
+            f"{done.stderr.decode(errors='replace')}"
+        )
+    return done
+
+
+def private_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path

@@ -3,14 +3,12 @@ through the proxy to Dovecot (tokens from the emulated Entra, verified by Doveco
 
 from __future__ import annotations
 
-import os
-import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
-from tests.e2e.helpers import in_thread, message
+from tests.e2e.helpers import in_thread, message, private_file, run
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,32 +20,6 @@ if TYPE_CHECKING:
     from tests.support.smtpsink import SmtpSink
 
 pytestmark = [pytest.mark.e2e]
-
-
-def run(
-    command: list[str], *, home: Path, stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    done = subprocess.run(
-        command,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-        env={"PATH": os.environ["PATH"], "HOME": str(home), "LC_ALL": "C"},
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            f"{command[0]} exited {done.returncode}\n--- stdout\n"
-            f"{done.stdout.decode(errors='replace')}\n--- stderr\n"
-            f"{done.stderr.decode(errors='replace')}"
-        )
-    return done
-
-
-def private_file(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 async def test_fetchmail_pop3_keeps_mail_on_the_server(

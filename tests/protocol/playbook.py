@@ -12,6 +12,7 @@ ignored)::
      | client-closed | tls client | tls server | token <mailbox>
      | refused credentials | refused unavailable
     << connect-upstream | request-token <login> <password> [<authzid>]   (shell quoting)
+     | request-external [<authzid>] | request-bearer <user> <key>
      | start-tls client <preface line> | start-tls server
      | relay [server=b"..."] [client=b"..."]
      | note <info|warning|error> <text the note contains> | close [<text the reason contains>]
@@ -76,10 +77,12 @@ from proxy.protocol.events import (
     TokenIssued,
     TokenRefused,
 )
-from proxy.protocol.sasl import Credentials
+from proxy.protocol.sasl import BearerCredentials, Credentials, ExternalCredentials
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+    from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
     "CLIENT_TRAILER",
@@ -257,6 +260,11 @@ def _expected_action(word: str, arg: str) -> Output:
     if word == "request-token":
         login, password, *authzid = shlex.split(arg)
         return Expect(RequestToken(Credentials(login, password, *authzid)))
+    if word == "request-external":
+        return Expect(RequestToken(ExternalCredentials(*shlex.split(arg))))
+    if word == "request-bearer":
+        user, key = shlex.split(arg)
+        return Expect(RequestToken(BearerCredentials(user, key)))
     if word == "start-tls":
         side, _, preface = arg.partition(" ")
         return Expect(StartTls(Side(side), preface.encode() + b"\r\n" if preface else b""))
@@ -538,11 +546,8 @@ def _render_action(action: Action, shown: Mapping[str, str]) -> list[str]:
             return _wire("S:", data, shown)
         case SendToServer(data=data):
             return _wire("P:", data, shown)
-        case RequestToken(credentials=Credentials() as c):
-            words = [c.login, c.password, *([c.authzid] if c.authzid else [])]
-            return [f"<< request-token {shlex.join(words)}"]
-        case RequestToken(credentials=other):  # app identities: shown as their repr
-            return [f"<< request-token {other!r}"]
+        case RequestToken(credentials=credentials):
+            return [_render_request(credentials)]
         case StartTls(side=side, preface=preface):
             return [f"<< start-tls {side.value} {_text(preface, shown)!r}"]
         case BeginRelay(to_server=to_server, to_client=to_client):
@@ -555,3 +560,16 @@ def _render_action(action: Action, shown: Mapping[str, str]) -> list[str]:
             return ["<< connect-upstream"]
         case _:
             assert_never(action)
+
+
+def _render_request(credentials: AnyCredentials) -> str:
+    match credentials:
+        case Credentials(login=login, password=password, authzid=authzid):
+            words = [login, password, *([authzid] if authzid else [])]
+            return f"<< request-token {shlex.join(words)}"
+        case ExternalCredentials(authzid=authzid):
+            return f"<< request-external {shlex.join([authzid] if authzid else [])}".rstrip()
+        case BearerCredentials(user=user, key=key):
+            return f"<< request-bearer {shlex.join([user, key])}"
+        case _:
+            assert_never(credentials)

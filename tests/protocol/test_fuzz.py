@@ -1,6 +1,7 @@
-"""Hypothesis fuzzing of ImapAuth: whatever either peer sends, in whatever order, the
-machine raises nothing but ProxyError, keeps its memory bounded, never talks to an upstream
-that is not connected, and never lets a secret out."""
+"""Hypothesis fuzzing of ImapAuth, Pop3Auth and SmtpAuth: whatever either peer sends, in
+whatever order, the machine raises nothing but ProxyError, keeps its memory bounded, never
+talks to an upstream that is not connected, and never lets a secret out (passwords, app
+keys, tokens). Each runs with and without the mechanisms for app identities (``app``)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ PASSWORD = "pw-Zq8!x"
 MAILBOX = "alice@contoso.com"
 XOAUTH2 = xoauth2_response(MAILBOX, TOKEN.value)
 PLAIN = base64.b64encode(f"\0alice\0{PASSWORD}".encode())
+APP_KEY = "xo2k_fuzz-Kq7Zr2"
+#: What clients of app identities send: XOAUTH2 and OAUTHBEARER with our app key, one
+#: without a user (malformed: refused with an error challenge), and EXTERNAL's authzid.
+XO = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {APP_KEY}\x01\x01".encode())
+OB = base64.b64encode(f"n,a={MAILBOX},\x01auth=Bearer {APP_KEY}\x01\x01".encode())
+XO_NO_USER = base64.b64encode(f"user=\x01auth=Bearer {APP_KEY}\x01\x01".encode())
+AUTHZID = base64.b64encode(MAILBOX.encode())
 
 CLIENT_PIECES = [
     b"a1 LOGIN alice " + PASSWORD.encode() + b"\r\n",
@@ -79,7 +87,16 @@ CLIENT_PIECES = [
     b"\r\n",
     b'"',
     b"\\",
+    b"b5 AUTHENTICATE EXTERNAL =\r\n",
+    b"b6 AUTHENTICATE XOAUTH2 " + XO + b"\r\n",
+    b"b7 AUTHENTICATE OAUTHBEARER\r\n",
+    OB + b"\r\n",
+    b"AQ==\r\n",
+    b"b8 AUTHENTICATE xoauth2 " + XO_NO_USER + b"\r\n",
+    b"b9 AUTHENTICATE EXTERNAL\r\n",
 ]
+#: The login commands of app identities (whose answers work with or without ``app``).
+APP_PIECES = CLIENT_PIECES[-7:]
 CHALLENGE = b"+ " + base64.b64encode(b'{"status":"400","schemes":"Bearer"}') + b"\r\n"
 SERVER_PIECES = [
     b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=XOAUTH2] hi\r\n",
@@ -109,10 +126,14 @@ def chunks(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
     return st.lists(part, min_size=1, max_size=4).map(b"".join)
 
 
-def small_settings(client_tls: ClientTls, upstream_tls: UpstreamTls) -> AuthSettings:
+def small_settings(
+    client_tls: ClientTls, upstream_tls: UpstreamTls, *, app: bool = False
+) -> AuthSettings:
     return AuthSettings(
         client_tls,
         upstream_tls,
+        sasl_external=app,
+        sasl_bearer=app,
         max_line=160,
         max_literal=64,
         max_bad_commands=6,
@@ -156,6 +177,7 @@ class Driver:
                 case RequestToken(credentials=credentials):
                     assert not self.token_wanted
                     assert PASSWORD not in repr(credentials)
+                    assert APP_KEY not in repr(credentials)
                     self.token_wanted = True
                 case StartTls(side=side):
                     self.tls.add(side)
@@ -204,11 +226,13 @@ class Driver:
             case "PLAINTEXT":
                 pieces = [b"c1 STARTTLS\r\n", b"c2 CAPABILITY\r\n", CLIENT_PIECES[0]]
             case "SASL_RESPONSE":
-                pieces = [PLAIN + b"\r\n", b"*\r\n"]
+                pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
+            case "ERROR_CHALLENGE":
+                pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
             case "AWAITING_TOKEN" | "AUTHORIZING":
                 pieces = [b"c3 SELECT INBOX\r\n", b"c4 IDLE\r\n"]
             case _:
-                pieces = CLIENT_PIECES[:9]
+                pieces = [*CLIENT_PIECES[:9], *APP_PIECES]
         return st.sampled_from(pieces)
 
     def plausible_server(self) -> st.SearchStrategy[bytes]:
@@ -272,7 +296,16 @@ class Driver:
         check_no_secrets_text(repr(self.machine))
 
 
-SECRETS = [PASSWORD, TOKEN.value, PLAIN.decode(), base64.b64encode(PASSWORD.encode()).decode()]
+SECRETS = [
+    PASSWORD,
+    TOKEN.value,
+    PLAIN.decode(),
+    base64.b64encode(PASSWORD.encode()).decode(),
+    APP_KEY,
+    XO.decode(),
+    OB.decode(),
+    XO_NO_USER.decode(),
+]
 
 
 def check_no_secrets_text(text: str) -> None:
@@ -307,12 +340,13 @@ def check_no_secrets(action: Action) -> None:
 @given(
     client_tls=st.sampled_from(ClientTls),
     upstream_tls=st.sampled_from(UpstreamTls),
+    app=st.booleans(),
     data=st.data(),
 )
 def test_arbitrary_event_sequences(
-    client_tls: ClientTls, upstream_tls: UpstreamTls, data: st.DataObject
+    client_tls: ClientTls, upstream_tls: UpstreamTls, app: bool, data: st.DataObject
 ) -> None:
-    config = small_settings(client_tls, upstream_tls)
+    config = small_settings(client_tls, upstream_tls, app=app)
     driver = Driver(ImapAuth(config), config)
     driver.apply(driver.machine.start())
     for _ in range(60):
@@ -323,9 +357,13 @@ def test_arbitrary_event_sequences(
 
 
 @FUZZ
-@given(client_tls=st.sampled_from(ClientTls), pieces=st.lists(st.binary(), max_size=30))
-def test_arbitrary_client_bytes(client_tls: ClientTls, pieces: list[bytes]) -> None:
-    config = small_settings(client_tls, UpstreamTls.IMPLICIT)
+@given(
+    client_tls=st.sampled_from(ClientTls),
+    app=st.booleans(),
+    pieces=st.lists(st.binary(), max_size=30),
+)
+def test_arbitrary_client_bytes(client_tls: ClientTls, app: bool, pieces: list[bytes]) -> None:
+    config = small_settings(client_tls, UpstreamTls.IMPLICIT, app=app)
     driver = Driver(ImapAuth(config), config)
     driver.apply(driver.machine.start())
     for piece in pieces:
@@ -353,13 +391,19 @@ def test_arbitrary_upstream_bytes(upstream_tls: UpstreamTls, pieces: list[bytes]
 @given(
     script=st.lists(st.sampled_from(CLIENT_PIECES), min_size=1, max_size=12),
     cut=st.integers(min_value=1, max_value=64),
+    app=st.booleans(),
 )
-def test_chunking_never_changes_what_the_client_sees(script: list[bytes], cut: int) -> None:
+def test_chunking_never_changes_what_the_client_sees(
+    script: list[bytes], cut: int, app: bool
+) -> None:
     """Client bytes cut anywhere give the same answers as the same bytes whole."""
     stream = b"".join(script)
+    config = AuthSettings(
+        ClientTls.IMPLICIT, UpstreamTls.IMPLICIT, sasl_external=app, sasl_bearer=app
+    )
 
     def replies(pieces: list[bytes]) -> tuple[bytes, list[Action], str]:
-        machine = ImapAuth(AuthSettings(ClientTls.IMPLICIT, UpstreamTls.IMPLICIT))
+        machine = ImapAuth(config)
         machine.start()
         sent = b""
         others: list[Action] = []
@@ -417,7 +461,15 @@ POP3_CLIENT_PIECES = [
     b"PASS\r\n",
     b"\r\n",
     b"=",
+    b"AUTH EXTERNAL =\r\n",
+    b"AUTH XOAUTH2 " + XO + b"\r\n",
+    b"AUTH OAUTHBEARER\r\n",
+    OB + b"\r\n",
+    b"AQ==\r\n",
+    b"AUTH xoauth2 " + XO_NO_USER + b"\r\n",
+    b"AUTH EXTERNAL " + AUTHZID + b"\r\n",
 ]
+POP3_APP_PIECES = POP3_CLIENT_PIECES[-7:]
 POP3_SERVER_PIECES = [
     b"+OK Dovecot ready.\r\n",
     b"-ERR [SYS/TEMP] Too many connections\r\n",
@@ -494,6 +546,7 @@ class Pop3Driver:
                 case RequestToken(credentials=credentials):
                     assert not self.token_wanted
                     assert PASSWORD not in repr(credentials)
+                    assert APP_KEY not in repr(credentials)
                     self.token_wanted = True
                 case StartTls(side=side):
                     self.tls.add(side)
@@ -546,8 +599,10 @@ class Pop3Driver:
                 pieces = [b"STLS\r\n", b"CAPA\r\n", b"USER alice\r\n"]
             case "USER_GIVEN":
                 pieces = [POP3_PASS, b"CAPA\r\n", b"USER bob\r\n"]
-            case "PLAIN_RESPONSE":
-                pieces = [PLAIN + b"\r\n", b"*\r\n"]
+            case "SASL_RESPONSE":
+                pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
+            case "ERROR_CHALLENGE":
+                pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
             case "LOGIN_USERNAME":
                 pieces = [POP3_USER_B64 + b"\r\n", b"*\r\n"]
             case "LOGIN_PASSWORD":
@@ -555,7 +610,7 @@ class Pop3Driver:
             case "AWAITING_TOKEN" | "AUTHORIZING":
                 pieces = [b"STAT\r\n", b"RETR 1\r\n"]
             case _:
-                pieces = POP3_CLIENT_PIECES[:12]
+                pieces = [*POP3_CLIENT_PIECES[:12], *POP3_APP_PIECES]
         return st.sampled_from(pieces)
 
     def plausible_server(self) -> st.SearchStrategy[bytes]:
@@ -608,12 +663,13 @@ class Pop3Driver:
 @given(
     client_tls=st.sampled_from(ClientTls),
     upstream_tls=st.sampled_from(UpstreamTls),
+    app=st.booleans(),
     data=st.data(),
 )
 def test_pop3_arbitrary_event_sequences(
-    client_tls: ClientTls, upstream_tls: UpstreamTls, data: st.DataObject
+    client_tls: ClientTls, upstream_tls: UpstreamTls, app: bool, data: st.DataObject
 ) -> None:
-    config = small_settings(client_tls, upstream_tls)
+    config = small_settings(client_tls, upstream_tls, app=app)
     driver = Pop3Driver(Pop3Auth(config), config)
     driver.apply(driver.machine.start())
     for _ in range(60):
@@ -627,12 +683,13 @@ def test_pop3_arbitrary_event_sequences(
 @given(
     client_tls=st.sampled_from(ClientTls),
     upstream_tls=st.sampled_from(UpstreamTls),
+    app=st.booleans(),
     data=st.data(),
 )
 def test_pop3_well_behaved_peers_in_any_order(
-    client_tls: ClientTls, upstream_tls: UpstreamTls, data: st.DataObject
+    client_tls: ClientTls, upstream_tls: UpstreamTls, app: bool, data: st.DataObject
 ) -> None:
-    config = small_settings(client_tls, upstream_tls)
+    config = small_settings(client_tls, upstream_tls, app=app)
     driver = Pop3Driver(Pop3Auth(config), config, noisy=False)
     driver.apply(driver.machine.start())
     for _ in range(60):
@@ -643,9 +700,13 @@ def test_pop3_well_behaved_peers_in_any_order(
 
 
 @FUZZ
-@given(client_tls=st.sampled_from(ClientTls), pieces=st.lists(st.binary(), max_size=30))
-def test_pop3_arbitrary_client_bytes(client_tls: ClientTls, pieces: list[bytes]) -> None:
-    config = small_settings(client_tls, UpstreamTls.IMPLICIT)
+@given(
+    client_tls=st.sampled_from(ClientTls),
+    app=st.booleans(),
+    pieces=st.lists(st.binary(), max_size=30),
+)
+def test_pop3_arbitrary_client_bytes(client_tls: ClientTls, app: bool, pieces: list[bytes]) -> None:
+    config = small_settings(client_tls, UpstreamTls.IMPLICIT, app=app)
     driver = Pop3Driver(Pop3Auth(config), config)
     driver.apply(driver.machine.start())
     for piece in pieces:
@@ -673,13 +734,19 @@ def test_pop3_arbitrary_upstream_bytes(upstream_tls: UpstreamTls, pieces: list[b
 @given(
     script=st.lists(st.sampled_from(POP3_CLIENT_PIECES), min_size=1, max_size=12),
     cut=st.integers(min_value=1, max_value=64),
+    app=st.booleans(),
 )
-def test_pop3_chunking_never_changes_what_the_client_sees(script: list[bytes], cut: int) -> None:
+def test_pop3_chunking_never_changes_what_the_client_sees(
+    script: list[bytes], cut: int, app: bool
+) -> None:
     """Client bytes cut anywhere give the same answers as the same bytes whole."""
     stream = b"".join(script)
+    config = AuthSettings(
+        ClientTls.IMPLICIT, UpstreamTls.IMPLICIT, sasl_external=app, sasl_bearer=app
+    )
 
     def replies(pieces: list[bytes]) -> tuple[bytes, list[Action], str]:
-        machine = Pop3Auth(AuthSettings(ClientTls.IMPLICIT, UpstreamTls.IMPLICIT))
+        machine = Pop3Auth(config)
         machine.start()
         sent = b""
         others: list[Action] = []
@@ -734,7 +801,15 @@ SMTP_CLIENT_PIECES = [
     b"AUTH\r\n",
     b"\r\n",
     b"=",
+    b"AUTH EXTERNAL =\r\n",
+    b"AUTH XOAUTH2 " + XO + b"\r\n",
+    b"AUTH OAUTHBEARER\r\n",
+    OB + b"\r\n",
+    b"AQ==\r\n",
+    b"AUTH xoauth2 " + XO_NO_USER + b"\r\n",
+    b"AUTH EXTERNAL " + AUTHZID + b"\r\n",
 ]
+SMTP_APP_PIECES = SMTP_CLIENT_PIECES[-7:]
 SMTP_CHALLENGE = b"334 " + base64.b64encode(b'{"status":"401","schemes":"bearer"}') + b"\r\n"
 SMTP_EHLO_STARTTLS = b"250-localhost\r\n250-AUTH XOAUTH2\r\n250-STARTTLS\r\n250 PIPELINING\r\n"
 SMTP_EHLO_XOAUTH2 = (
@@ -798,6 +873,7 @@ class SmtpDriver:
                 case RequestToken(credentials=credentials):
                     assert not self.token_wanted
                     assert PASSWORD not in repr(credentials)
+                    assert APP_KEY not in repr(credentials)
                     self.token_wanted = True
                 case StartTls(side=side):
                     self.tls.add(side)
@@ -854,9 +930,17 @@ class SmtpDriver:
             case "CONNECTED":
                 pieces = [b"EHLO client.test\r\n", b"HELO client.test\r\n", b"NOOP\r\n"]
             case "GREETED":
-                pieces = [*SMTP_CLIENT_PIECES[2:4], SMTP_CLIENT_PIECES[5], SMTP_LOGIN]
-            case "SASL_PLAIN":
-                pieces = [PLAIN + b"\r\n", b"*\r\n"]
+                pieces = [
+                    *SMTP_CLIENT_PIECES[2:4],
+                    SMTP_CLIENT_PIECES[5],
+                    SMTP_LOGIN,
+                    *SMTP_APP_PIECES[:3],
+                    SMTP_APP_PIECES[5],
+                ]
+            case "SASL_RESPONSE":
+                pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
+            case "ERROR_CHALLENGE":
+                pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
             case "SASL_USERNAME":
                 pieces = [SMTP_USER_B64 + b"\r\n", b"*\r\n"]
             case "SASL_PASSWORD":
@@ -864,7 +948,7 @@ class SmtpDriver:
             case "EHLO_HELD" | "AWAITING_TOKEN" | "AUTHORIZING":
                 pieces = [b"NOOP\r\n", b"MAIL FROM:<alice@contoso.com>\r\n"]
             case _:
-                pieces = SMTP_CLIENT_PIECES[:12]
+                pieces = [*SMTP_CLIENT_PIECES[:12], *SMTP_APP_PIECES]
         return st.sampled_from(pieces)
 
     def plausible_server(self) -> st.SearchStrategy[bytes]:
@@ -919,9 +1003,9 @@ class SmtpDriver:
 
 
 def smtp_driver(
-    client_tls: ClientTls, upstream_tls: UpstreamTls, *, noisy: bool = True
+    client_tls: ClientTls, upstream_tls: UpstreamTls, *, noisy: bool = True, app: bool = False
 ) -> SmtpDriver:
-    config = small_settings(client_tls, upstream_tls)
+    config = small_settings(client_tls, upstream_tls, app=app)
     driver = SmtpDriver(SmtpAuth(config), config, noisy=noisy)
     driver.apply(driver.machine.start())
     return driver
@@ -932,12 +1016,13 @@ def smtp_driver(
     client_tls=st.sampled_from(ClientTls),
     upstream_tls=st.sampled_from(UpstreamTls),
     noisy=st.booleans(),
+    app=st.booleans(),
     data=st.data(),
 )
 def test_smtp_arbitrary_event_sequences(
-    client_tls: ClientTls, upstream_tls: UpstreamTls, noisy: bool, data: st.DataObject
+    client_tls: ClientTls, upstream_tls: UpstreamTls, noisy: bool, app: bool, data: st.DataObject
 ) -> None:
-    driver = smtp_driver(client_tls, upstream_tls, noisy=noisy)
+    driver = smtp_driver(client_tls, upstream_tls, noisy=noisy, app=app)
     for _ in range(60):
         if driver.done:
             break
@@ -949,12 +1034,13 @@ def test_smtp_arbitrary_event_sequences(
 @given(
     client_tls=st.sampled_from(ClientTls),
     upstream_ready=st.booleans(),
+    app=st.booleans(),
     pieces=st.lists(st.binary(), max_size=30),
 )
 def test_smtp_arbitrary_client_bytes(
-    client_tls: ClientTls, upstream_ready: bool, pieces: list[bytes]
+    client_tls: ClientTls, upstream_ready: bool, app: bool, pieces: list[bytes]
 ) -> None:
-    driver = smtp_driver(client_tls, UpstreamTls.IMPLICIT)
+    driver = smtp_driver(client_tls, UpstreamTls.IMPLICIT, app=app)
     if upstream_ready:  # else an EHLO is held, and everything behind it
         driver.feed(ServerConnected())
         driver.feed(ServerDataReceived(SMTP_SERVER_PIECES[0] + SMTP_EHLO_XOAUTH2))
@@ -981,13 +1067,19 @@ def test_smtp_arbitrary_upstream_bytes(upstream_tls: UpstreamTls, pieces: list[b
 @given(
     script=st.lists(st.sampled_from(SMTP_CLIENT_PIECES), min_size=1, max_size=12),
     cut=st.integers(min_value=1, max_value=64),
+    app=st.booleans(),
 )
-def test_smtp_chunking_never_changes_what_the_client_sees(script: list[bytes], cut: int) -> None:
+def test_smtp_chunking_never_changes_what_the_client_sees(
+    script: list[bytes], cut: int, app: bool
+) -> None:
     """Client bytes cut anywhere give the same answers as the same bytes whole."""
     stream = b"".join(script)
+    config = AuthSettings(
+        ClientTls.IMPLICIT, UpstreamTls.IMPLICIT, sasl_external=app, sasl_bearer=app
+    )
 
     def replies(pieces: list[bytes]) -> tuple[bytes, list[Action], str]:
-        machine = SmtpAuth(AuthSettings(ClientTls.IMPLICIT, UpstreamTls.IMPLICIT))
+        machine = SmtpAuth(config)
         machine.start()
         machine.handle(ServerConnected())
         machine.handle(ServerDataReceived(SMTP_SERVER_PIECES[0] + SMTP_EHLO_XOAUTH2))

@@ -42,7 +42,7 @@ from proxy.protocol.imap import (
     state_diagrams,
 )
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
-from proxy.protocol.sasl import Credentials, xoauth2_response
+from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
 from tests.protocol.playbook import (
     TOKEN,
     Feed,
@@ -55,6 +55,8 @@ from tests.protocol.playbook import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from proxy.protocol.transitions import InputT, StateT, TransitionTable
 
 MAILBOX = "alice@contoso.com"
@@ -64,19 +66,34 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+#: An app key, as ``xoauth2-proxy app-key`` makes them.
+APP_KEY = "xo2k_c2VjcmV0LWFwcC1rZXktZm9yLXRyYW5zY3JpcHRz"
 VARS = {
     "EXISTS": 'client=b"* 1 EXISTS\\r\\n"',
     "XOAUTH2": xoauth2_response(MAILBOX, TOKEN.value).decode(),
     "PLAIN": b64("\0alice\0secret"),
+    "KEY": APP_KEY,
+    # What clients that speak OAuth send, with our app key as their token.
+    "XO": b64(f"user={MAILBOX}\x01auth=Bearer {APP_KEY}\x01\x01"),
+    "OB": b64(f"n,a={MAILBOX},\x01host=proxy.test\x01port=993\x01auth=Bearer {APP_KEY}\x01\x01"),
+    # Our error challenges, exactly: {"status":"401","schemes":"bearer"} for XOAUTH2,
+    # {"status":"invalid_token"} for OAUTHBEARER (RFC 7628 section 3.2.2).
+    "XO_REFUSED": "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=",
+    "OB_REFUSED": "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=",
 }
 
 
 def machine(
     client_tls: ClientTls = ClientTls.IMPLICIT,
     upstream_tls: UpstreamTls = UpstreamTls.IMPLICIT,
+    *,
+    external: bool = False,
+    bearer: bool = False,
     **limits: int,
 ) -> ImapAuth:
-    return ImapAuth(AuthSettings(client_tls, upstream_tls, **limits))
+    return ImapAuth(
+        AuthSettings(client_tls, upstream_tls, sasl_external=external, sasl_bearer=bearer, **limits)
+    )
 
 
 def play(text: str, mode: Mode = Mode.WHOLE, auth: ImapAuth | None = None) -> ImapAuth:
@@ -700,7 +717,13 @@ def test_too_much_pipelined_behind_the_login(mode: Mode) -> None:
 )
 def test_settings_refuse_unusable_limits(limits: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="limit"):
-        AuthSettings(ClientTls.IMPLICIT, UpstreamTls.IMPLICIT, **limits)
+        AuthSettings(
+            ClientTls.IMPLICIT,
+            UpstreamTls.IMPLICIT,
+            sasl_external=False,
+            sasl_bearer=False,
+            **limits,
+        )
 
 
 def test_error_state_refuses_every_later_event() -> None:
@@ -1519,6 +1542,444 @@ def test_refusal_bytes_are_the_same_for_every_credential_problem() -> None:
     assert answers[0] == answers[1] == [SendToClient(b"t " + replies.IMAP_AUTH_FAILED + b"\r\n")]
 
 
+# === App identities: AUTHENTICATE EXTERNAL, XOAUTH2 and OAUTHBEARER ========================
+
+ALL_MECHANISMS = "AUTH=PLAIN AUTH=EXTERNAL AUTH=XOAUTH2 AUTH=OAUTHBEARER"
+APP_START = f"""
+    >> start
+    S: * OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID {ALL_MECHANISMS}] xoauth2-proxy ready.
+    << connect-upstream
+"""
+APP_READY = APP_START + UPSTREAM_READY
+
+
+def app_machine(client_tls: ClientTls = ClientTls.IMPLICIT, **limits: int) -> ImapAuth:
+    return machine(client_tls, UpstreamTls.IMPLICIT, external=True, bearer=True, **limits)
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "offered"),
+    [
+        (False, False, "AUTH=PLAIN"),
+        (True, False, "AUTH=PLAIN AUTH=EXTERNAL"),
+        (False, True, "AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER"),
+        (True, True, ALL_MECHANISMS),
+    ],
+)
+@three_ways
+def test_app_mechanisms_are_advertised_when_set(
+    external: bool, bearer: bool, offered: str, mode: Mode
+) -> None:
+    play(
+        f"""
+        >> start
+        S: * OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID {offered}] xoauth2-proxy ready.
+        << connect-upstream
+        C: a1 CAPABILITY
+        S: * CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID {offered}
+        S: a1 OK CAPABILITY completed.
+        """,
+        mode,
+        machine(external=external, bearer=bearer),
+    )
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "offered", "unknown"),
+    [
+        (False, False, "AUTH=PLAIN", ["EXTERNAL", "XOAUTH2", "oauthbearer"]),
+        (True, False, "AUTH=PLAIN AUTH=EXTERNAL", ["XOAUTH2", "OAUTHBEARER"]),
+        (False, True, "AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER", ["external"]),
+    ],
+)
+@three_ways
+def test_app_mechanisms_not_set_are_unknown_mechanisms(
+    external: bool, bearer: bool, offered: str, unknown: list[str], mode: Mode
+) -> None:
+    lines = "".join(
+        f"C: a{n} AUTHENTICATE {name} $XO\nS: a{n} NO Unsupported authentication mechanism.\n"
+        f"C: b{n} AUTHENTICATE {name}\nS: b{n} NO Unsupported authentication mechanism.\n"
+        for n, name in enumerate(unknown)
+    )
+    play(
+        f"""
+        >> start
+        S: * OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID {offered}] xoauth2-proxy ready.
+        << connect-upstream
+        """
+        + UPSTREAM_READY
+        + lines,
+        mode,
+        machine(external=external, bearer=bearer),
+    )
+
+
+@three_ways
+def test_app_mechanisms_only_after_starttls(mode: Mode) -> None:
+    play(
+        STARTTLS_START
+        + UPSTREAM_READY
+        + f"""
+        C: a1 AUTHENTICATE EXTERNAL =
+        S: a1 NO [PRIVACYREQUIRED] Use STARTTLS first.
+        C: a2 AUTHENTICATE XOAUTH2 $XO
+        S: a2 NO [PRIVACYREQUIRED] Use STARTTLS first.
+        C: a3 AUTHENTICATE OAUTHBEARER
+        S: a3 NO [PRIVACYREQUIRED] Use STARTTLS first.
+        C: a4 STARTTLS
+        << start-tls client a4 OK Begin TLS negotiation now.
+        >> tls client
+        C: a5 CAPABILITY
+        S: * CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID {ALL_MECHANISMS}
+        S: a5 OK CAPABILITY completed.
+        C: a1 AUTHENTICATE EXTERNAL =
+        << request-external
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(ClientTls.STARTTLS),
+    )
+
+
+@pytest.mark.parametrize(
+    ("initial", "authzid"),
+    [("=", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_authenticate_external_with_initial_response(
+    initial: str, authzid: str, mode: Mode
+) -> None:
+    auth = play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE external {initial}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("response", "authzid"),
+    [("", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_authenticate_external_with_continuation(response: str, authzid: str, mode: Mode) -> None:
+    play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE EXTERNAL
+        S: +$SP
+        C: {response}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_authenticate_external_refused_without_a_challenge(mode: Mode) -> None:
+    control = b64("bad\x00name")
+    auth = play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE EXTERNAL =
+        << request-external
+        >> refused credentials
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        C: a2 AUTHENTICATE EXTERNAL {control}
+        << note info login refused without asking for a token: authorization identity
+        S: a2 NO [AUTHENTICATIONFAILED] Authentication failed.
+        C: a3 AUTHENTICATE EXTERNAL
+        S: +$SP
+        C: *
+        S: a3 BAD Authentication cancelled.
+        C: a4 AUTHENTICATE EXTERNAL
+        S: +$SP
+        C: =
+        S: a4 BAD Invalid base64 in SASL response.
+        C: a5 AUTHENTICATE EXTERNAL =
+        << request-external
+        >> refused unavailable
+        S: a5 NO [UNAVAILABLE] Temporary failure, try again later.
+        """,
+        mode,
+        app_machine(max_auth_failures=4),
+    )
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAUTHBEARER", "$OB"), ("xoauth2", "$XO")]
+)
+@three_ways
+def test_authenticate_bearer_with_initial_response(
+    mechanism: str, message: str, mode: Mode
+) -> None:
+    auth = play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+    assert auth.upstream_state is UpstreamState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAuthBearer", "$OB")])
+@three_ways
+def test_authenticate_bearer_with_continuation(mechanism: str, message: str, mode: Mode) -> None:
+    play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE {mechanism}
+        S: +$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message", "challenge", "answer"),
+    [
+        ("XOAUTH2", "$XO", "$XO_REFUSED", ""),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "AQ=="),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "*"),
+    ],
+)
+@three_ways
+def test_refused_app_key_gets_the_error_challenge(
+    mechanism: str, message: str, challenge: str, answer: str, mode: Mode
+) -> None:
+    auth = play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + {challenge}
+        C: {answer}
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        C: a2 AUTHENTICATE {mechanism}
+        S: +$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN.replace("a1 OK", "a2 OK"),
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@three_ways
+def test_error_challenge_waits_for_the_answer_and_then_parses_commands(mode: Mode) -> None:
+    play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE XOAUTH2 $XO
+        C: a2 NOOP
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        C: a3 NOOP
+        S: a3 OK NOOP completed.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_temporary_refusal_of_an_app_key_has_no_challenge(mode: Mode) -> None:
+    play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE OAUTHBEARER $OB
+        << request-bearer alice@contoso.com $KEY
+        >> refused unavailable
+        S: a1 NO [UNAVAILABLE] Temporary failure, try again later.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+MALFORMED_BEARER = [
+    pytest.param("XOAUTH2", "=", "XOAUTH2: must end with two ^A", id="xoauth2-empty"),
+    pytest.param(
+        "XOAUTH2",
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "XOAUTH2 user is empty",
+        id="no-user",
+    ),
+    pytest.param(
+        "XOAUTH2",
+        b64("user=a@b\x01auth=Basic YTpi\x01\x01"),
+        "XOAUTH2: auth must be 'Bearer <token>'",
+        id="basic",
+    ),
+    pytest.param(
+        "XOAUTH2", b64("user=a@b\x01auth=Bearer  \x01\x01"), "XOAUTH2: auth must be", id="no-key"
+    ),
+    pytest.param(
+        "OAUTHBEARER",
+        b64(f"p=tls-unique,,\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "OAUTHBEARER: channel binding",
+        id="cb",
+    ),
+    pytest.param(
+        "OAUTHBEARER",
+        b64(f"n,a=a=b,\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "OAUTHBEARER: '=' in a user name",
+        id="saslname",
+    ),
+    pytest.param("OAUTHBEARER", "AQ==", "OAUTHBEARER: must end with two ^A", id="just-a-control-a"),
+]
+
+
+@pytest.mark.parametrize(("mechanism", "message", "why"), MALFORMED_BEARER)
+@pytest.mark.parametrize("initial", [True, False], ids=["initial", "continuation"])
+@three_ways
+def test_malformed_bearer_message_gets_the_error_challenge(
+    mechanism: str, message: str, why: str, initial: bool, mode: Mode
+) -> None:
+    challenge = "$XO_REFUSED" if mechanism == "XOAUTH2" else "$OB_REFUSED"
+    command = (
+        f"C: a1 AUTHENTICATE {mechanism} {message}"
+        if initial
+        else f"C: a1 AUTHENTICATE {mechanism}\nS: +$SP\nC: {'' if message == '=' else message}"
+    )
+    auth = play(
+        APP_READY
+        + f"""
+        {command}
+        << note info login refused without asking for a token: {why}
+        S: + {challenge}
+        C:
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
+
+
+@three_ways
+def test_bearer_base64_errors_and_cancel_are_like_plain(mode: Mode) -> None:
+    play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE XOAUTH2 !!!!
+        S: a1 BAD Invalid base64 in SASL response.
+        C: a2 AUTHENTICATE OAUTHBEARER
+        S: +$SP
+        C: AQ
+        S: a2 BAD Invalid base64 in SASL response.
+        C: a3 AUTHENTICATE XOAUTH2
+        S: +$SP
+        C: *
+        S: a3 BAD Authentication cancelled.
+        C: a4 AUTHENTICATE XOAUTH2 $XO extra
+        S: a4 BAD Syntax error.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_bearer_failures_count_against_the_login_budget(mode: Mode) -> None:
+    play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        C:
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        C: a2 AUTHENTICATE OAUTHBEARER =
+        << note info login refused without asking for a token
+        S: + $OB_REFUSED
+        C: AQ==
+        S: a2 NO [AUTHENTICATIONFAILED] Authentication failed.
+        << note info 2 failed logins: closing
+        S: * BYE Too many failed logins.
+        << close too many failed logins
+        """,
+        mode,
+        app_machine(max_auth_failures=2),
+    )
+
+
+@three_ways
+def test_client_closing_during_the_error_challenge(mode: Mode) -> None:
+    auth = play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        >> client-closed
+        << close client closed
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.CLOSED
+
+
+@two_ways
+def test_error_challenge_answer_is_bounded_like_any_line(mode: Mode) -> None:
+    play(
+        APP_READY
+        + f"""
+        C: a1 AUTHENTICATE XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        C: {"x" * 300}
+        !! client-error * BYE Line too long.
+        """,
+        mode,
+        app_machine(max_line=200),
+    )
+
+
+@three_ways
+def test_upstream_refusing_the_token_of_a_bearer_login_is_answered_directly(mode: Mode) -> None:
+    play(
+        APP_READY
+        + """
+        C: a1 AUTHENTICATE XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> token alice@contoso.com
+        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
+        U: X1 NO [AUTHENTICATIONFAILED] no
+        << note warning the upstream rejected the token
+        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
 # === Driver contract, secrets, tables ======================================================
 
 
@@ -1621,6 +2082,76 @@ def test_secrets_only_in_the_token_request_and_the_xoauth2_line(
             assert secret not in shown
             assert secret.encode() not in data
     assert token_lines == 1
+    for text_seen in reprs:
+        for secret in secrets:
+            assert secret not in text_seen
+
+
+APP_LOGINS = [
+    pytest.param("C: a1 AUTHENTICATE XOAUTH2 $XO", id="xoauth2"),
+    pytest.param("C: a1 AUTHENTICATE XOAUTH2\nC: $XO", id="xoauth2-continued"),
+    pytest.param("C: a1 AUTHENTICATE OAUTHBEARER $OB", id="oauthbearer"),
+    pytest.param("C: a1 AUTHENTICATE OAUTHBEARER\nC: $OB", id="oauthbearer-continued"),
+]
+APP_OUTCOMES = [
+    pytest.param(">> token alice@contoso.com\nU: X1 OK yes", id="ok"),
+    pytest.param(
+        f">> token alice@contoso.com\nU: + {ERROR_CHALLENGE}\nU: X1 NO no\n>> client-closed",
+        id="upstream-challenge",
+    ),
+    pytest.param(">> refused credentials\nC: AQ==\nC: a2 NOOP", id="refused"),
+    pytest.param(">> refused unavailable\nC: a2 NOOP", id="unavailable"),
+]
+
+
+@pytest.mark.parametrize("login", APP_LOGINS)
+@pytest.mark.parametrize("outcome", APP_OUTCOMES)
+def test_app_key_only_in_the_token_request(login: str, outcome: str) -> None:
+    actions, reprs = _all_actions(APP_READY + f"{login}\n{outcome}\n", app_machine())
+    check_app_key_hidden(actions, reprs, upstream_login=outcome.startswith(">> token"))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),  # no user
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x01"),  # one ^A at the end
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x1b\x01\x01"),  # a control character
+        b64(f"user=a@b\x01auth=Token {APP_KEY}\x01\x01"),  # not Bearer
+    ],
+)
+def test_app_key_in_a_malformed_message_is_not_shown(message: str) -> None:
+    text = APP_READY + f"C: a1 AUTHENTICATE XOAUTH2 {message}\nC:\n"
+    actions, reprs = _all_actions(text, app_machine())
+    sent = b"".join(action.data for action in actions if isinstance(action, SendToClient))
+    assert sent.endswith(b"\r\na1 " + replies.IMAP_AUTH_FAILED + b"\r\n")
+    check_app_key_hidden(actions, reprs, upstream_login=False, sent=(message,))
+
+
+def check_app_key_hidden(
+    actions: list[Action], reprs: list[str], *, upstream_login: bool, sent: Sequence[str] = ()
+) -> None:
+    """The app key (raw, and in what the client sent) is only in the token request; the
+    real token only in the one XOAUTH2 line upstream."""
+    token_b64 = VARS["XOAUTH2"]
+    secrets = [APP_KEY, b64(APP_KEY), VARS["XO"], VARS["OB"], TOKEN.value, token_b64, *sent]
+    token_lines = 0
+    for action in actions:
+        if isinstance(action, RequestToken):
+            assert isinstance(action.credentials, BearerCredentials)
+            assert action.credentials.key == APP_KEY
+            assert APP_KEY not in repr(action)
+            continue
+        if isinstance(action, SendToServer) and token_b64.encode() in action.data:
+            assert action.data == b"X1 AUTHENTICATE XOAUTH2 " + token_b64.encode() + b"\r\n"
+            token_lines += 1
+            continue
+        shown = repr(action) + (action.text if isinstance(action, Note) else "")
+        data = getattr(action, "data", b"") + getattr(action, "to_server", b"")
+        for secret in secrets:
+            assert secret not in shown
+            assert secret.encode() not in data
+    assert token_lines == int(upstream_login)
     for text_seen in reprs:
         for secret in secrets:
             assert secret not in text_seen

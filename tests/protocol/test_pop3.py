@@ -48,7 +48,7 @@ from proxy.protocol.pop3 import (
     UpstreamState,
     state_diagrams,
 )
-from proxy.protocol.sasl import Credentials, xoauth2_response
+from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
 from tests.protocol.playbook import (
     TOKEN,
     Feed,
@@ -62,6 +62,8 @@ from tests.protocol.playbook import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from proxy.protocol.transitions import InputT, StateT, TransitionTable
 
 MAILBOX = "alice@contoso.com"
@@ -74,20 +76,35 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+#: An app key, as ``xoauth2-proxy app-key`` makes them.
+APP_KEY = "xo2k_c2VjcmV0LWFwcC1rZXktZm9yLXRyYW5zY3JpcHRz"
 VARS = {
     "XOAUTH2": xoauth2_response(MAILBOX, TOKEN.value).decode(),
     "PLAIN": b64("\0alice\0secret"),
     "ALICE": b64("alice"),
     "SECRET": b64("secret"),
+    "KEY": APP_KEY,
+    # What clients that speak OAuth send, with our app key as their token.
+    "XO": b64(f"user={MAILBOX}\x01auth=Bearer {APP_KEY}\x01\x01"),
+    "OB": b64(f"n,a={MAILBOX},\x01host=proxy.test\x01port=995\x01auth=Bearer {APP_KEY}\x01\x01"),
+    # Our error challenges, exactly: {"status":"401","schemes":"bearer"} for XOAUTH2,
+    # {"status":"invalid_token"} for OAUTHBEARER (RFC 7628 section 3.2.2).
+    "XO_REFUSED": "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=",
+    "OB_REFUSED": "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=",
 }
 
 
 def machine(
     client_tls: ClientTls = ClientTls.IMPLICIT,
     upstream_tls: UpstreamTls = UpstreamTls.IMPLICIT,
+    *,
+    external: bool = False,
+    bearer: bool = False,
     **limits: int,
 ) -> Pop3Auth:
-    return Pop3Auth(AuthSettings(client_tls, upstream_tls, **limits))
+    return Pop3Auth(
+        AuthSettings(client_tls, upstream_tls, sasl_external=external, sasl_bearer=bearer, **limits)
+    )
 
 
 def play(text: str, mode: Mode = Mode.WHOLE, auth: Pop3Auth | None = None) -> Pop3Auth:
@@ -1546,6 +1563,423 @@ def test_upstream_closed_during_authentication(after: str, mode: Mode) -> None:
     )
 
 
+# === App identities: AUTH EXTERNAL, XOAUTH2 and OAUTHBEARER ================================
+
+APP_CAPA = """
+    S: +OK Capability list follows.
+    S: USER
+    S: SASL PLAIN LOGIN EXTERNAL XOAUTH2 OAUTHBEARER
+    S: RESP-CODES
+    S: AUTH-RESP-CODE
+"""
+
+
+def app_machine(client_tls: ClientTls = ClientTls.IMPLICIT, **limits: int) -> Pop3Auth:
+    return machine(client_tls, UpstreamTls.IMPLICIT, external=True, bearer=True, **limits)
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "offered"),
+    [
+        (False, False, "PLAIN LOGIN"),
+        (True, False, "PLAIN LOGIN EXTERNAL"),
+        (False, True, "PLAIN LOGIN XOAUTH2 OAUTHBEARER"),
+        (True, True, "PLAIN LOGIN EXTERNAL XOAUTH2 OAUTHBEARER"),
+    ],
+)
+@three_ways
+def test_app_mechanisms_are_advertised_when_set(
+    external: bool, bearer: bool, offered: str, mode: Mode
+) -> None:
+    listed = "".join(f"S: {name}\n" for name in offered.split())
+    play(
+        START
+        + f"""
+        C: CAPA
+        S: +OK Capability list follows.
+        S: USER
+        S: SASL {offered}
+        S: RESP-CODES
+        S: AUTH-RESP-CODE
+        S: .
+        C: AUTH
+        S: +OK Mechanisms follow.
+        {listed}
+        S: .
+        """,
+        mode,
+        machine(external=external, bearer=bearer),
+    )
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "unknown"),
+    [
+        (False, False, ["EXTERNAL", "XOAUTH2", "oauthbearer"]),
+        (True, False, ["XOAUTH2", "OAUTHBEARER"]),
+        (False, True, ["external"]),
+    ],
+)
+@three_ways
+def test_app_mechanisms_not_set_are_unknown_mechanisms(
+    external: bool, bearer: bool, unknown: list[str], mode: Mode
+) -> None:
+    lines = "".join(
+        f"C: AUTH {name} $XO\nS: -ERR Unsupported authentication mechanism.\n"
+        f"C: AUTH {name}\nS: -ERR Unsupported authentication mechanism.\n"
+        for name in unknown
+    )
+    play(READY + lines, mode, machine(external=external, bearer=bearer))
+
+
+@three_ways
+def test_app_mechanisms_only_after_stls(mode: Mode) -> None:
+    play(
+        STARTTLS_START
+        + """
+        C: CAPA
+        S: +OK Capability list follows.
+        S: STLS
+        S: RESP-CODES
+        S: AUTH-RESP-CODE
+        S: .
+        C: AUTH
+        S: +OK Mechanisms follow.
+        S: .
+        C: AUTH EXTERNAL =
+        S: -ERR Plaintext login disallowed; use STLS first.
+        C: AUTH XOAUTH2 $XO
+        S: -ERR Plaintext login disallowed; use STLS first.
+        C: AUTH OAUTHBEARER
+        S: -ERR Plaintext login disallowed; use STLS first.
+        C: STLS
+        << start-tls client +OK Begin TLS negotiation now.
+        >> tls client
+        C: CAPA
+        """
+        + APP_CAPA
+        + """
+        S: .
+        """
+        + UPSTREAM_READY
+        + """
+        C: AUTH EXTERNAL =
+        << request-external
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(ClientTls.STARTTLS),
+    )
+
+
+@pytest.mark.parametrize(
+    ("initial", "authzid"),
+    [("=", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_auth_external_with_initial_response(initial: str, authzid: str, mode: Mode) -> None:
+    auth = play(
+        READY
+        + f"""
+        C: AUTH external {initial}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("response", "authzid"),
+    [("", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_auth_external_with_continuation(response: str, authzid: str, mode: Mode) -> None:
+    play(
+        READY
+        + f"""
+        C: AUTH EXTERNAL
+        S: +$SP
+        C: {response}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_auth_external_refused_without_a_challenge(mode: Mode) -> None:
+    control = b64("bad\x00name")
+    auth = play(
+        READY
+        + f"""
+        C: AUTH EXTERNAL =
+        << request-external
+        >> refused credentials
+        S: -ERR [AUTH] Authentication failed.
+        C: AUTH EXTERNAL {control}
+        << note info login refused without asking for a token: authorization identity
+        S: -ERR [AUTH] Authentication failed.
+        C: AUTH EXTERNAL
+        S: +$SP
+        C: *
+        S: -ERR Authentication cancelled.
+        C: AUTH EXTERNAL
+        S: +$SP
+        C: =
+        S: -ERR Invalid base64 in SASL response.
+        C: AUTH EXTERNAL =
+        << request-external
+        >> refused unavailable
+        S: -ERR [SYS/TEMP] Temporary failure, try again later.
+        """,
+        mode,
+        app_machine(max_auth_failures=4),
+    )
+    assert auth.client_state is ClientState.AUTHORIZATION
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAUTHBEARER", "$OB"), ("xoauth2", "$XO")]
+)
+@three_ways
+def test_auth_bearer_with_initial_response(mechanism: str, message: str, mode: Mode) -> None:
+    auth = play(
+        READY
+        + f"""
+        C: AUTH {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+    assert auth.upstream_state is UpstreamState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAuthBearer", "$OB")])
+@three_ways
+def test_auth_bearer_with_continuation(mechanism: str, message: str, mode: Mode) -> None:
+    play(
+        READY
+        + f"""
+        C: USER someone
+        S: +OK Send PASS.
+        C: AUTH {mechanism}
+        S: +$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message", "challenge", "answer"),
+    [
+        ("XOAUTH2", "$XO", "$XO_REFUSED", ""),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "AQ=="),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "*"),
+    ],
+)
+@three_ways
+def test_refused_app_key_gets_the_error_challenge(
+    mechanism: str, message: str, challenge: str, answer: str, mode: Mode
+) -> None:
+    auth = play(
+        READY
+        + f"""
+        C: AUTH {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + {challenge}
+        C: {answer}
+        S: -ERR [AUTH] Authentication failed.
+        C: AUTH {mechanism}
+        S: +$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@three_ways
+def test_error_challenge_waits_for_the_answer_and_then_parses_commands(mode: Mode) -> None:
+    play(
+        READY
+        + """
+        C: AUTH XOAUTH2 $XO
+        C: CAPA
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        S: -ERR [AUTH] Authentication failed.
+        C: QUIT
+        S: +OK Logging out.
+        << close logged out
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_temporary_refusal_of_an_app_key_has_no_challenge(mode: Mode) -> None:
+    play(
+        READY
+        + """
+        C: AUTH OAUTHBEARER $OB
+        << request-bearer alice@contoso.com $KEY
+        >> refused unavailable
+        S: -ERR [SYS/TEMP] Temporary failure, try again later.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+MALFORMED_BEARER = [
+    pytest.param("XOAUTH2", "=", "XOAUTH2: must end with two ^A", id="xoauth2-empty"),
+    pytest.param(
+        "XOAUTH2",
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "XOAUTH2 user is empty",
+        id="no-user",
+    ),
+    pytest.param(
+        "XOAUTH2", b64("user=a@b\x01auth=Basic YTpi\x01\x01"), "XOAUTH2: auth must be", id="basic"
+    ),
+    pytest.param(
+        "OAUTHBEARER",
+        b64(f"n,a=a@b\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "OAUTHBEARER: malformed GS2 header",
+        id="gs2",
+    ),
+    pytest.param("OAUTHBEARER", "AQ==", "OAUTHBEARER: must end with two ^A", id="control-a"),
+]
+
+
+@pytest.mark.parametrize(("mechanism", "message", "why"), MALFORMED_BEARER)
+@pytest.mark.parametrize("initial", [True, False], ids=["initial", "continuation"])
+@three_ways
+def test_malformed_bearer_message_gets_the_error_challenge(
+    mechanism: str, message: str, why: str, initial: bool, mode: Mode
+) -> None:
+    challenge = "$XO_REFUSED" if mechanism == "XOAUTH2" else "$OB_REFUSED"
+    command = (
+        f"C: AUTH {mechanism} {message}"
+        if initial
+        else f"C: AUTH {mechanism}\nS: +$SP\nC: {'' if message == '=' else message}"
+    )
+    auth = play(
+        READY
+        + f"""
+        {command}
+        << note info login refused without asking for a token: {why}
+        S: + {challenge}
+        C:
+        S: -ERR [AUTH] Authentication failed.
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHORIZATION
+
+
+@three_ways
+def test_bearer_base64_errors_and_cancel_are_like_plain(mode: Mode) -> None:
+    play(
+        READY
+        + """
+        C: AUTH XOAUTH2 !!!!
+        S: -ERR Invalid base64 in SASL response.
+        C: AUTH OAUTHBEARER
+        S: +$SP
+        C: AQ
+        S: -ERR Invalid base64 in SASL response.
+        C: AUTH XOAUTH2
+        S: +$SP
+        C: *
+        S: -ERR Authentication cancelled.
+        C: AUTH XOAUTH2 $XO extra
+        S: -ERR Syntax error.
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_bearer_failures_count_against_the_login_budget(mode: Mode) -> None:
+    play(
+        READY
+        + """
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        C:
+        S: -ERR [AUTH] Authentication failed.
+        C: AUTH OAUTHBEARER =
+        << note info login refused without asking for a token
+        S: + $OB_REFUSED
+        C: AQ==
+        S: -ERR [AUTH] Authentication failed.
+        << note info 2 failed logins: closing
+        S: -ERR Too many failed logins.
+        << close too many failed logins
+        """,
+        mode,
+        app_machine(max_auth_failures=2),
+    )
+
+
+@three_ways
+def test_client_closing_during_the_error_challenge(mode: Mode) -> None:
+    auth = play(
+        READY
+        + """
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        >> client-closed
+        << close client closed
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.CLOSED
+
+
+@two_ways
+def test_error_challenge_answer_is_bounded_like_any_line(mode: Mode) -> None:
+    play(
+        READY
+        + f"""
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: + $XO_REFUSED
+        C: {"x" * 300}
+        !! client-error -ERR Line too long.
+        """,
+        mode,
+        app_machine(max_line=200),
+    )
+
+
 # === Token refusals and the login budget ===================================================
 
 
@@ -1750,6 +2184,76 @@ def test_secrets_only_in_the_token_request_and_the_xoauth2_line(login: str, outc
             assert secret not in shown
             assert secret.encode() not in data
     assert token_lines == 1
+    for text_seen in reprs:
+        for secret in secrets:
+            assert secret not in text_seen
+
+
+APP_LOGINS = [
+    pytest.param("C: AUTH XOAUTH2 $XO", id="xoauth2"),
+    pytest.param("C: AUTH XOAUTH2\nC: $XO", id="xoauth2-continued"),
+    pytest.param("C: AUTH OAUTHBEARER $OB", id="oauthbearer"),
+    pytest.param("C: AUTH OAUTHBEARER\nC: $OB", id="oauthbearer-continued"),
+]
+APP_OUTCOMES = [
+    pytest.param(">> token alice@contoso.com\nU: +\nU: +OK Logged in.", id="ok"),
+    pytest.param(
+        ">> token alice@contoso.com\nU: +\n"
+        f"U: + {ERROR_CHALLENGE}\nU: -ERR [AUTH] Authentication failed.\n>> client-closed",
+        id="upstream-challenge",
+    ),
+    pytest.param(">> refused credentials\nC: AQ==\nC: STAT", id="refused"),
+    pytest.param(">> refused unavailable\nC: STAT", id="unavailable"),
+]
+
+
+@pytest.mark.parametrize("login", APP_LOGINS)
+@pytest.mark.parametrize("outcome", APP_OUTCOMES)
+def test_app_key_only_in_the_token_request(login: str, outcome: str) -> None:
+    actions, reprs = _all_actions(READY + f"{login}\n{outcome}\n", app_machine())
+    check_app_key_hidden(actions, reprs, upstream_login=outcome.startswith(">> token"))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),  # no user
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x01"),  # one ^A at the end
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x1b\x01\x01"),  # a control character
+        b64(f"user=a@b\x01auth=Token {APP_KEY}\x01\x01"),  # not Bearer
+    ],
+)
+def test_app_key_in_a_malformed_message_is_not_shown(message: str) -> None:
+    actions, reprs = _all_actions(READY + f"C: AUTH XOAUTH2 {message}\nC:\n", app_machine())
+    sent = b"".join(action.data for action in actions if isinstance(action, SendToClient))
+    assert sent.endswith(b"\r\n" + replies.POP3_AUTH_FAILED + b"\r\n")
+    check_app_key_hidden(actions, reprs, upstream_login=False, sent=(message,))
+
+
+def check_app_key_hidden(
+    actions: list[Action], reprs: list[str], *, upstream_login: bool, sent: Sequence[str] = ()
+) -> None:
+    """The app key (raw, and in what the client sent) is only in the token request; the
+    real token only in the one XOAUTH2 line upstream."""
+    token_b64 = VARS["XOAUTH2"]
+    secrets = [APP_KEY, b64(APP_KEY), VARS["XO"], VARS["OB"], TOKEN.value, token_b64, *sent]
+    token_lines = 0
+    for action in actions:
+        if isinstance(action, RequestToken):
+            assert isinstance(action.credentials, BearerCredentials)
+            assert action.credentials.key == APP_KEY
+            assert APP_KEY not in repr(action)
+            continue
+        if isinstance(action, SendToServer) and token_b64.encode() in action.data:
+            assert action.data == token_b64.encode() + b"\r\n"
+            token_lines += 1
+            continue
+        shown = repr(action) + (action.text if isinstance(action, Note) else "")
+        data = getattr(action, "data", b"") + getattr(action, "to_server", b"")
+        for secret in secrets:
+            assert secret not in shown
+            assert secret.encode() not in data
+    assert token_lines == int(upstream_login)
     for text_seen in reprs:
         for secret in secrets:
             assert secret not in text_seen

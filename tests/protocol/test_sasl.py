@@ -1,4 +1,5 @@
-"""SASL helpers: PLAIN parsing, strict base64, XOAUTH2 encoding, error challenges."""
+"""SASL helpers: PLAIN parsing, strict base64, XOAUTH2 encoding, error challenges, and the
+mechanisms of app identities (EXTERNAL, XOAUTH2, OAUTHBEARER)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from proxy.protocol.sasl import (
     Credentials,
     ExternalCredentials,
     InvalidCredentials,
+    Mechanism,
     SaslError,
     b64decode_strict,
     describe_error_challenge,
@@ -24,6 +26,7 @@ from proxy.protocol.sasl import (
     parse_login_field,
     parse_oauthbearer,
     parse_plain,
+    parse_response,
     parse_xoauth2,
     text_credential,
     xoauth2_response,
@@ -251,3 +254,119 @@ def test_bearer_parsers_only_raise_sasl_errors(message: bytes) -> None:
 def test_base64_padding_must_be_exact(data: bytes) -> None:
     with pytest.raises(SaslError):
         b64decode_strict(data)
+
+
+def test_bearer_keys_up_to_max_bearer_are_accepted() -> None:
+    # The key has its own limit: the 1 KiB one for user names and passwords refused
+    # keys between the two.
+    key = "k" * MAX_BEARER
+    assert MAX_BEARER > MAX_CREDENTIAL
+    message = f"user=a@b\x01auth=Bearer {key}\x01\x01".encode()
+    assert parse_xoauth2(message).key == key
+    assert parse_oauthbearer(b"n,a=a@b,\x01auth=Bearer " + key.encode() + b"\x01\x01").key == key
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer", b"Bearer ", b"Bearer    ", b"bearer\tk", b"Bearerk", b""],
+)
+def test_bearer_needs_a_token(value: bytes) -> None:
+    # "Bearer" and spaces used to give an empty key.
+    with pytest.raises(SaslError):
+        parse_xoauth2(b"user=a@b\x01auth=" + value + b"\x01\x01")
+
+
+def test_bearer_scheme_is_case_insensitive_and_spaces_are_tolerated() -> None:
+    parsed = parse_xoauth2(b"user=a@b\x01auth=BEARER  key-1 \x01\x01")
+    assert parsed == BearerCredentials("a@b", "key-1")
+    with pytest.raises(InvalidCredentials):
+        parse_xoauth2(b"user=a@b\x01auth=Bearer key-1\t\x01\x01")
+
+
+@pytest.mark.parametrize(
+    ("header", "user"),
+    [
+        (b"n,,", "from-field"),
+        (b"y,,", "from-field"),
+        (b"n,a=u@b,", "u@b"),
+        (b"n,a=,", "from-field"),
+        (b"n,a==3D=2C=3D2C,", "=,=2C"),
+    ],
+)
+def test_oauthbearer_gs2_header(header: bytes, user: str) -> None:
+    message = header + b"\x01user=from-field\x01auth=Bearer k\x01\x01"
+    assert parse_oauthbearer(message).user == user
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"n,a=u@b",  # no closing comma
+        b"n",
+        b"x,,",  # unknown channel binding flag
+        b"n,a=u@b,x=1,",  # an attribute RFC 5801 does not have here
+        b"n,a=u=b,",  # "=" that is not =2C or =3D (RFC 5801 section 4)
+        b"n,a=u=2,",
+        b"n,a=u=,",
+        b"p=tls-unique,,",
+    ],
+)
+def test_malformed_oauthbearer_gs2_header(header: bytes) -> None:
+    with pytest.raises(SaslError):
+        parse_oauthbearer(header + b"\x01auth=Bearer k\x01\x01")
+
+
+def test_mechanisms_by_name() -> None:
+    offered = (Mechanism.PLAIN, Mechanism.XOAUTH2)
+    assert Mechanism.named(b"xoauth2", offered) is Mechanism.XOAUTH2
+    assert Mechanism.named(b"PlAiN", offered) is Mechanism.PLAIN
+    assert Mechanism.named(b"OAUTHBEARER", offered) is None  # not offered
+    assert Mechanism.named(b"X-UNKNOWN", offered) is None
+    assert Mechanism.named(b"", offered) is None
+    assert [m for m in Mechanism if m.bearer] == [Mechanism.XOAUTH2, Mechanism.OAUTHBEARER]
+
+
+def test_error_challenges_are_what_servers_send() -> None:
+    assert json.loads(base64.b64decode(Mechanism.OAUTHBEARER.error_challenge)) == {
+        "status": "invalid_token"
+    }
+    assert Mechanism.OAUTHBEARER.error_challenge == b"eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0="
+    assert json.loads(base64.b64decode(Mechanism.XOAUTH2.error_challenge)) == {
+        "status": "401",
+        "schemes": "bearer",
+    }
+    assert Mechanism.XOAUTH2.error_challenge == b"eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0="
+    # What we send is what we can read when an upstream sends it.
+    described = describe_error_challenge(Mechanism.XOAUTH2.error_challenge)
+    assert described == "schemes=bearer, status=401"
+
+
+def test_parse_response_dispatches_by_mechanism() -> None:
+    assert parse_response(Mechanism.PLAIN, b"\0alice\0pw") == Credentials("alice", "pw")
+    assert parse_response(Mechanism.EXTERNAL, b"") == ExternalCredentials()
+    assert parse_response(
+        Mechanism.XOAUTH2, b"user=a@b\x01auth=Bearer k\x01\x01"
+    ) == BearerCredentials("a@b", "k")
+    assert parse_response(
+        Mechanism.OAUTHBEARER, b"n,a=a@b,\x01auth=Bearer k\x01\x01"
+    ) == BearerCredentials("a@b", "k")
+    with pytest.raises(ValueError, match="single response"):
+        parse_response(Mechanism.LOGIN, b"alice")
+
+
+@FUZZ
+@given(user=st.text(max_size=30), key=st.text(min_size=1, max_size=60))
+def test_oauthbearer_round_trip(user: str, key: str) -> None:
+    """What a client encodes (RFC 5801 saslname escapes) is what we read, or refused as
+    credentials that cannot be anyone's; never anything else."""
+    escaped = user.replace("=", "=3D").replace(",", "=2C")
+    message = f"n,a={escaped},\x01host=h\x01port=1\x01auth=Bearer {key}\x01\x01".encode()
+    try:
+        parsed = parse_oauthbearer(message)
+    except InvalidCredentials:
+        return
+    except SaslError:
+        # Only keys the grammar cannot carry (spaces at the ends, ^A, empty after spaces).
+        assert key.strip(" ") == "" or "\x01" in key or "\x01" in user
+        return
+    assert parsed == BearerCredentials(user, key.strip(" "))

@@ -36,7 +36,7 @@ from proxy.protocol.events import (
     TokenRefused,
 )
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
-from proxy.protocol.sasl import Credentials, xoauth2_response
+from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
 from proxy.protocol.smtp import (
     CLIENT_TRANSITIONS,
     UPSTREAM_TRANSITIONS,
@@ -60,6 +60,8 @@ from tests.protocol.playbook import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from proxy.protocol.transitions import InputT, StateT, TransitionTable
 
 MAILBOX = "alice@contoso.com"
@@ -69,11 +71,21 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+#: An app key, as ``xoauth2-proxy app-key`` makes them.
+APP_KEY = "xo2k_c2VjcmV0LWFwcC1rZXktZm9yLXRyYW5zY3JpcHRz"
 VARS = {
     "XOAUTH2": xoauth2_response(MAILBOX, TOKEN.value).decode(),
     "PLAIN": b64("\0alice\0secret"),
     "USER": b64("alice"),
     "PASS": b64("secret"),
+    "KEY": APP_KEY,
+    # What clients that speak OAuth send, with our app key as their token.
+    "XO": b64(f"user={MAILBOX}\x01auth=Bearer {APP_KEY}\x01\x01"),
+    "OB": b64(f"n,a={MAILBOX},\x01host=proxy.test\x01port=465\x01auth=Bearer {APP_KEY}\x01\x01"),
+    # Our error challenges, exactly: {"status":"401","schemes":"bearer"} for XOAUTH2,
+    # {"status":"invalid_token"} for OAUTHBEARER (RFC 7628 section 3.2.2).
+    "XO_REFUSED": "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=",
+    "OB_REFUSED": "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=",
 }
 #: What Mode.TRAILING appends: pipelined envelope commands (RFC 2920), and upstream bytes
 #: behind its 235 (which a real server does not send, but the relay must keep).
@@ -89,9 +101,17 @@ ERROR_CHALLENGE = "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtY
 def machine(
     client_tls: ClientTls = ClientTls.IMPLICIT,
     upstream_tls: UpstreamTls = UpstreamTls.IMPLICIT,
+    *,
+    external: bool = False,
+    bearer: bool = False,
     **limits: int,
 ) -> SmtpAuth:
-    return SmtpAuth(AuthSettings(client_tls, upstream_tls, **limits), hostname="proxy.test")
+    return SmtpAuth(
+        AuthSettings(
+            client_tls, upstream_tls, sasl_external=external, sasl_bearer=bearer, **limits
+        ),
+        hostname="proxy.test",
+    )
 
 
 def play(text: str, mode: Mode = Mode.WHOLE, auth: SmtpAuth | None = None) -> SmtpAuth:
@@ -395,6 +415,398 @@ def test_other_mechanisms_and_auth_syntax(mode: Mode) -> None:
         S: 501 5.5.2 Syntax error
         """,
         mode,
+    )
+
+
+# === App identities: AUTH EXTERNAL, XOAUTH2 and OAUTHBEARER ================================
+
+ALL_MECHANISMS = "PLAIN LOGIN EXTERNAL XOAUTH2 OAUTHBEARER"
+APP_EHLO = OUR_EHLO.replace("AUTH PLAIN LOGIN", f"AUTH {ALL_MECHANISMS}")
+APP_GREETED = READY + "C: EHLO client.test\n" + APP_EHLO
+
+
+def app_machine(client_tls: ClientTls = ClientTls.IMPLICIT, **limits: int) -> SmtpAuth:
+    return machine(client_tls, UpstreamTls.IMPLICIT, external=True, bearer=True, **limits)
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "offered"),
+    [
+        (False, False, "PLAIN LOGIN"),
+        (True, False, "PLAIN LOGIN EXTERNAL"),
+        (False, True, "PLAIN LOGIN XOAUTH2 OAUTHBEARER"),
+        (True, True, ALL_MECHANISMS),
+    ],
+)
+@three_ways
+def test_app_mechanisms_are_advertised_when_set(
+    external: bool, bearer: bool, offered: str, mode: Mode
+) -> None:
+    play(
+        READY + "C: EHLO client.test\n" + OUR_EHLO.replace("AUTH PLAIN LOGIN", f"AUTH {offered}"),
+        mode,
+        machine(external=external, bearer=bearer),
+    )
+
+
+@pytest.mark.parametrize(
+    ("external", "bearer", "unknown"),
+    [
+        (False, False, ["EXTERNAL", "XOAUTH2", "oauthbearer"]),
+        (True, False, ["XOAUTH2", "OAUTHBEARER"]),
+        (False, True, ["external"]),
+    ],
+)
+@three_ways
+def test_app_mechanisms_not_set_are_unknown_mechanisms(
+    external: bool, bearer: bool, unknown: list[str], mode: Mode
+) -> None:
+    lines = "".join(
+        f"C: AUTH {name} $XO\nS: 504 5.5.4 Unrecognized authentication type\n"
+        f"C: AUTH {name}\nS: 504 5.5.4 Unrecognized authentication type\n"
+        for name in unknown
+    )
+    play(
+        READY + "C: HELO client.test\nS: 250 proxy.test\n" + lines,
+        mode,
+        machine(external=external, bearer=bearer),
+    )
+
+
+@three_ways
+def test_app_mechanisms_only_after_starttls(mode: Mode) -> None:
+    play(
+        STARTTLS_START
+        + """
+        C: EHLO client.test
+        S: 250-proxy.test
+        S: 250-PIPELINING
+        S: 250-ENHANCEDSTATUSCODES
+        S: 250 STARTTLS
+        C: AUTH EXTERNAL =
+        S: 530 5.7.0 Must issue a STARTTLS command first
+        C: AUTH XOAUTH2 $XO
+        S: 530 5.7.0 Must issue a STARTTLS command first
+        C: AUTH OAUTHBEARER
+        S: 530 5.7.0 Must issue a STARTTLS command first
+        C: STARTTLS
+        << start-tls client 220 2.0.0 Ready to start TLS
+        >> tls client
+        C: EHLO client.test
+        """
+        + APP_EHLO
+        + """
+        C: AUTH EXTERNAL =
+        << request-external
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(ClientTls.STARTTLS),
+    )
+
+
+@pytest.mark.parametrize(
+    ("initial", "authzid"),
+    [("=", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_auth_external_with_initial_response(initial: str, authzid: str, mode: Mode) -> None:
+    auth = play(
+        APP_GREETED
+        + f"""
+        C: AUTH external {initial}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("response", "authzid"),
+    [("", ""), (b64("shared@contoso.com"), "shared@contoso.com")],
+)
+@three_ways
+def test_auth_external_with_continuation(response: str, authzid: str, mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + f"""
+        C: AUTH EXTERNAL
+        S: 334$SP
+        C: {response}
+        << request-external {authzid}
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_auth_external_refused_without_a_challenge(mode: Mode) -> None:
+    control = b64("bad\x00name")
+    auth = play(
+        APP_GREETED
+        + f"""
+        C: AUTH EXTERNAL =
+        << request-external
+        >> refused credentials
+        S: 535 5.7.8 Authentication credentials invalid
+        C: AUTH EXTERNAL {control}
+        << note info login refused without asking for a token: authorization identity
+        S: 535 5.7.8 Authentication credentials invalid
+        C: AUTH EXTERNAL
+        S: 334$SP
+        C: *
+        S: 501 5.0.0 Authentication cancelled
+        C: AUTH EXTERNAL
+        S: 334$SP
+        C: =
+        S: 501 5.5.2 Cannot decode base64 response
+        C: AUTH EXTERNAL =
+        << request-external
+        >> refused unavailable
+        S: 454 4.7.0 Temporary authentication failure
+        """,
+        mode,
+        app_machine(max_auth_failures=4),
+    )
+    assert auth.client_state is ClientState.GREETED
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAUTHBEARER", "$OB"), ("xoauth2", "$XO")]
+)
+@three_ways
+def test_auth_bearer_with_initial_response(mechanism: str, message: str, mode: Mode) -> None:
+    auth = play(
+        APP_GREETED
+        + f"""
+        C: AUTH {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+    assert auth.upstream_state is UpstreamState.AUTHENTICATED
+
+
+@pytest.mark.parametrize(("mechanism", "message"), [("XOAUTH2", "$XO"), ("OAuthBearer", "$OB")])
+@three_ways
+def test_auth_bearer_with_continuation(mechanism: str, message: str, mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + f"""
+        C: AUTH {mechanism}
+        S: 334$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message", "challenge", "answer"),
+    [
+        ("XOAUTH2", "$XO", "$XO_REFUSED", ""),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "AQ=="),
+        ("OAUTHBEARER", "$OB", "$OB_REFUSED", "*"),
+    ],
+)
+@three_ways
+def test_refused_app_key_gets_the_error_challenge(
+    mechanism: str, message: str, challenge: str, answer: str, mode: Mode
+) -> None:
+    auth = play(
+        APP_GREETED
+        + f"""
+        C: AUTH {mechanism} {message}
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: 334 {challenge}
+        C: {answer}
+        S: 535 5.7.8 Authentication credentials invalid
+        C: AUTH {mechanism}
+        S: 334$SP
+        C: {message}
+        << request-bearer alice@contoso.com $KEY
+        """
+        + LOGGED_IN,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.AUTHENTICATED
+
+
+@three_ways
+def test_error_challenge_waits_for_the_answer_and_then_parses_commands(mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + """
+        C: AUTH XOAUTH2 $XO
+        C: NOOP
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: 334 $XO_REFUSED
+        S: 535 5.7.8 Authentication credentials invalid
+        C: RSET
+        S: 250 2.0.0 OK
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_temporary_refusal_of_an_app_key_has_no_challenge(mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + """
+        C: AUTH OAUTHBEARER $OB
+        << request-bearer alice@contoso.com $KEY
+        >> refused unavailable
+        S: 454 4.7.0 Temporary authentication failure
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+MALFORMED_BEARER = [
+    pytest.param("XOAUTH2", "=", "XOAUTH2: must end with two ^A", id="xoauth2-empty"),
+    pytest.param(
+        "XOAUTH2",
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),
+        "XOAUTH2 user is empty",
+        id="no-user",
+    ),
+    pytest.param(
+        "XOAUTH2", b64("user=a@b\x01auth=Basic YTpi\x01\x01"), "XOAUTH2: auth must be", id="basic"
+    ),
+    pytest.param(
+        "OAUTHBEARER",
+        b64(f"n,a=a@b,\x01auth=Bearer {APP_KEY}\x01"),
+        "OAUTHBEARER: must end with two ^A",
+        id="one-control-a",
+    ),
+    pytest.param("OAUTHBEARER", "AQ==", "OAUTHBEARER: must end with two ^A", id="control-a"),
+]
+
+
+@pytest.mark.parametrize(("mechanism", "message", "why"), MALFORMED_BEARER)
+@pytest.mark.parametrize("initial", [True, False], ids=["initial", "continuation"])
+@three_ways
+def test_malformed_bearer_message_gets_the_error_challenge(
+    mechanism: str, message: str, why: str, initial: bool, mode: Mode
+) -> None:
+    challenge = "$XO_REFUSED" if mechanism == "XOAUTH2" else "$OB_REFUSED"
+    command = (
+        f"C: AUTH {mechanism} {message}"
+        if initial
+        else f"C: AUTH {mechanism}\nS: 334$SP\nC: {'' if message == '=' else message}"
+    )
+    auth = play(
+        APP_GREETED
+        + f"""
+        {command}
+        << note info login refused without asking for a token: {why}
+        S: 334 {challenge}
+        C:
+        S: 535 5.7.8 Authentication credentials invalid
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.GREETED
+
+
+@three_ways
+def test_bearer_base64_errors_and_cancel_are_like_plain(mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + """
+        C: AUTH XOAUTH2 !!!!
+        S: 501 5.5.2 Cannot decode base64 response
+        C: AUTH OAUTHBEARER
+        S: 334$SP
+        C: AQ
+        S: 501 5.5.2 Cannot decode base64 response
+        C: AUTH XOAUTH2
+        S: 334$SP
+        C: *
+        S: 501 5.0.0 Authentication cancelled
+        C: AUTH XOAUTH2 $XO extra
+        S: 501 5.5.2 Syntax error
+        """,
+        mode,
+        app_machine(),
+    )
+
+
+@three_ways
+def test_bearer_failures_count_against_the_login_budget(mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + """
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: 334 $XO_REFUSED
+        C:
+        S: 535 5.7.8 Authentication credentials invalid
+        C: AUTH OAUTHBEARER =
+        << note info login refused without asking for a token
+        S: 334 $OB_REFUSED
+        C: AQ==
+        S: 535 5.7.8 Authentication credentials invalid
+        << note info 2 failed logins: closing
+        S: 421 4.7.0 Too many failed logins, closing connection
+        << close too many failed logins
+        """,
+        mode,
+        app_machine(max_auth_failures=2),
+    )
+
+
+@three_ways
+def test_client_closing_during_the_error_challenge(mode: Mode) -> None:
+    auth = play(
+        APP_GREETED
+        + """
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: 334 $XO_REFUSED
+        >> client-closed
+        << close client closed
+        """,
+        mode,
+        app_machine(),
+    )
+    assert auth.client_state is ClientState.CLOSED
+
+
+@two_ways
+def test_error_challenge_answer_is_bounded_like_any_line(mode: Mode) -> None:
+    play(
+        APP_GREETED
+        + f"""
+        C: AUTH XOAUTH2 $XO
+        << request-bearer alice@contoso.com $KEY
+        >> refused credentials
+        S: 334 $XO_REFUSED
+        C: {"x" * 300}
+        !! client-error 500 5.5.6 Line too long
+        """,
+        mode,
+        app_machine(max_line=200),
     )
 
 
@@ -1669,6 +2081,76 @@ def test_secrets_only_in_the_token_request_and_the_xoauth2_line(login: str, outc
             assert secret not in text_seen
 
 
+APP_LOGINS = [
+    pytest.param("C: AUTH XOAUTH2 $XO", id="xoauth2"),
+    pytest.param("C: AUTH XOAUTH2\nC: $XO", id="xoauth2-continued"),
+    pytest.param("C: AUTH OAUTHBEARER $OB", id="oauthbearer"),
+    pytest.param("C: AUTH OAUTHBEARER\nC: $OB", id="oauthbearer-continued"),
+]
+APP_OUTCOMES = [
+    pytest.param(">> token alice@contoso.com\nU: 334$SP\nU: 235 2.7.0 Logged in.", id="ok"),
+    pytest.param(
+        ">> token alice@contoso.com\nU: 334$SP\n"
+        f"U: 334 {ERROR_CHALLENGE}\nU: 535 5.7.8 no\n>> client-closed",
+        id="upstream-challenge",
+    ),
+    pytest.param(">> refused credentials\nC: AQ==\nC: NOOP", id="refused"),
+    pytest.param(">> refused unavailable\nC: NOOP", id="unavailable"),
+]
+
+
+@pytest.mark.parametrize("login", APP_LOGINS)
+@pytest.mark.parametrize("outcome", APP_OUTCOMES)
+def test_app_key_only_in_the_token_request(login: str, outcome: str) -> None:
+    actions, reprs = _all_actions(APP_GREETED + f"{login}\n{outcome}\n", app_machine())
+    check_app_key_hidden(actions, reprs, upstream_login=outcome.startswith(">> token"))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b64(f"user=\x01auth=Bearer {APP_KEY}\x01\x01"),  # no user
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x01"),  # one ^A at the end
+        b64(f"user=a@b\x01auth=Bearer {APP_KEY}\x1b\x01\x01"),  # a control character
+        b64(f"user=a@b\x01auth=Token {APP_KEY}\x01\x01"),  # not Bearer
+    ],
+)
+def test_app_key_in_a_malformed_message_is_not_shown(message: str) -> None:
+    actions, reprs = _all_actions(APP_GREETED + f"C: AUTH XOAUTH2 {message}\nC:\n", app_machine())
+    sent = b"".join(action.data for action in actions if isinstance(action, SendToClient))
+    assert sent.endswith(b"\r\n" + replies.SMTP_AUTH_FAILED + b"\r\n")
+    check_app_key_hidden(actions, reprs, upstream_login=False, sent=(message,))
+
+
+def check_app_key_hidden(
+    actions: list[Action], reprs: list[str], *, upstream_login: bool, sent: Sequence[str] = ()
+) -> None:
+    """The app key (raw, and in what the client sent) is only in the token request; the
+    real token only in the one XOAUTH2 line upstream."""
+    token_b64 = VARS["XOAUTH2"]
+    secrets = [APP_KEY, b64(APP_KEY), VARS["XO"], VARS["OB"], TOKEN.value, token_b64, *sent]
+    token_lines = 0
+    for action in actions:
+        if isinstance(action, RequestToken):
+            assert isinstance(action.credentials, BearerCredentials)
+            assert action.credentials.key == APP_KEY
+            assert APP_KEY not in repr(action)
+            continue
+        if isinstance(action, SendToServer) and token_b64.encode() in action.data:
+            assert action.data == token_b64.encode() + b"\r\n"
+            token_lines += 1
+            continue
+        shown = repr(action) + (action.text if isinstance(action, Note) else "")
+        data = getattr(action, "data", b"") + getattr(action, "to_server", b"")
+        for secret in secrets:
+            assert secret not in shown
+            assert secret.encode() not in data
+    assert token_lines == int(upstream_login)
+    for text_seen in reprs:
+        for secret in secrets:
+            assert secret not in text_seen
+
+
 def test_the_token_never_goes_on_the_auth_line() -> None:
     actions, _ = _all_actions(
         GREETED + "C: AUTH PLAIN $PLAIN\n>> token alice@contoso.com\n", machine()
@@ -1723,7 +2205,7 @@ def test_transition_tables_are_complete_and_drawable() -> None:
         {UpstreamState.AUTHENTICATED, UpstreamState.ERROR},
     )
     assert CLIENT_TRANSITIONS.next_state(ClientState.TLS_NEGOTIATION, ClientInput.DATA) is None
-    assert CLIENT_TRANSITIONS.next_state(ClientState.CONNECTED, ClientInput.AUTH_PLAIN) is None
+    assert CLIENT_TRANSITIONS.next_state(ClientState.CONNECTED, ClientInput.AUTH_SASL) is None
     assert UPSTREAM_TRANSITIONS.next_state(UpstreamState.AUTH_SENT, UpstreamInput.ACCEPTED) is None
     dot = state_diagrams()
     assert dot.count("digraph") == 2
