@@ -21,6 +21,7 @@ from proxy.config import ClientCertificates, Protocol
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net.session import AuthMachine, Services, Session
 from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
+from proxy.net.tlssocket import wrap_tls
 from proxy.protocol import replies
 from proxy.protocol.imap import ImapAuth
 from proxy.protocol.modes import AuthSettings, ClientTls
@@ -292,13 +293,14 @@ class ProxyServer:
         conn_id: str,
         peer: tuple[str, int],
     ) -> None:
+        client: trio.abc.Stream = stream
         try:
             log.info("%s: connection from %s:%s on %s", conn_id, peer[0], peer[1], listener.name)
-            client: trio.abc.Stream = stream
             context = self._client_contexts[listener]
             if listener.tls is ClientTls.IMPLICIT:
                 assert context is not None  # config guarantees a certificate
-                tls = trio.SSLStream(stream, context, server_side=True)
+                # The TLS stream owns the connection from here on.
+                tls = client = wrap_tls(stream, context, server_side=True)
                 try:
                     with trio.fail_after(self.config.limits.tls_handshake_timeout):
                         await tls.do_handshake()
@@ -309,9 +311,8 @@ class ProxyServer:
                         else describe_tls_error(exc)
                     )
                     log.info("%s: client TLS handshake %s", conn_id, text)
-                    await trio.aclose_forcefully(stream)
+                    await trio.aclose_forcefully(tls)
                     return
-                client = tls
             machine, timeout_reply = _machine(listener, app_keys=self._app_keys)
             session = Session(
                 conn_id=conn_id,
@@ -328,4 +329,4 @@ class ProxyServer:
         except Exception:
             # A bug in one session must not take every other session down with it.
             log.exception("%s: internal error; connection closed", conn_id)
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(client)

@@ -37,6 +37,7 @@ from proxy.config import Protocol as MailProtocol
 from proxy.identities import BadCredentials
 from proxy.net.relay import relay
 from proxy.net.tls import describe_tls_error
+from proxy.net.tlssocket import TlsSocketStream, wrap_tls
 from proxy.protocol.actions import (
     Action,
     BeginRelay,
@@ -171,11 +172,11 @@ async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> tr
         listener.upstream_host, listener.upstream_port
     )
     if listener.upstream_tls is UpstreamTls.IMPLICIT:
-        tls = trio.SSLStream(stream, context, server_hostname=listener.upstream_host)
+        tls = wrap_tls(stream, context, server_hostname=listener.upstream_host)
         try:
             await tls.do_handshake()
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(tls)
             raise
         return tls
     return stream
@@ -441,7 +442,8 @@ class Session:
                 await self.client.send_all(preface)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _Stop from exc
-            tls = trio.SSLStream(self.client, self._client_context, server_side=True)
+            # The TLS stream owns the connection from here on, whatever the handshake does.
+            tls = self.client = wrap_tls(self.client, self._client_context, server_side=True)
             timeout = self.services.limits.tls_handshake_timeout
         else:
             if self.server is None:
@@ -452,7 +454,7 @@ class Session:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._pending.appendleft(ServerUnavailable(f"upstream went away: {exc}"))
                     return
-            tls = trio.SSLStream(
+            tls = self.server = wrap_tls(
                 self.server, self._upstream_context, server_hostname=self.listener.upstream_host
             )
             timeout = self.services.limits.upstream_timeout
@@ -467,15 +469,10 @@ class Session:
             )
             text = "timed out" if isinstance(exc, trio.TooSlowError) else describe_tls_error(exc)
             if side is Side.SERVER:
-                self.server = tls
                 self._pending.appendleft(ServerUnavailable(f"{what}: STARTTLS {text}"))
                 return
             self._log.info("%s: %s: TLS handshake %s", self.conn_id, what, text)
             raise _Stop from exc
-        if side is Side.CLIENT:
-            self.client = tls
-        else:
-            self.server = tls
         await nursery.start(self._reader, side, tls)
         self._pending.appendleft(TlsEstablished(side))
 
@@ -617,10 +614,12 @@ class Session:
 
     def _client_certificate(self) -> bytes | None:
         """The client's TLS certificate (DER), verified by the handshake, if it sent one."""
-        if isinstance(self.client, trio.SSLStream):
-            der: bytes | None = self.client.getpeercert(binary_form=True)
-            return der
-        return None
+        der: bytes | None = None
+        if isinstance(self.client, TlsSocketStream):
+            der = self.client.socket.getpeercert(binary_form=True)
+        elif isinstance(self.client, trio.SSLStream):
+            der = self.client.getpeercert(binary_form=True)
+        return der
 
     def _finish_attempt(self, result: AuditResult, reason: str = "") -> None:
         attempt, self._attempt = self._attempt, None

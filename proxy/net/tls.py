@@ -29,7 +29,11 @@ def client_side_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # No TLS 1.2 renegotiation: nothing needs it, and a client could start one while a
+    # write to it is pending, which TLS on the socket itself (tlssocket.py) cannot serve.
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    )
     context.load_cert_chain(certificate)
     if client_certificates is not ClientCertificates.NONE:
         if client_ca_file is None:
