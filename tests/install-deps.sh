@@ -1,11 +1,12 @@
 #!/bin/sh
 # Install the Debian packages the test suite and the sandbox run for real: Dovecot (IMAP,
-# POP3, submission) as the upstream, Redis and HAProxy, and command-line mail clients.
+# POP3, submission) as the upstream, Redis, and the command-line mail clients run by the
+# end-to-end tests.
 # Run as root. The packages' own services are kept from starting on the standard ports.
 set -eu
 
-PACKAGES="dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server haproxy
-fetchmail msmtp curl isync"
+PACKAGES="dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
+fetchmail msmtp curl"
 
 missing=""
 for p in $PACKAGES; do

@@ -104,7 +104,7 @@ SMTP_SERVICE_UNAVAILABLE: Final = b"421 4.3.0 Service not available, closing con
 #: Follows ``220 <host name> `` in the greeting.
 SMTP_GREETING_TEXT: Final = b"ESMTP xoauth2-proxy ready"
 SMTP_OK: Final = b"250 2.0.0 OK"
-SMTP_HELP: Final = b"214 2.0.0 Send EHLO, then AUTH PLAIN or AUTH LOGIN"
+SMTP_HELP: Final = b"214 2.0.0 Send EHLO, then AUTH with a mechanism it lists"
 SMTP_BYE: Final = b"221 2.0.0 Bye"
 SMTP_READY_FOR_TLS: Final = b"220 2.0.0 Ready to start TLS"
 #: SASL continuations (RFC 4954 section 4): empty for PLAIN; for LOGIN, base64 of

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
 from tests.e2e.helpers import in_thread, tls_context
@@ -50,8 +51,10 @@ async def test_lockout_refuses_even_the_right_password_until_it_expires(
     dovecot: Dovecot,
     pki: TestPki,
     caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
-    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=1)
+    """Under trio's MockClock, which stands still until the test moves it on."""
+    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
     wrong = [
         await in_thread(lambda: login(pki, proxy.port, "guess", source=ATTACKER)) for _ in range(3)
@@ -60,8 +63,12 @@ async def test_lockout_refuses_even_the_right_password_until_it_expires(
     locked = await in_thread(lambda: login(pki, proxy.port, PASSWORD, source=ATTACKER))
     assert locked == wrong[0]  # the same answer as a wrong password
     assert "locked out after 3 failures" in caplog.text
-    await trio.sleep(1.1)
-    assert (await in_thread(lambda: login(pki, proxy.port, PASSWORD))).startswith(b"a1 OK")
+    mock_clock.jump(599)
+    still = await in_thread(lambda: login(pki, proxy.port, PASSWORD, source=ATTACKER))
+    assert still == wrong[0]
+    mock_clock.jump(1)
+    expired = await in_thread(lambda: login(pki, proxy.port, PASSWORD, source=ATTACKER))
+    assert expired.startswith(b"a1 OK")
 
 
 async def test_an_attacker_elsewhere_cannot_lock_the_real_program_out(

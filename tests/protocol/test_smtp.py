@@ -1004,7 +1004,7 @@ def test_noop_rset_help_quit(mode: Mode) -> None:
         C: RSET
         S: 250 2.0.0 OK
         C: HELP
-        S: 214 2.0.0 Send EHLO, then AUTH PLAIN or AUTH LOGIN
+        S: 214 2.0.0 Send EHLO, then AUTH with a mechanism it lists
         C: Quit
         S: 221 2.0.0 Bye
         << close client quit
