@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from broker.source import TokenSource
     from proxy.config import Config, ListenerConfig
 
-__all__ = ["BoundListener", "ProxyServer"]
+__all__ = ["BoundListener", "ProxyServer", "auth_machine"]
 
 log = logging.getLogger("xoauth2_proxy.server")
 
@@ -49,7 +49,7 @@ class BoundListener:
     port: int
 
 
-def _machine(listener: ListenerConfig, *, app_keys: bool) -> tuple[AuthMachine, bytes]:
+def auth_machine(listener: ListenerConfig, *, app_keys: bool) -> tuple[AuthMachine, bytes]:
     """The protocol machine for a new connection, and the reply for a login timeout.
 
     SASL EXTERNAL is offered where the listener asks for client certificates, XOAUTH2
@@ -132,7 +132,7 @@ class ProxyServer:
         self.services = self._services(config, tokens, authenticator, self.throttle)
         self._app_keys = _has_app_keys(config)
         for listener in config.listeners:
-            _machine(listener, app_keys=False)  # refuse unsupported protocols before binding
+            auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
         self._client_contexts, self._upstream_contexts = _contexts(config)
         self._ids = itertools.count(1)
         self._connections: collections.Counter[ListenerConfig] = collections.Counter()
@@ -299,9 +299,10 @@ class ProxyServer:
             context = self._client_contexts[listener]
             if listener.tls is ClientTls.IMPLICIT:
                 assert context is not None  # config guarantees a certificate
-                # The TLS stream owns the connection from here on.
-                tls = client = wrap_tls(stream, context, server_side=True)
                 try:
+                    # The TLS stream owns the connection from here on.
+                    tls = wrap_tls(stream, context, server_side=True)
+                    client = tls
                     with trio.fail_after(self.config.limits.tls_handshake_timeout):
                         await tls.do_handshake()
                 except (trio.BrokenResourceError, trio.TooSlowError) as exc:
@@ -311,9 +312,8 @@ class ProxyServer:
                         else describe_tls_error(exc)
                     )
                     log.info("%s: client TLS handshake %s", conn_id, text)
-                    await trio.aclose_forcefully(tls)
                     return
-            machine, timeout_reply = _machine(listener, app_keys=self._app_keys)
+            machine, timeout_reply = auth_machine(listener, app_keys=self._app_keys)
             session = Session(
                 conn_id=conn_id,
                 peer=str(peer[0]),
@@ -329,4 +329,7 @@ class ProxyServer:
         except Exception:
             # A bug in one session must not take every other session down with it.
             log.exception("%s: internal error; connection closed", conn_id)
+        finally:
+            # Whatever happened, cancellation at shutdown included. The session has closed
+            # its streams already when it ran; closing again does nothing.
             await trio.aclose_forcefully(client)

@@ -247,10 +247,13 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._log.info("%s: connection broken: %s", self.conn_id, exc)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            # Shielded and bounded. A stream that can still take it gets TLS close_notify
+            # (after LOGOUT or QUIT, say), so that clients see a clean end, not a truncation.
+            with trio.CancelScope(shield=True):
                 for stream in (self.client, self.server):
                     if stream is not None:
-                        await trio.aclose_forcefully(stream)
+                        with trio.move_on_after(1):
+                            await stream.aclose()
 
     # -- the authentication phase ---------------------------------------------------------
 
@@ -442,8 +445,12 @@ class Session:
                 await self.client.send_all(preface)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _Stop from exc
-            # The TLS stream owns the connection from here on, whatever the handshake does.
-            tls = self.client = wrap_tls(self.client, self._client_context, server_side=True)
+            try:
+                # The TLS stream owns the connection from here on, whatever the handshake does.
+                tls = self.client = wrap_tls(self.client, self._client_context, server_side=True)
+            except trio.BrokenResourceError as exc:
+                self._log.info("%s: client left before TLS: %s", self.conn_id, exc)
+                raise _Stop from exc
             timeout = self.services.limits.tls_handshake_timeout
         else:
             if self.server is None:
@@ -454,9 +461,13 @@ class Session:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._pending.appendleft(ServerUnavailable(f"upstream went away: {exc}"))
                     return
-            tls = self.server = wrap_tls(
-                self.server, self._upstream_context, server_hostname=self.listener.upstream_host
-            )
+            try:
+                tls = self.server = wrap_tls(
+                    self.server, self._upstream_context, server_hostname=self.listener.upstream_host
+                )
+            except trio.BrokenResourceError as exc:
+                self._pending.appendleft(ServerUnavailable(f"upstream went away: {exc}"))
+                return
             timeout = self.services.limits.upstream_timeout
         try:
             with trio.fail_after(timeout):

@@ -184,8 +184,9 @@ class TlsSocketStream(trio.abc.Stream):
 
         ``stream`` is an empty shell afterwards: close the returned stream instead (closing
         ``stream`` too is harmless). For STARTTLS the caller must not have read anything
-        past the reply to the command. Raises ``ValueError`` for a client ``context`` with
-        ``post_handshake_auth`` (see the module's notes).
+        past the reply to the command. Raises :exc:`trio.BrokenResourceError` if the
+        connection is already gone (the socket is then closed), and ``ValueError`` for a
+        client ``context`` with ``post_handshake_auth`` (see the module's notes).
         """
         if context.post_handshake_auth and not server_side:
             raise ValueError(
@@ -197,6 +198,10 @@ class TlsSocketStream(trio.abc.Stream):
             trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach()
         )
         try:
+            # A reset may already have come (a client that hangs up right after the reply
+            # to STARTTLS). wrap_socket would notice too, but fail holding the socket and
+            # leave it to the garbage collector; asking first keeps it ours to close.
+            plain.getpeername()
             tls = context.wrap_socket(
                 plain,
                 server_side=server_side,
@@ -205,6 +210,9 @@ class TlsSocketStream(trio.abc.Stream):
                 suppress_ragged_eofs=False,
             )
             tls.setblocking(False)
+        except OSError as exc:
+            plain.close()
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         except BaseException:
             plain.close()
             raise

@@ -144,21 +144,25 @@ async def test_imap_external_opens_the_default_and_an_allowed_mailbox(
     proxy = await start_proxy(nursery, rig.write([listener]))
     dovecot.deliver(OTHER_MAILBOX, message(1000, "for-the-scanner"))
 
-    def logins() -> list[tuple[str, int | None]]:
-        results: list[tuple[str, int | None]] = []
+    def logins() -> list[tuple[str, bytes | None]]:
+        """Each login's reply, and the messages with the scanner's subject it sees."""
+        results: list[tuple[str, bytes | None]] = []
         for authzid in (b"", OTHER_MAILBOX.encode(), b"ceo@contoso.com"):
             with imap(proxy, clients.scanner.context(pki)) as client:
                 assert "AUTH=EXTERNAL" in client.capabilities
                 reply = authenticate(client, "EXTERNAL", authzid)
-                results.append((reply, read_inbox(client) if reply.startswith("OK") else None))
+                found = None
+                if reply.startswith("OK"):
+                    read_inbox(client)
+                    found = client.search(None, "SUBJECT", '"for-the-scanner"')[1][0]
+                results.append((reply, found))
         return results
 
     default, other, outside = await in_thread(logins)
     assert default[0].startswith("OK")
-    assert default[1] is not None
+    assert default[1] == b""  # the scanner's message is not in the default mailbox...
     assert other[0].startswith("OK")
-    assert other[1] is not None
-    assert other[1] >= 1
+    assert other[1]  # ...but in the one it asked for
     assert "[AUTHENTICATIONFAILED]" in outside[0]
     lines = audit(caplog)
     assert [(a["login"], a["kind"], a["mailbox"], a["result"]) for a in lines] == [
@@ -167,6 +171,32 @@ async def test_imap_external_opens_the_default_and_an_allowed_mailbox(
         ("ceo@contoso.com", "certificate", "", "failure"),  # what the client asked for
     ]
     assert "mailbox 'ceo@contoso.com' is not in user 'scanner01'" in lines[2]["reason"]
+
+
+async def test_external_after_starttls(
+    nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot, pki: TestPki, clients: ClientPki
+) -> None:
+    """The certificate comes with the TLS that STARTTLS starts, not with the connection."""
+    rig.add_user(
+        "scanner01",
+        None,
+        mailbox=MAILBOX,
+        extra={"certificate_fingerprint": toml(clients.scanner.fingerprint)},
+    )
+    listener = Listener(tls="starttls", upstream_port=dovecot.ports.imaps, extra=client_ca(clients))
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def login() -> tuple[str, str]:
+        with imaplib.IMAP4("localhost", proxy.port, timeout=30) as client:
+            before = authenticate(client, "EXTERNAL", b"")  # refused before TLS
+            client.starttls(ssl_context=clients.scanner.context(pki))
+            after = authenticate(client, "EXTERNAL", b"")
+            read_inbox(client)
+            return before, after
+
+    before, after = await in_thread(login)
+    assert "[PRIVACYREQUIRED]" in before
+    assert after.startswith("OK")
 
 
 async def test_external_refuses_unknown_and_missing_certificates(

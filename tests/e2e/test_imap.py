@@ -7,6 +7,8 @@ serves in the test's trio loop.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import imaplib
 import socket
 from typing import TYPE_CHECKING
@@ -303,6 +305,48 @@ async def test_upstream_host_name_mismatch(
     reply = await in_thread(lambda: login_reply(pki, proxy.port, MAILBOX, PASSWORD))
     assert reply.startswith(b"a1 NO [UNAVAILABLE]"), reply
     assert "certificate verification failed" in caplog.text
+
+
+async def test_logout_ends_tls_with_close_notify(imap_proxy: RunningProxy, pki: TestPki) -> None:
+    """After LOGOUT the client sees TLS end cleanly; a strict client (OpenSSL 3 without
+    ragged EOFs allowed) would report a bare TCP close as a truncation attack."""
+
+    def session() -> bytes:
+        raw = socket.create_connection(("127.0.0.1", imap_proxy.port), timeout=30)
+        with tls_context(pki).wrap_socket(
+            raw, server_hostname="localhost", suppress_ragged_eofs=False
+        ) as tls:
+            quoted = PASSWORD.replace("\\", "\\\\").replace('"', '\\"')
+            tls.sendall(f'a1 LOGIN "{MAILBOX}" "{quoted}"\r\na2 LOGOUT\r\n'.encode())
+            received = b""
+            while chunk := tls.recv(65536):  # raises SSLEOFError on a ragged end
+                received += chunk
+            return received
+
+    transcript = await in_thread(session)
+    assert b"a1 OK" in transcript
+    assert b"a2 OK" in transcript
+
+
+async def test_shutdown_closes_a_connection_in_its_tls_handshake(
+    rig: ProxyRig, dovecot: Dovecot
+) -> None:
+    """A client that connected but never sent its ClientHello: shutdown cancels the
+    handshake, and the connection is closed then, not left to the garbage collector."""
+    path = rig.write([Listener(upstream_port=dovecot.ports.imaps)])
+    gc.disable()  # the garbage collector would close a leaked socket, hiding the leak
+    try:
+        with socket.socket() as client:
+            async with trio.open_nursery() as nursery:
+                proxy = await start_proxy(nursery, path)
+                client.connect(("127.0.0.1", proxy.port))
+                await trio.sleep(0.2)  # the proxy is waiting in the handshake
+                proxy.server.shutdown()
+            client.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(10) == b""  # closed, not still open
+    finally:
+        gc.enable()
 
 
 async def test_overlong_line_is_refused_and_closed(imap_proxy: RunningProxy, pki: TestPki) -> None:

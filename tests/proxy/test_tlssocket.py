@@ -296,6 +296,21 @@ async def test_peer_closes_during_handshake(client_ctx: ssl.SSLContext) -> None:
     await c.aclose()
 
 
+async def test_wrap_after_a_reset_is_a_broken_stream(server_ctx: ssl.SSLContext) -> None:
+    """A client that resets the connection right after STARTTLS's reply: the wrap itself
+    fails (the ssl module asks the socket for its peer), as a broken stream, and the
+    socket is closed, not leaked."""
+    client_tcp, server_tcp = await tcp_pair()
+    client_tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client_tcp.aclose()  # RST
+    await trio.sleep(0.05)
+    fileno = server_tcp.socket.fileno()
+    with pytest.raises(trio.BrokenResourceError):
+        TlsSocketStream.wrap(server_tcp, server_ctx, server_side=True)
+    with pytest.raises(OSError):  # noqa: PT011 - EBADF is the point: nothing holds it open
+        os.fstat(fileno)
+
+
 # -- STARTTLS -------------------------------------------------------------------------------
 
 

@@ -435,6 +435,9 @@ disable_plaintext_auth = yes
 first_valid_uid = {self._mail_uid}
 mail_location = maildir:~/Maildir
 mail_max_userip_connections = 10000
+# IDLE learns of new mail through inotify; where the system's inotify instances run out
+# (many Dovecot processes on the machine) it polls, every 30 s by default.
+mailbox_idle_check_interval = 1 secs
 
 passdb {{
   driver = oauth2
