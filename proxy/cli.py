@@ -7,6 +7,7 @@ configuration or usage.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import hashlib
 import logging
@@ -28,6 +29,7 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.identities import hash_password
 from proxy.net.server import ProxyServer
 from proxy.net.tls import client_side_context, upstream_context
+from proxy.ops import doctor, exchange
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -177,6 +179,43 @@ def _cmd_token(args: argparse.Namespace) -> int:
         return 0
     for label, value in describe(claims, time.time()):
         print(f"{label + ':':12}{value}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """Walk the chain for a user (or every app and upstream) and print what to fix."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        source = build_source(config.apps, config.cache)
+    except ValueError as exc:
+        print(f"{config.path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The report carries what the proxy logs about each step; the log itself is for
+    # --log-level debug. The proxy's loggers still produce the records the report uses.
+    logging.getLogger("xoauth2_proxy").setLevel(min(logging.INFO, logging.root.level))
+    if args.log_level != "debug":
+        for handler in logging.root.handlers:
+            handler.setLevel(logging.CRITICAL)
+    try:
+        findings = trio.run(
+            functools.partial(doctor.diagnose, config, source, args.user, mailbox=args.mailbox)
+        )
+    finally:
+        source.close()
+    print(doctor.render(findings))
+    failed = sum(f.status is doctor.Status.FAILED for f in findings)
+    print(f"\n{len(findings)} checks, {failed} failed")
+    return EXIT_FAILURE if failed else 0
+
+
+def _cmd_exchange_setup(args: argparse.Namespace) -> int:
+    """Print the Exchange Online PowerShell for the configured apps and mailboxes."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(exchange.powershell(config, icalendar=args.icalendar), end="")
     return 0
 
 
@@ -336,6 +375,29 @@ def _parser() -> argparse.ArgumentParser:
         help="print the token's claims (roles, aud, tid, appid, exp, time left) instead of it",
     )
     token.set_defaults(func=_cmd_token)
+
+    doc = commands.add_parser(
+        "doctor",
+        help="check the chain for a user, step by step: token, roles, upstream, TLS, "
+        "XOAUTH2 login and a command after it; or, without a user, every app and upstream",
+    )
+    with_config(doc)
+    doc.add_argument("user", nargs="?", help="a login name from [users]")
+    doc.add_argument("--mailbox", help="a mailbox other than the user's default")
+    doc.set_defaults(func=_cmd_doctor)
+
+    setup = commands.add_parser(
+        "exchange-setup",
+        help="print the Exchange Online PowerShell that lets the apps open the users' "
+        "mailboxes (service principals, mailbox permissions, protocols)",
+    )
+    with_config(setup)
+    setup.add_argument(
+        "--icalendar",
+        action="store_true",
+        help="also have IMAP and POP3 serve meeting requests as iCalendar attachments",
+    )
+    setup.set_defaults(func=_cmd_exchange_setup)
     return parser
 
 
