@@ -1,12 +1,12 @@
 #!/bin/sh
 # Install the Debian packages the test suite and the sandbox run for real: Dovecot (IMAP,
-# POP3, submission) as the upstream, Redis, and the command-line mail clients run by the
-# end-to-end tests.
+# POP3, submission) as the upstream, Redis, the command-line mail clients run by the
+# end-to-end tests, and systemd-analyze to check deploy/'s unit file.
 # Run as root. The packages' own services are kept from starting on the standard ports.
 set -eu
 
 PACKAGES="dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
-fetchmail msmtp curl"
+fetchmail msmtp curl systemd"
 
 missing=""
 for p in $PACKAGES; do
