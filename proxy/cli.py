@@ -23,6 +23,7 @@ import trio
 
 from broker import build_source
 from broker.cache import open_cache
+from broker.cache.memory import MemoryTokenCache
 from broker.claims import NotAJwtError, decode_claims, describe
 from broker.errors import BrokerError
 from proxy.config import Config, ConfigError, load_config
@@ -86,11 +87,16 @@ def _runtime_problems(config: Config) -> list[str]:
             problems.append(
                 f"{key}.upstream_ca_file: cannot load {listener.upstream_ca_file}: {exc}"
             )
+    # The cache and every provider (keys, certificates) are built, without network I/O.
     try:
-        # Builds every provider (keys, certificates) and the cache, without network I/O.
-        build_source(config.apps, config.cache).close()
+        open_cache(config.cache).close()
     except ValueError as exc:
-        problems.append(f"{config.path}: {exc}")
+        problems.append(f"{config.path}: cache: {exc}")
+    for name, app in config.apps.items():
+        try:
+            build_source({name: app}, cache=MemoryTokenCache()).close()
+        except ValueError as exc:
+            problems.append(f"{config.path}: apps.{name}: {exc}")
     return problems
 
 
@@ -107,8 +113,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nno password given", file=sys.stderr)
+            return EXIT_FAILURE
+        if again != password:
             print("the passwords differ", file=sys.stderr)
             return EXIT_FAILURE
     else:

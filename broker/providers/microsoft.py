@@ -481,8 +481,8 @@ def _certificate_credential(app: App) -> tuple[dict[str, str], datetime]:
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(
-            f"app {app.name!r}: certificate ({origin}) has a {type(key).__name__} key; "
-            "Entra accepts only RSA certificates for client assertions"
+            f"app {app.name!r}: certificate ({origin}) holds a key that is not RSA "
+            f"({type(key).__name__}); Entra accepts only RSA certificates for client assertions"
         )
     leaf = chain[0]
     public = serialization.PublicFormat.SubjectPublicKeyInfo

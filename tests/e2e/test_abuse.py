@@ -221,6 +221,38 @@ async def test_a_client_that_dribbles_a_command_is_cut_off(
     assert expected in transcript
 
 
+async def test_a_client_that_keeps_talking_but_never_logs_in_is_cut_off(
+    nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot, pki: TestPki
+) -> None:
+    """login_timeout: prompt harmless commands keep line_timeout happy, not this one."""
+    rig.limits.update(line_timeout=100, login_timeout=1.5)
+    proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
+
+    def chatter() -> tuple[bytes, int]:
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock,
+            tls_context(pki).wrap_socket(sock, server_hostname="localhost") as tls,
+        ):
+            received = tls.recv(4096)  # the greeting
+            answered = 0
+            with contextlib.suppress(OSError):
+                for n in range(100):
+                    tls.sendall(b"n%d NOOP\r\n" % n)
+                    reply = tls.recv(4096)
+                    received += reply
+                    if b" OK " not in reply:
+                        break
+                    answered += 1
+                    time.sleep(0.2)
+            while chunk := tls.recv(4096):
+                received += chunk
+            return received, answered
+
+    transcript, answered = await in_thread(chatter)
+    assert 3 <= answered < 20  # it was served a while, then cut off
+    assert transcript.endswith(b"* BYE Autologout; idle for too long.\r\n")
+
+
 @pytest.mark.parametrize(
     ("protocol", "script", "begin_tls"),
     [

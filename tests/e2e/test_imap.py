@@ -17,7 +17,6 @@ import pytest
 import trio
 
 from tests.e2e.conftest import (
-    CLIENT_SECRET,
     MAILBOX,
     OTHER_MAILBOX,
     PASSWORD,
@@ -217,7 +216,12 @@ async def test_identity_provider_trouble_is_temporary(
         reply = await in_thread(lambda: login_reply(pki, imap_proxy.port, MAILBOX, PASSWORD))
         assert reply.startswith(b"a1 NO [UNAVAILABLE]"), reply
         idp.fail_next(status, count=0)  # clear what the retries did not use
-    assert "temporary" in caplog.text
+    errors = [
+        r.message
+        for r in caplog.records
+        if r.name == "xoauth2_proxy.session" and "no token (temporary error" in r.message
+    ]
+    assert len(errors) == 2, errors  # one per login, each saying why
 
 
 async def test_bad_client_secret_is_unavailable_with_aadsts_in_log(
@@ -248,7 +252,15 @@ async def test_upstream_refuses_token(
         lambda: login_reply(pki, proxy.port, "ghost-user@contoso.com", PASSWORD)
     )
     assert reply.startswith(b"a1 NO [AUTHENTICATIONFAILED]"), reply
-    assert "ghost@contoso.com" in caplog.text or "refused" in caplog.text.lower()
+    # One line naming the likely cause, at warning level.
+    [diagnosis] = [
+        r
+        for r in caplog.records
+        if r.name == "xoauth2_proxy.session" and "the upstream rejected the token" in r.message
+    ]
+    assert diagnosis.levelname == "WARNING"
+    assert "'ghost@contoso.com'" in diagnosis.message
+    assert "Likely causes:" in diagnosis.message
 
 
 async def test_token_without_the_imap_role_is_refused_locally(
@@ -352,32 +364,5 @@ async def test_shutdown_closes_a_connection_in_its_tls_handshake(
 async def test_overlong_line_is_refused_and_closed(imap_proxy: RunningProxy, pki: TestPki) -> None:
     script = b"a1 LOGIN " + b"x" * 100_000 + b"\r\n"
     transcript = await in_thread(lambda: raw_session(pki, imap_proxy.port, script, b"\x00"))
-    assert b"BYE" in transcript or b"BAD" in transcript
-
-
-async def test_no_secret_in_logs(
-    nursery: trio.Nursery,
-    rig: ProxyRig,
-    dovecot: Dovecot,
-    pki: TestPki,
-    idp: EntraEmulator,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
-
-    def client() -> None:
-        with connect(pki, proxy.port) as imap:
-            imap.login(MAILBOX, PASSWORD)
-            imap.select("INBOX")
-            imap.logout()
-        login_reply(pki, proxy.port, MAILBOX, "wrong-" + PASSWORD)
-
-    await in_thread(client)
-    token = (await proxy.tokens.token("contoso")).value  # the cached token the login used
-    secrets = [PASSWORD, "wrong-" + PASSWORD, CLIENT_SECRET, token]
-    text = caplog.text
-    for secret in secrets:
-        for form in (secret.encode(), base64.b64encode(secret.encode())):
-            assert form.decode() not in text
-    plain = base64.b64encode(f"\0{MAILBOX}\0{PASSWORD}".encode()).decode()
-    assert plain not in text
+    # Read until the proxy closed: the untagged BAD, then BYE, then nothing.
+    assert transcript.endswith(b"* BAD Line too long.\r\n* BYE Closing the connection.\r\n")

@@ -14,9 +14,12 @@ import trio
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
 from tests.e2e.helpers import in_thread, raw_session
 from tests.e2e.test_abuse import login
+from tests.e2e.test_pop3 import pass_reply
+from tests.e2e.test_smtp import auth_result
 
 if TYPE_CHECKING:
     from tests.support.certs import TestPki
+    from tests.support.dovecot import Dovecot
 
 pytestmark = [pytest.mark.e2e]
 
@@ -97,3 +100,34 @@ async def test_bytes_behind_the_upstream_starttls_reply_end_the_upstream_connect
     assert b"a1 OK" not in transcript
     assert "upstream sent data behind its STARTTLS OK" in caplog.text
     assert "internal error" not in caplog.text
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "smtp"])
+@pytest.mark.parametrize("trouble", ["unreachable", "untrusted"])
+async def test_upstream_trouble_is_temporary_for_pop3_and_smtp(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    caplog: pytest.LogCaptureFixture,
+    protocol: str,
+    trouble: str,
+) -> None:
+    """What IMAP tests in test_imap.py, for the other two: an upstream that refuses the
+    connection, or whose certificate is not trusted, is a temporary failure."""
+    if trouble == "unreachable":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    else:
+        port = dovecot.ports.pop3s if protocol == "pop3" else (dovecot.ports.submissions or 0)
+    listener = Listener(protocol=protocol, upstream_port=port, trust_upstream=False)
+    proxy = await start_proxy(nursery, rig.write([listener]))
+    if protocol == "pop3":
+        reply = await in_thread(lambda: pass_reply(pki, proxy.port, MAILBOX, PASSWORD))
+        assert reply.startswith(b"-ERR [SYS/TEMP]"), reply
+    else:
+        reply = await in_thread(lambda: auth_result(pki, proxy.port, MAILBOX, PASSWORD))
+        assert reply.startswith(b"454 4.7.0"), reply
+    cause = "cannot connect" if trouble == "unreachable" else "certificate verification failed"
+    assert cause in caplog.text

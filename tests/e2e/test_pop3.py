@@ -213,7 +213,15 @@ async def test_upstream_refusing_the_token_is_an_auth_failure(
     proxy = await start_proxy(nursery, rig.write([listener]))
     reply = await in_thread(lambda: pass_reply(pki, proxy.port, "ghost-user@contoso.com", PASSWORD))
     assert reply.startswith(b"-ERR [AUTH]"), reply
-    assert "ghost@contoso.com" in caplog.text
+    # One line naming the likely cause, at warning level.
+    [diagnosis] = [
+        r
+        for r in caplog.records
+        if r.name == "xoauth2_proxy.session" and "the upstream rejected the token" in r.message
+    ]
+    assert diagnosis.levelname == "WARNING"
+    assert "'ghost@contoso.com'" in diagnosis.message
+    assert "Likely causes:" in diagnosis.message
 
 
 async def test_token_without_the_pop_role_is_refused_locally(

@@ -17,6 +17,7 @@ ignored)::
      | relay [server=b"..."] [client=b"..."]
      | note <info|warning|error> <text the note contains> | close [<text the reason contains>]
     !! client-error [<reply hint line>] | upstream-error [<reply hint line>]
+       (a hint of several lines separates them with a literal \r\n)
 
 ``>>`` lines and ``C:``/``U:`` lines are inputs; ``<<``, ``S:``/``P:`` and ``!!`` lines are
 what the machine must answer to the input before them, in order. Consecutive wire lines
@@ -230,7 +231,9 @@ def _step(line: str) -> Step:
         return _expected_action(word, arg)
     if marker == "!!":
         error = {"client-error": ClientProtocolError, "upstream-error": UpstreamProtocolError}
-        return Raises(error[word], arg.encode() + b"\r\n" if arg else None)
+        # A reply of several lines is written with literal \r\n between them.
+        hint = arg.replace("\\r\\n", "\r\n").encode() + b"\r\n" if arg else None
+        return Raises(error[word], hint)
     raise ValueError("unknown marker")
 
 

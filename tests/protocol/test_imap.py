@@ -660,7 +660,7 @@ def test_client_line_too_long(mode: Mode) -> None:
         START
         + f"""
         C: a1 LOGIN alice {"x" * 60}
-        !! client-error * BYE Line too long.
+        !! client-error * BAD Line too long.\\r\\n* BYE Closing the connection.
         """,
         mode,
         machine(max_line=64),
@@ -688,7 +688,7 @@ def test_client_literal_too_large(marker: str, mode: Mode) -> None:
         START
         + f"""
         C: a1 LOGIN alice {marker}
-        !! client-error * BYE Line too long.
+        !! client-error * BAD Line too long.\\r\\n* BYE Closing the connection.
         """,
         mode,
         machine(max_literal=64),
@@ -731,7 +731,7 @@ def test_error_state_refuses_every_later_event() -> None:
         START
         + f"""
         C: {"x" * 70}
-        !! client-error * BYE Line too long.
+        !! client-error * BAD Line too long.\\r\\n* BYE Closing the connection.
         """,
         Mode.WHOLE,
         machine(max_line=64),
@@ -1955,7 +1955,7 @@ def test_error_challenge_answer_is_bounded_like_any_line(mode: Mode) -> None:
         >> refused credentials
         S: + $XO_REFUSED
         C: {"x" * 300}
-        !! client-error * BYE Line too long.
+        !! client-error * BAD Line too long.\\r\\n* BYE Closing the connection.
         """,
         mode,
         app_machine(max_line=200),
