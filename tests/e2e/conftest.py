@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from broker.source import CachingTokenSource
+from broker import build_source
 from proxy.config import load_config
 from proxy.identities import HashParameters, hash_password
 from proxy.net.server import BoundListener, ProxyServer
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import trio
+
+    from broker.source import CachingTokenSource
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 CLIENT_SECRET = "emulated-client-secret-Xy7~Qp"
@@ -110,6 +112,8 @@ class ProxyRig:
     users: dict[str, User] = field(default_factory=dict)
     #: Extra ``[limits]`` settings.
     limits: dict[str, float] = field(default_factory=dict)
+    #: A ``[cache]`` table, values as TOML text (none: the default, in memory).
+    cache: dict[str, str] = field(default_factory=dict)
 
     def add_user(
         self,
@@ -159,6 +163,8 @@ class ProxyRig:
             lines.append("")
         limits = {"login_timeout": 20, "upstream_timeout": 5, "token_timeout": 5, **self.limits}
         lines += ["[limits]", *(f"{key} = {value}" for key, value in limits.items()), ""]
+        if self.cache:
+            lines += ["[cache]", *(f"{key} = {value}" for key, value in self.cache.items()), ""]
         for login, user in self.users.items():
             lines += [f'[users."{login}"]', f'app = "{user.app}"', f'mailbox = "{user.mailbox}"']
             if user.password is not None:
@@ -195,8 +201,10 @@ class RunningProxy:
 
 
 async def start_proxy(nursery: trio.Nursery, config_path: Path) -> RunningProxy:
+    """Serve ``config_path`` in ``nursery``, with the configured token cache as ``serve``
+    has (its background refresh is not started: tests that need it run ``serve``)."""
     config = load_config(config_path)
-    tokens = CachingTokenSource(config.apps)
+    tokens = build_source(config.apps, config.cache)
     server = ProxyServer(config, tokens, grace=1.0)
     bound: list[BoundListener] = await nursery.start(server.serve)
     return RunningProxy(server, bound, tokens)
