@@ -40,5 +40,6 @@ async def relay(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
     The caller closes both streams afterwards.
     """
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_copy, client, server, nursery.cancel_scope)
         nursery.start_soon(_copy, server, client, nursery.cancel_scope)
+        # The other direction runs in this task: one task fewer per session.
+        await _copy(client, server, nursery.cancel_scope)

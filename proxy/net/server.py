@@ -325,6 +325,7 @@ class ProxyServer:
                 upstream_context=self._upstream_contexts[listener],
                 timeout_reply=timeout_reply,
             )
+            del machine  # the session's alone: it lets go of it once logged in
             await session.run()
         except Exception:
             # A bug in one session must not take every other session down with it.

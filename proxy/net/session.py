@@ -238,6 +238,7 @@ class Session:
                 return
             if relay_plan is None or self.server is None:
                 return
+            self._end_authentication()
             if relay_plan.to_server:
                 await self.server.send_all(relay_plan.to_server)
             if relay_plan.to_client:
@@ -254,6 +255,13 @@ class Session:
                     if stream is not None:
                         with trio.move_on_after(1):
                             await stream.aclose()
+
+    def _end_authentication(self) -> None:
+        """Let go of what only the authentication phase uses: the machine, the event
+        channel, the readers' bookkeeping and the closed nursery (about 8 KiB), which
+        would otherwise live as long as the relay, hours for an idle IMAP session."""
+        del self.machine, self._tx, self._rx, self._readers, self._held, self._pending
+        self._nursery = None
 
     # -- the authentication phase ---------------------------------------------------------
 

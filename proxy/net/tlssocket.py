@@ -127,11 +127,14 @@ class _Readiness:
     def __init__(self, sock: socket.socket, *, writable: bool) -> None:
         self._sock = sock
         self._wait = trio.lowlevel.wait_writable if writable else trio.lowlevel.wait_readable
-        self._lot = trio.lowlevel.ParkingLot()
+        #: Made when a second task first needs to wait (rare), not for every socket.
+        self._lot: trio.lowlevel.ParkingLot | None = None
         self._waiting = False
 
     async def wait(self) -> None:
         if self._waiting:
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
             return
         self._waiting = True
@@ -139,7 +142,8 @@ class _Readiness:
             await self._wait(self._sock)
         finally:
             self._waiting = False
-            self._lot.unpark_all()
+            if self._lot is not None:
+                self._lot.unpark_all()
 
 
 class TlsSocketStream(trio.abc.Stream):
@@ -162,8 +166,9 @@ class TlsSocketStream(trio.abc.Stream):
         #: Reading or writing it directly corrupts the stream.
         self.socket: Final = sock
         self._state = _State.OK
-        self._handshook = trio.Event()
-        self._handshake_lock = trio.Lock()
+        self._handshook = False
+        #: Serialises handshake attempts; dropped once the handshake is done.
+        self._handshake_lock: trio.Lock | None = trio.Lock()
         self._readable = _Readiness(sock, writable=False)
         self._writable = _Readiness(sock, writable=True)
         self._receiving = _Conflict("another task is receiving on this TLS stream")
@@ -257,29 +262,32 @@ class TlsSocketStream(trio.abc.Stream):
         does not verify.
         """
         self._check_state()
-        if self._handshook.is_set():
+        if self._handshook:
             await trio.lowlevel.checkpoint()
             return
-        async with self._handshake_lock:
-            if self._handshook.is_set():
-                return
-            self._check_state()
-            try:
-                while True:
-                    try:
-                        self.socket.do_handshake()
-                    except ssl.SSLWantReadError:
-                        await self._readable.wait()
-                    except ssl.SSLWantWriteError:
-                        await self._writable.wait()
-                    else:
-                        break
-            except (OSError, ValueError) as exc:
-                raise self._translate(exc) from exc
-            except BaseException:
-                self._fail()
-                raise
-            self._handshook.set()
+        lock = self._handshake_lock
+        assert lock is not None  # dropped only once handshook
+        async with lock:
+            # Another task may have finished the handshake while this one waited.
+            if not self._handshook:
+                self._check_state()
+                try:
+                    while True:
+                        try:
+                            self.socket.do_handshake()
+                        except ssl.SSLWantReadError:
+                            await self._readable.wait()
+                        except ssl.SSLWantWriteError:
+                            await self._writable.wait()
+                        else:
+                            break
+                except (OSError, ValueError) as exc:
+                    raise self._translate(exc) from exc
+                except BaseException:
+                    self._fail()
+                    raise
+                self._handshook = True
+                self._handshake_lock = None
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -299,7 +307,7 @@ class TlsSocketStream(trio.abc.Stream):
                 await trio.lowlevel.checkpoint()
                 raise error
             self._check_state()
-            if not self._handshook.is_set():
+            if not self._handshook:
                 await self.do_handshake()
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self.socket
@@ -307,30 +315,30 @@ class TlsSocketStream(trio.abc.Stream):
             wanted = max_bytes
             waited = False
             while wanted:
+                # Wait outside the ``except`` clauses: an exception being handled stays
+                # alive, with its traceback and frames, for as long as the wait lasts.
                 try:
                     chunk = sock.recv(wanted)
                 except ssl.SSLWantReadError:
-                    if chunks:
-                        break
-                    waited = True
-                    await self._readable.wait()
-                    continue
+                    readiness = self._readable
                 except ssl.SSLWantWriteError:
-                    if chunks:
-                        break
-                    waited = True
-                    await self._writable.wait()
-                    continue
+                    readiness = self._writable
                 except (OSError, ValueError) as exc:
                     error = self._translate(exc)
                     if not chunks:
                         raise error from exc
                     self._deferred = error
                     break
-                if not chunk:  # close_notify
+                else:
+                    if not chunk:  # close_notify
+                        break
+                    chunks.append(chunk)
+                    wanted -= len(chunk)
+                    continue
+                if chunks:
                     break
-                chunks.append(chunk)
-                wanted -= len(chunk)
+                waited = True
+                await readiness.wait()
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -346,7 +354,7 @@ class TlsSocketStream(trio.abc.Stream):
         """
         with self._sending:
             self._check_state()
-            if not self._handshook.is_set():
+            if not self._handshook:
                 await self.do_handshake()
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self.socket
@@ -354,17 +362,17 @@ class TlsSocketStream(trio.abc.Stream):
             with memoryview(data) as view, view.cast("B") as remaining:
                 try:
                     while remaining:
-                        try:
+                        try:  # wait outside the except clauses (see receive_some)
                             sent = sock.send(remaining)
                         except ssl.SSLWantWriteError:
-                            waited = True
-                            await self._writable.wait()
-                            continue
+                            readiness = self._writable
                         except ssl.SSLWantReadError:
-                            waited = True
-                            await self._readable.wait()
+                            readiness = self._readable
+                        else:
+                            remaining = remaining[sent:]
                             continue
-                        remaining = remaining[sent:]
+                        waited = True
+                        await readiness.wait()
                 except (OSError, ValueError) as exc:
                     raise self._translate(exc) from exc
                 except BaseException:
@@ -391,7 +399,7 @@ class TlsSocketStream(trio.abc.Stream):
         if self._state is _State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
-        graceful = self._state is _State.OK and self._handshook.is_set() and not self._sending.busy
+        graceful = self._state is _State.OK and self._handshook and not self._sending.busy
         self._state = _State.CLOSED
         sock = self.socket
         try:
