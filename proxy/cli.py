@@ -195,11 +195,16 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     """Walk the chain for a user (or every app and upstream) and print what to fix."""
+    if args.mailbox and not args.user:
+        print("doctor: --mailbox needs a USER", file=sys.stderr)
+        return EXIT_CONFIG
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     try:
-        source = build_source(config.apps, config.cache)
+        # Its own cache in memory: the doctor asks the identity provider itself, and never
+        # writes the service's cache (as root, a new cache file would be root's).
+        source = build_source(config.apps, cache=MemoryTokenCache())
     except ValueError as exc:
         print(f"{config.path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -394,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(doc)
     doc.add_argument("user", nargs="?", help="a login name from [users]")
-    doc.add_argument("--mailbox", help="a mailbox other than the user's default")
+    doc.add_argument("--mailbox", help="a mailbox other than the user's default (with USER)")
     doc.set_defaults(func=_cmd_doctor)
 
     setup = commands.add_parser(

@@ -807,6 +807,10 @@ def _read_users(
                     protocols.add(Protocol(p))
                 else:
                     r.fail(f"{key}.protocols", f"unknown protocol {p!r}")
+        if "mailbox" in raw and mailbox and patterns:
+            allowed = UserConfig(login, (), "", mailbox, frozenset(), mailboxes=tuple(patterns))
+            if not allowed.may_open(mailbox):
+                r.fail(f"{key}.mailbox", f"{mailbox!r} is not in the user's mailboxes")
         folded = login.casefold()
         if folded in users:
             r.fail(key, "the same login name, ignoring case, appears twice")

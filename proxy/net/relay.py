@@ -12,16 +12,21 @@ CHUNK = 65536
 
 
 async def _copy(
-    source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, done: trio.CancelScope
-) -> int:
-    total = 0
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    done: trio.CancelScope,
+    endings: list[bool],
+) -> None:
+    """Copy until ``source`` ends; record in ``endings`` whether it ended cleanly (True: an
+    end of stream, for TLS a close_notify) or broke (False)."""
     try:
         while data := await source.receive_some(CHUNK):
             await sink.send_all(data)
-            total += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
+        endings.append(False)
         done.cancel()
-        return total
+        return
+    endings.append(True)
     # End of stream from ``source``: pass the half-close on where the transport can
     # express it (plain TCP), else end the whole session (TLS cannot half-close).
     if isinstance(sink, trio.abc.HalfCloseableStream):
@@ -29,17 +34,21 @@ async def _copy(
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             done.cancel()
-        return total
+        return
     done.cancel()
-    return total
 
 
-async def relay(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
+async def relay(client: trio.abc.Stream, server: trio.abc.Stream) -> bool:
     """Copy ``client`` → ``server`` and back until either side ends or breaks.
 
-    The caller closes both streams afterwards.
+    Returns whether the session ended cleanly: no side broke off (a reset, or TLS cut
+    without close_notify). The caller closes both streams afterwards, and should pass a
+    break on as one (close without close_notify), so that a truncation is never shown to
+    the other side as a clean end.
     """
+    endings: list[bool] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_copy, server, client, nursery.cancel_scope)
+        nursery.start_soon(_copy, server, client, nursery.cancel_scope, endings)
         # The other direction runs in this task: one task fewer per session.
-        await _copy(client, server, nursery.cancel_scope)
+        await _copy(client, server, nursery.cancel_scope, endings)
+    return all(endings)

@@ -224,6 +224,9 @@ class Session:
 
     async def run(self) -> None:
         """Authenticate, then relay; always closes both streams before returning."""
+        # Whether the streams end with TLS close_notify: not after a peer broke off, whose
+        # truncation the other side must see as one, not as a clean end.
+        graceful = True
         try:
             relay_plan: BeginRelay | None = None
             with trio.move_on_after(self.services.limits.login_timeout) as login_deadline:
@@ -243,18 +246,23 @@ class Session:
                 await self.server.send_all(relay_plan.to_server)
             if relay_plan.to_client:
                 await self.client.send_all(relay_plan.to_client)
-            await relay(self.client, self.server)
-            self._log.info("%s: session ended", self.conn_id)
+            graceful = await relay(self.client, self.server)
+            self._log.info("%s: session ended%s", self.conn_id, "" if graceful else " (broken off)")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            graceful = False
             self._log.info("%s: connection broken: %s", self.conn_id, exc)
         finally:
-            # Shielded and bounded. A stream that can still take it gets TLS close_notify
-            # (after LOGOUT or QUIT, say), so that clients see a clean end, not a truncation.
+            # Shielded and bounded. After a clean end (LOGOUT, QUIT) the streams get TLS
+            # close_notify, so that clients do not take the end for a truncation.
             with trio.CancelScope(shield=True):
                 for stream in (self.client, self.server):
-                    if stream is not None:
+                    if stream is None:
+                        continue
+                    if graceful:
                         with trio.move_on_after(1):
                             await stream.aclose()
+                    else:
+                        await trio.aclose_forcefully(stream)
 
     def _end_authentication(self) -> None:
         """Let go of what only the authentication phase uses: the machine, the event

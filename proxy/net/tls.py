@@ -29,8 +29,9 @@ def client_side_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # No TLS 1.2 renegotiation: nothing needs it, and a client could start one while a
-    # write to it is pending, which TLS on the socket itself (tlssocket.py) cannot serve.
+    # No TLS 1.2 renegotiation from clients: nothing needs it, it has a history of attacks,
+    # and with TLS on the socket (tlssocket.py) OpenSSL would hold it until a pending
+    # write finished.
     context.options |= (
         ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     )

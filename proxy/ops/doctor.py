@@ -15,7 +15,9 @@ For one user:
 
 The login in step 4 runs the very :class:`~proxy.net.session.Session` a client gets, over a
 socket pair, as a copy of the user whose only credential is a one-time app key the doctor
-makes: the password check is the one step left out, and no check of the proxy is bypassed.
+makes. The credential lookup, mailbox policy, protocol and role checks all run; what is
+left out is the client side of a connection: the password or certificate itself, client
+TLS, and the failed-login throttle.
 
 Without a user, the doctor checks every app's token and roles and that every upstream
 accepts a connection (and, with implicit TLS, presents a valid certificate).
@@ -45,7 +47,7 @@ from proxy.net.server import auth_machine
 from proxy.net.session import REQUIRED_ROLES, Services, Session, open_upstream
 from proxy.net.tls import describe_tls_error, upstream_context
 from proxy.protocol.errors import FrameError
-from proxy.protocol.framing import LineBuffer
+from proxy.protocol.framing import LineBuffer, printable
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.throttle import LoginThrottle
 
@@ -106,13 +108,17 @@ async def diagnose(
     subject = f"user {user.login!r}"
     wanted = mailbox or user.mailbox
     if not user.may_open(wanted):
+        allowed = ", ".join(user.mailboxes or (user.mailbox,))
         return [
             Finding(
                 Status.FAILED,
                 subject,
-                f"mailbox {wanted!r} is not in its mailboxes "
-                f"({', '.join(user.mailboxes or (user.mailbox,))})",
-                fix=f'add it to mailboxes in [users."{user.login}"]',
+                f"mailbox {wanted!r} is not in its mailboxes ({allowed})",
+                fix=(
+                    f'add it to mailboxes in [users."{user.login}"]'
+                    if mailbox
+                    else "name one of its mailboxes with --mailbox (it sets no mailbox of its own)"
+                ),
             )
         ]
     usable = [listener for listener in config.listeners if listener.protocol in user.protocols]
@@ -370,7 +376,8 @@ def _b64(data: bytes) -> bytes:
 
 
 def _text(line: bytes) -> str:
-    return line.decode("utf-8", "replace")
+    """A line from the upstream, safe to print (no terminal control sequences)."""
+    return printable(line)
 
 
 async def _imap(client: _Client, bearer: bytes, mailbox: str) -> _Outcome:

@@ -954,7 +954,7 @@ class ImapAuth:
                     continue
                 command = self._next_command()
             except FrameError as exc:
-                raise self._fault(_Fault.CLIENT, str(exc), replies.IMAP_BYE_LINE_TOO_LONG) from None
+                raise self._fault(_Fault.CLIENT, str(exc), replies.IMAP_LINE_TOO_LONG) from None
             if command is None:
                 return
             self._on_command(command)

@@ -45,7 +45,7 @@ IMAP_BAD_UNTAGGED: Final = b"* BAD Syntax error: no valid tag.\r\n"
 IMAP_BYE_LOGOUT: Final = b"* BYE Logging out.\r\n"
 #: A command line or literal over the limit: the command's tag cannot be trusted, so an
 #: untagged BAD (RFC 3501 section 7.1.3), then BYE before the connection is closed.
-IMAP_BYE_LINE_TOO_LONG: Final = b"* BAD Line too long.\r\n* BYE Closing the connection.\r\n"
+IMAP_LINE_TOO_LONG: Final = b"* BAD Line too long.\r\n* BYE Closing the connection.\r\n"
 IMAP_BYE_PIPELINED: Final = b"* BYE Too much data pipelined behind the login.\r\n"
 IMAP_BYE_TOO_MANY_ERRORS: Final = b"* BYE Too many invalid commands.\r\n"
 IMAP_BYE_TOO_MANY_FAILURES: Final = b"* BYE Too many failed logins.\r\n"

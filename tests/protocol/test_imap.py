@@ -740,7 +740,7 @@ def test_error_state_refuses_every_later_event() -> None:
     assert auth.upstream_state is UpstreamState.ERROR
     with pytest.raises(ClientProtocolError) as caught:
         auth.handle(ServerConnected())
-    assert caught.value.reply_hint == replies.IMAP_BYE_LINE_TOO_LONG
+    assert caught.value.reply_hint == replies.IMAP_LINE_TOO_LONG
 
 
 @pytest.mark.parametrize(

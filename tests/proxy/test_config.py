@@ -531,3 +531,20 @@ def test_deadlines_must_be_positive(
     monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
     path = write(tmp_path, good_config(tmp_path) + f"\n[limits]\n{name} = 0\n")
     assert problems(path) == [f"{path}: limits.{name}: must be a positive number of seconds"]
+
+
+def test_mailbox_must_be_in_the_users_mailboxes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    text = good_config(tmp_path).replace(
+        'protocols = ["imap"]',
+        'protocols = ["imap"]\nmailbox = "ceo@contoso.com"\nmailboxes = ["reports-*@contoso.com"]',
+    )
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f"{path}: users.\"Reports@contoso.com\".mailbox: 'ceo@contoso.com' is not in the "
+        "user's mailboxes"
+    ]
+    # Without a mailbox of its own, a user with a policy must name one at each login.
+    load_config(write(tmp_path, text.replace('mailbox = "ceo@contoso.com"\n', "")))

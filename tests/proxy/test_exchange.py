@@ -68,23 +68,23 @@ mailbox = "someone@example.net"
 def test_one_block_per_mailbox_with_the_rights_its_protocols_need(tmp_path: Path) -> None:
     script = powershell(load_config(config_file(tmp_path)))
     lines = script.splitlines()
-    assert "$sp_contoso = '<object id of the enterprise application>'" in lines
+    assert "$sp1_contoso = '<object id of the enterprise application>'" in lines
     assert (
-        f"New-ServicePrincipal -AppId '{CLIENT_ID}' -ObjectId $sp_contoso "
+        f"New-ServicePrincipal -AppId '{CLIENT_ID}' -ObjectId $sp1_contoso "
         "-DisplayName 'xoauth2-proxy contoso'"
     ) in lines
     # One mailbox for two users (case differs): reading and sending rights, all protocols.
-    assert "# scans@contoso.com: users erp, scanner" in lines
+    assert "# Scans@contoso.com: users erp, scanner" in lines
     assert (
-        "Add-MailboxPermission -Identity 'scans@contoso.com' -User $sp_contoso "
+        "Add-MailboxPermission -Identity 'Scans@contoso.com' -User $sp1_contoso "
         "-AccessRights FullAccess"
     ) in lines
     assert (
-        "Add-RecipientPermission -Identity 'scans@contoso.com' -Trustee $sp_contoso "
+        "Add-RecipientPermission -Identity 'Scans@contoso.com' -Trustee $sp1_contoso "
         "-AccessRights SendAs -Confirm:$false"
     ) in lines
     assert (
-        "Set-CASMailbox -Identity 'scans@contoso.com' -ImapEnabled $true -PopEnabled $true "
+        "Set-CASMailbox -Identity 'Scans@contoso.com' -ImapEnabled $true -PopEnabled $true "
         "-SmtpClientAuthenticationDisabled $false"
     ) in lines
     # A quote in an address cannot end the PowerShell string; sending only: no FullAccess.
@@ -107,7 +107,7 @@ def test_one_block_per_mailbox_with_the_rights_its_protocols_need(tmp_path: Path
 def test_icalendar_option(tmp_path: Path) -> None:
     script = powershell(load_config(config_file(tmp_path)), icalendar=True)
     assert (
-        "Set-CASMailbox -Identity 'scans@contoso.com' -ImapEnabled $true "
+        "Set-CASMailbox -Identity 'Scans@contoso.com' -ImapEnabled $true "
         "-ImapUseProtocolDefaults $false -ImapForceICalForCalendarRetrievalOption $true "
         "-PopEnabled $true -PopUseProtocolDefaults $false "
         "-PopForceICalForCalendarRetrievalOption $true -SmtpClientAuthenticationDisabled $false"
@@ -119,3 +119,32 @@ def test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out == powershell(load_config(tmp_path / "config.toml"))
     assert "s3cret" not in out
+
+
+def test_configuration_values_cannot_become_powershell(tmp_path: Path) -> None:
+    """Addresses and names come from the configuration: a typographic quote cannot end a
+    string, a line break cannot end a comment, and a default mailbox outside the user's
+    policy is granted nothing."""
+    path = config_file(tmp_path)
+    path.write_text(
+        path.read_text()
+        + f"""
+[users."evil\\nGet-Mailbox | Remove-Mailbox"]
+password_hash = "{HASH}"
+app = "contoso"
+mailbox = "x\u2019; Remove-Mailbox ceo; \u2019@contoso.com"
+
+[users."narrow"]
+password_hash = "{HASH}"
+app = "contoso"
+mailboxes = ["narrow-*@contoso.com"]
+"""
+    )
+    script = powershell(load_config(path))
+    commands = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert (
+        "Set-CASMailbox -Identity 'x\u2019\u2019; Remove-Mailbox ceo; \u2019\u2019@contoso.com' "
+        in ("\n".join(commands))
+    )
+    assert not any(line.startswith(("Get-Mailbox", "Remove-Mailbox")) for line in commands)
+    assert "-Identity 'narrow'" not in script  # its default mailbox is not in its policy

@@ -804,3 +804,35 @@ async def test_two_tasks_waiting_for_the_same_readiness() -> None:
                 assert woken[-1] == "parked"
                 b.send(b"y")
             assert woken[-1] == "alone"
+
+
+# -- the relay over TLS ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "truncated"])
+async def test_relay_tells_a_clean_end_from_a_truncation(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, ending: str
+) -> None:
+    """The relay's verdict decides whether the session passes close_notify on: a cut-off
+    upstream must not look like a clean end to the client."""
+    mail_client, proxy_client_side = await tls_pair(server_ctx, client_ctx)
+    proxy_upstream_side, upstream = await tls_pair(server_ctx, client_ctx)
+    verdict: list[bool] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def session() -> None:
+                verdict.append(await relay(proxy_client_side, proxy_upstream_side))
+
+            nursery.start_soon(session)
+            await upstream.send_all(b"* 1 FETCH (BODY[] {100000}\r\npartial")
+            assert (
+                await receive_exactly(mail_client, 35) == b"* 1 FETCH (BODY[] {100000}\r\npartial"
+            )
+            if ending == "close_notify":
+                await upstream.aclose()
+            else:
+                close_without_close_notify(upstream)
+    assert verdict == [ending == "close_notify"]
+    for stream in (mail_client, proxy_client_side, proxy_upstream_side):
+        await trio.aclose_forcefully(stream)
