@@ -156,6 +156,53 @@ async def test_pipelined_envelope_behind_auth(
     assert await in_thread(lambda: relayed(sink, body, before)) == body
 
 
+async def test_bdat_chunks_are_relayed_unchanged(
+    nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot, pki: TestPki, sink: SmtpSink
+) -> None:
+    """RFC 3030 CHUNKING, passed on from the upstream's EHLO: a message in two BDAT chunks,
+    the second LAST, arrives byte for byte (binary-safe: no dot-stuffing, no terminator)."""
+    proxy = await start_proxy(nursery, rig.write([implicit_listener(dovecot)]))
+    body = message(20_000, "smtp-bdat")
+    first, second = body[:7000], body[7000:]
+    before = len(sink.messages)
+    plain = base64.b64encode(f"\0{MAILBOX}\0{PASSWORD}".encode()).decode()
+
+    def client() -> list[bytes]:
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock,
+            tls_context(pki).wrap_socket(sock, server_hostname="localhost") as tls,
+            tls.makefile("rwb") as stream,
+        ):
+
+            def reply() -> bytes:
+                lines = [stream.readline()]
+                while lines[-1][3:4] == b"-":
+                    lines.append(stream.readline())
+                return b"".join(lines)
+
+            def say(data: bytes) -> bytes:
+                stream.write(data)
+                stream.flush()
+                return reply()
+
+            reply()  # greeting
+            say(b"EHLO client.test\r\n")
+            replies = [say(f"AUTH PLAIN {plain}\r\n".encode())]
+            replies.append(say(b"EHLO client.test\r\n"))  # the upstream's list, after login
+            replies.append(say(f"MAIL FROM:<{MAILBOX}>\r\n".encode()))
+            replies += [say(f"RCPT TO:<{r}>\r\n".encode()) for r in RECIPIENTS]
+            replies.append(say(b"BDAT %d\r\n" % len(first) + first))
+            replies.append(say(b"BDAT %d LAST\r\n" % len(second) + second))
+            replies.append(say(b"QUIT\r\n"))
+            return replies
+
+    replies = await in_thread(client)
+    assert replies[0].startswith(b"235 ")
+    assert b"CHUNKING" in replies[1]
+    assert all(r.startswith(b"250") for r in replies[2:-1]), replies
+    assert await in_thread(lambda: relayed(sink, body, before)) == body
+
+
 def auth_result(pki: TestPki, port: int, login: str, password: str) -> bytes:
     plain = base64.b64encode(f"\0{login}\0{password}".encode())
     script = b"EHLO client.test\r\nAUTH PLAIN " + plain + b"\r\nQUIT\r\n"
