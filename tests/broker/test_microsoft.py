@@ -121,6 +121,34 @@ async def test_unregistered_certificate(idp: EntraEmulator, cert_app: App) -> No
     assert idp.token_requests == 1
 
 
+@pytest.mark.parametrize("same_issuer", [True, False])
+async def test_subject_name_and_issuer_authentication(
+    idp: EntraEmulator, cert_app: App, same_issuer: bool
+) -> None:
+    """No certificate uploaded: the app trusts a subject from an issuer (Entra's subject
+    name + issuer authentication). It works only because the provider sends the public
+    certificate (x5c) with the assertion, and only for a certificate from that issuer."""
+    issuer = trustme.CA(key_type=trustme.KeyType.RSA)
+    impostor = trustme.CA(key_type=trustme.KeyType.RSA)
+    leaf = (issuer if same_issuer else impostor).issue_cert(
+        "mail-proxy.contoso.com", common_name="mail-proxy", key_type=trustme.KeyType.RSA
+    )
+    subject = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).subject
+    idp.register_app(
+        CERT_CLIENT_ID,
+        trusted_subject=(subject.rfc4514_string(), issuer.cert_pem.bytes()),
+    )
+    pem = leaf.private_key_pem.bytes() + b"".join(c.bytes() for c in leaf.cert_chain_pems)
+    app = replace(cert_app, certificate=Secret(pem.decode()))
+    if same_issuer:
+        with MicrosoftProvider(app) as p:
+            token = await p.fetch()
+        assert decode_claims(token.value)["appidacr"] == "2"
+    else:
+        error = await fetch_error(app)
+        assert error.code == "AADSTS700027"
+
+
 @pytest.mark.parametrize(
     ("status", "error", "aadsts", "code"),
     [

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
@@ -49,7 +50,7 @@ from tests.support.certs import TestPki
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
     from types import TracebackType
 
@@ -75,6 +76,9 @@ class _Registration:
     secret: str | None
     certificates: list[x509.Certificate]
     roles: tuple[str, ...]
+    #: Subject name + issuer trust (Entra's "trustedCertificateSubjects"): any certificate
+    #: with this subject, issued by this CA and sent in x5c, is the app's.
+    trusted_subject: tuple[str, x509.Certificate] | None = None
 
 
 @dataclass
@@ -220,11 +224,15 @@ class EntraEmulator:
         certificate_pem: bytes | None = None,
         roles: Sequence[str] = DEFAULT_ROLES,
         display_name: str | None = None,
+        trusted_subject: tuple[str, bytes] | None = None,
     ) -> None:
         """Register (or replace) an application with a secret and/or a certificate.
 
         ``certificate_pem`` may hold a private key as well (as :meth:`TestPki.issue` writes
         it); only its first certificate is registered, as the Entra portal does on upload.
+        ``trusted_subject`` (an RFC 4514 subject and the issuing CA's PEM) trusts, instead
+        of an uploaded certificate, any certificate with that subject from that CA that the
+        client sends in the assertion's x5c header (subject name + issuer authentication).
         """
         certificates: list[x509.Certificate] = []
         if certificate_pem is not None:
@@ -236,6 +244,11 @@ class EntraEmulator:
             secret=secret,
             certificates=certificates,
             roles=tuple(roles),
+            trusted_subject=(
+                (trusted_subject[0], x509.load_pem_x509_certificate(trusted_subject[1]))
+                if trusted_subject
+                else None
+            ),
         )
         with self._lock:
             self._apps[client_id.lower()] = registration
@@ -485,6 +498,8 @@ class EntraEmulator:
             ),
             None,
         )
+        if certificate is None and app.trusted_subject is not None:
+            certificate = self._trusted_by_subject(app.trusted_subject, header, bad)
         if certificate is None:
             raise bad(
                 f"The key was not found., Thumbprint of key used by client: '{thumbprint}', "
@@ -527,6 +542,28 @@ class EntraEmulator:
                 700021,
                 "Client assertion application identifier doesn't match 'client_id' parameter.",
             )
+
+    @staticmethod
+    def _trusted_by_subject(
+        trust: tuple[str, x509.Certificate],
+        header: dict[str, Any],
+        bad: Callable[[str], _EntraError],
+    ) -> x509.Certificate:
+        """The certificate in x5c, if its subject and issuer are the trusted ones."""
+        subject, issuer = trust
+        try:
+            leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise bad(
+                "Subject name and issuer authentication needs the certificate in x5c."
+            ) from exc
+        try:
+            leaf.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise bad("The x5c certificate is not issued by the trusted issuer.") from exc
+        if leaf.subject.rfc4514_string() != subject:
+            raise bad(f"The x5c certificate's subject is not {subject!r}.")
+        return leaf
 
     def _issue(self, app: _Registration, audience: str, appidacr: str) -> dict[str, Any]:
         now = int(time.time())
