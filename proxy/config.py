@@ -749,11 +749,20 @@ def _read_users(
 
     users: dict[str, UserConfig] = {}
     for login, raw in r.table(data, "users", "users").items():
-        key = f'users."{login}"'
+        shown = login.encode("unicode_escape").decode("ascii")  # one line, whatever it holds
+        key = f'users."{shown if _has_control_characters(login) else login}"'
         if not isinstance(raw, dict):
             r.fail(key, "must be a table")
             continue
         r.unknown_keys(raw, key, USER_KEYS)
+        # No client can send them, and they would break log lines and generated scripts.
+        if _has_control_characters(login):
+            r.fail(key, "the login name contains control characters")
+        for field_name in ("mailbox", "mailboxes"):
+            values = raw.get(field_name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and _has_control_characters(value):
+                    r.fail(f"{key}.{field_name}", f"{value!r} contains control characters")
         hashes_raw = raw.get("password_hash", [])
         hashes = [hashes_raw] if isinstance(hashes_raw, str) else hashes_raw
         if not isinstance(hashes, list) or not all(isinstance(h, str) and h for h in hashes):
@@ -828,6 +837,10 @@ def _read_users(
             )
     _check_unique_credentials(r, users)
     return users
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in text)
 
 
 def _check_unique_credentials(r: _Reader, users: Mapping[str, UserConfig]) -> None:

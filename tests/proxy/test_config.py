@@ -548,3 +548,20 @@ def test_mailbox_must_be_in_the_users_mailboxes(
     ]
     # Without a mailbox of its own, a user with a policy must name one at each login.
     load_config(write(tmp_path, text.replace('mailbox = "ceo@contoso.com"\n', "")))
+
+
+def test_control_characters_in_logins_and_mailboxes_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    text = (
+        good_config(tmp_path)
+        .replace('[users."Reports@contoso.com"]', '[users."Reports\\n@contoso.com"]')
+        .replace('protocols = ["imap"]', 'protocols = ["imap"]\nmailbox = "a\\u0007@contoso.com"')
+    )
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f'{path}: users."Reports\\n@contoso.com": the login name contains control characters',
+        f"{path}: users.\"Reports\\n@contoso.com\".mailbox: 'a\\x07@contoso.com' contains "
+        "control characters",
+    ]

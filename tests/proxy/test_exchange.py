@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from proxy.cli import main
@@ -123,13 +124,14 @@ def test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_configuration_values_cannot_become_powershell(tmp_path: Path) -> None:
     """Addresses and names come from the configuration: a typographic quote cannot end a
-    string, a line break cannot end a comment, and a default mailbox outside the user's
-    policy is granted nothing."""
+    string, a line break cannot end a comment (the configuration refuses one, and the
+    script does not rely on that), and a default mailbox outside the user's policy is
+    granted nothing."""
     path = config_file(tmp_path)
     path.write_text(
         path.read_text()
         + f"""
-[users."evil\\nGet-Mailbox | Remove-Mailbox"]
+[users."quoted"]
 password_hash = "{HASH}"
 app = "contoso"
 mailbox = "x\u2019; Remove-Mailbox ceo; \u2019@contoso.com"
@@ -140,11 +142,14 @@ app = "contoso"
 mailboxes = ["narrow-*@contoso.com"]
 """
     )
-    script = powershell(load_config(path))
+    config = load_config(path)
+    evil = dataclasses.replace(config.users["erp"], login="evil\nGet-Mailbox | Remove-Mailbox")
+    script = powershell(dataclasses.replace(config, users={**config.users, "evil": evil}))
     commands = [line for line in script.splitlines() if line and not line.startswith("#")]
     assert (
         "Set-CASMailbox -Identity 'x\u2019\u2019; Remove-Mailbox ceo; \u2019\u2019@contoso.com' "
-        in ("\n".join(commands))
-    )
+        "-ImapEnabled $true -PopEnabled $true -SmtpClientAuthenticationDisabled $false"
+    ) in commands
     assert not any(line.startswith(("Get-Mailbox", "Remove-Mailbox")) for line in commands)
+    assert "evil\\nGet-Mailbox" in script  # escaped, in its comment
     assert "-Identity 'narrow'" not in script  # its default mailbox is not in its policy
