@@ -21,7 +21,7 @@ import jwt
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["NotAJwtError", "decode_claims", "describe", "token_roles"]
+__all__ = ["NotAJwtError", "decode_claims", "describe", "roles_of", "token_roles"]
 
 _MISSING: Final = "(missing)"
 
@@ -46,7 +46,12 @@ def decode_claims(token: str) -> dict[str, object]:
 
 def token_roles(token: str) -> frozenset[str]:
     """The app roles (``roles`` claim) the unverified ``token`` carries; empty if none."""
-    roles = decode_claims(token).get("roles")
+    return roles_of(decode_claims(token))
+
+
+def roles_of(claims: Mapping[str, object]) -> frozenset[str]:
+    """The app roles in decoded ``claims``; empty if none."""
+    roles = claims.get("roles")
     if not isinstance(roles, list):
         return frozenset()
     return frozenset(r for r in roles if isinstance(r, str))

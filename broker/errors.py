@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = ["BrokerError", "PermanentTokenError", "TemporaryTokenError"]
 
 
 class BrokerError(Exception):
     """No token could be obtained. ``str()`` is safe to log: it never holds a secret."""
+
+    #: ``permanent`` or ``temporary``, as the subclasses say, for logs and reports.
+    kind: ClassVar[str] = "unclassified"
 
     def __init__(self, message: str, *, code: str | None = None, fix: str = "") -> None:
         super().__init__(message)
@@ -19,9 +24,13 @@ class BrokerError(Exception):
 class PermanentTokenError(BrokerError):
     """Retrying will not help until someone changes the configuration or the tenant."""
 
+    kind = "permanent"
+
 
 class TemporaryTokenError(BrokerError):
     """The provider is unreachable, slow, failing or throttling; retry later."""
+
+    kind = "temporary"
 
     def __init__(
         self,

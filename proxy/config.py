@@ -29,12 +29,13 @@ from broker.model import (
     App,
     Secret,
 )
+from proxy.protocol.framing import has_control_characters
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.smtp import is_hostname
 from proxy.throttle import ThrottlePolicy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
     from pathlib import Path
 
 __all__ = [
@@ -128,10 +129,13 @@ class UserConfig:
 
     def may_open(self, mailbox: str) -> bool:
         """Is ``mailbox`` allowed by this identity's mailbox policy (case-insensitive)?"""
-        wanted = mailbox.casefold()
-        return any(
-            _pattern_matches(p.casefold(), wanted) for p in self.mailboxes or (self.mailbox,)
-        )
+        return _allows(self.mailboxes or (self.mailbox,), mailbox)
+
+
+def _allows(patterns: Iterable[str], mailbox: str) -> bool:
+    """Does one of ``patterns`` (addresses, or with ``*``) match ``mailbox``, ignoring case?"""
+    wanted = mailbox.casefold()
+    return any(_pattern_matches(p.casefold(), wanted) for p in patterns)
 
 
 def _pattern_matches(pattern: str, text: str) -> bool:
@@ -750,18 +754,18 @@ def _read_users(
     users: dict[str, UserConfig] = {}
     for login, raw in r.table(data, "users", "users").items():
         shown = login.encode("unicode_escape").decode("ascii")  # one line, whatever it holds
-        key = f'users."{shown if _has_control_characters(login) else login}"'
+        key = f'users."{shown if has_control_characters(login) else login}"'
         if not isinstance(raw, dict):
             r.fail(key, "must be a table")
             continue
         r.unknown_keys(raw, key, USER_KEYS)
         # No client can send them, and they would break log lines and generated scripts.
-        if _has_control_characters(login):
+        if has_control_characters(login):
             r.fail(key, "the login name contains control characters")
         for field_name in ("mailbox", "mailboxes"):
             values = raw.get(field_name)
             for value in values if isinstance(values, list) else [values]:
-                if isinstance(value, str) and _has_control_characters(value):
+                if isinstance(value, str) and has_control_characters(value):
                     r.fail(f"{key}.{field_name}", f"{value!r} contains control characters")
         hashes_raw = raw.get("password_hash", [])
         hashes = [hashes_raw] if isinstance(hashes_raw, str) else hashes_raw
@@ -816,10 +820,8 @@ def _read_users(
                     protocols.add(Protocol(p))
                 else:
                     r.fail(f"{key}.protocols", f"unknown protocol {p!r}")
-        if "mailbox" in raw and mailbox and patterns:
-            allowed = UserConfig(login, (), "", mailbox, frozenset(), mailboxes=tuple(patterns))
-            if not allowed.may_open(mailbox):
-                r.fail(f"{key}.mailbox", f"{mailbox!r} is not in the user's mailboxes")
+        if "mailbox" in raw and mailbox and patterns and not _allows(patterns, mailbox):
+            r.fail(f"{key}.mailbox", f"{mailbox!r} is not in the user's mailboxes")
         folded = login.casefold()
         if folded in users:
             r.fail(key, "the same login name, ignoring case, appears twice")
@@ -837,10 +839,6 @@ def _read_users(
             )
     _check_unique_credentials(r, users)
     return users
-
-
-def _has_control_characters(text: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in text)
 
 
 def _check_unique_credentials(r: _Reader, users: Mapping[str, UserConfig]) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol, assert_never
 import trio
 
 from broker.claims import token_roles
-from broker.errors import BrokerError, PermanentTokenError
+from broker.errors import BrokerError
 from proxy.config import Protocol as MailProtocol
 from proxy.identities import BadCredentials
 from proxy.net.relay import relay
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from proxy.config import Limits, ListenerConfig
     from proxy.identities import Authenticator, Identity
 
-__all__ = ["AuthMachine", "Services", "Session", "open_upstream"]
+__all__ = ["AuthMachine", "Services", "Session", "UpstreamUnavailable", "open_upstream"]
 
 log = logging.getLogger("xoauth2_proxy.session")
 #: One JSON object per authentication attempt; route it to its own file with logging config.
@@ -162,16 +162,28 @@ class _Stop(Exception):
     """Leave the authentication phase and close the connection."""
 
 
-async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> trio.abc.Stream:
-    """Connect to the listener's upstream; with implicit TLS, finish the handshake.
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached; ``str()`` says where and why (safe to log)."""
 
-    The certificate and host name are always verified. Raises ``OSError`` or
-    ``trio.BrokenResourceError`` (TLS) on failure; the caller sets the deadline.
+    def __init__(self, text: str, *, tls: bool = False) -> None:
+        super().__init__(text)
+        #: The connection was made, but TLS failed (certificate, host name, protocol).
+        self.tls = tls
+
+
+async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> trio.abc.Stream:
+    """Connect to the listener's upstream; with implicit TLS, finish the handshake
+    (certificate and host name always verified). The caller sets the deadline.
+
+    Raises :exc:`UpstreamUnavailable`, saying where and why, on any other failure.
     """
-    stream: trio.abc.Stream = await trio.open_tcp_stream(
-        listener.upstream_host, listener.upstream_port
-    )
-    if listener.upstream_tls is UpstreamTls.IMPLICIT:
+    where = f"upstream {listener.upstream_host}:{listener.upstream_port}"
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(
+            listener.upstream_host, listener.upstream_port
+        )
+        if listener.upstream_tls is UpstreamTls.STARTTLS:
+            return stream
         tls = wrap_tls(stream, context, server_hostname=listener.upstream_host)
         try:
             await tls.do_handshake()
@@ -179,7 +191,10 @@ async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> tr
             await trio.aclose_forcefully(tls)
             raise
         return tls
-    return stream
+    except trio.BrokenResourceError as exc:
+        raise UpstreamUnavailable(f"{where}: {describe_tls_error(exc)}", tls=True) from exc
+    except OSError as exc:
+        raise UpstreamUnavailable(f"{where}: cannot connect: {exc.strerror or exc}") from exc
 
 
 class Session:
@@ -411,26 +426,18 @@ class Session:
         return held
 
     async def _connect_upstream(self) -> None:
-        listener = self.listener
-        where = f"{listener.upstream_host}:{listener.upstream_port}"
+        timeout = self.services.limits.upstream_timeout
         try:
-            with trio.fail_after(self.services.limits.upstream_timeout):
-                stream = await open_upstream(listener, self._upstream_context)
+            with trio.fail_after(timeout):
+                stream = await open_upstream(self.listener, self._upstream_context)
         except trio.TooSlowError:
+            where = f"{self.listener.upstream_host}:{self.listener.upstream_port}"
             await self._tx.send(
-                ServerUnavailable(
-                    f"upstream {where}: no connection within "
-                    f"{self.services.limits.upstream_timeout:g}s"
-                )
+                ServerUnavailable(f"upstream {where}: no connection within {timeout:g}s")
             )
             return
-        except trio.BrokenResourceError as exc:
-            await self._tx.send(ServerUnavailable(f"upstream {where}: {describe_tls_error(exc)}"))
-            return
-        except OSError as exc:
-            await self._tx.send(
-                ServerUnavailable(f"upstream {where}: cannot connect: {exc.strerror or exc}")
-            )
+        except UpstreamUnavailable as exc:
+            await self._tx.send(ServerUnavailable(str(exc)))
             return
         if self.server is not None:
             await trio.aclose_forcefully(self.server)
@@ -584,14 +591,13 @@ class Session:
                 identity.mailbox if identity else "",
             )
         except BrokerError as exc:
-            kind = "permanent" if isinstance(exc, PermanentTokenError) else "temporary"
             code = f" {exc.code}" if exc.code else ""
             fix = f" Fix: {exc.fix}" if exc.fix else ""
             self._log.error(
                 "%s: login %r: no token (%s error%s): %s.%s",
                 self.conn_id,
                 login,
-                kind,
+                exc.kind,
                 code,
                 exc,
                 fix,
@@ -599,7 +605,7 @@ class Session:
             return _Refused(
                 Refusal.UNAVAILABLE,
                 AuditResult.TEMPORARY_FAILURE,
-                f"no token ({kind} error{code})",
+                f"no token ({exc.kind} error{code})",
                 identity.mailbox if identity else "",
             )
         if services.app_providers.get(identity.app) == "microsoft":

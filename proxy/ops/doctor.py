@@ -25,7 +25,6 @@ accepts a connection (and, with implicit TLS, presents a valid certificate).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import enum
@@ -39,16 +38,23 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from broker.claims import NotAJwtError, decode_claims
-from broker.errors import BrokerError, TemporaryTokenError
+from broker.claims import NotAJwtError, decode_claims, roles_of
+from broker.errors import BrokerError
 from proxy.config import ClientCertificates, Protocol
 from proxy.identities import Authenticator
 from proxy.net.server import auth_machine
-from proxy.net.session import REQUIRED_ROLES, Services, Session, open_upstream
-from proxy.net.tls import describe_tls_error, upstream_context
+from proxy.net.session import (
+    REQUIRED_ROLES,
+    Services,
+    Session,
+    UpstreamUnavailable,
+    open_upstream,
+)
+from proxy.net.tls import upstream_context
 from proxy.protocol.errors import FrameError
 from proxy.protocol.framing import LineBuffer, printable
 from proxy.protocol.modes import ClientTls, UpstreamTls
+from proxy.protocol.sasl import xoauth2_response
 from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
@@ -176,10 +182,11 @@ async def _token(
             )
         ], False
     except BrokerError as exc:
-        kind = "temporary" if isinstance(exc, TemporaryTokenError) else "permanent"
         code = f" [{exc.code}]" if exc.code else ""
         return [
-            Finding(Status.FAILED, subject, f"no token ({kind} error{code}): {exc}", fix=exc.fix)
+            Finding(
+                Status.FAILED, subject, f"no token ({exc.kind} error{code}): {exc}", fix=exc.fix
+            )
         ], False
     findings = [
         Finding(
@@ -200,8 +207,7 @@ def _microsoft_claims(subject: str, token: str, protocols: set[Protocol]) -> Ite
     except NotAJwtError:
         yield Finding(Status.WARNING, subject, "the token is not a JWT: its roles are unknown")
         return
-    raw_roles = claims.get("roles")
-    roles = {r for r in raw_roles if isinstance(r, str)} if isinstance(raw_roles, list) else set()
+    roles = roles_of(claims)
     for protocol in sorted(protocols, key=lambda p: p.value):
         role = REQUIRED_ROLES[protocol]
         if role in roles:
@@ -301,7 +307,7 @@ async def _login(
     logger = logging.getLogger("xoauth2_proxy")
     logger.addHandler(capture)
     client = _Client(trio.SocketStream(ours))
-    bearer = f"user={mailbox}\x01auth=Bearer {key}\x01\x01".encode()
+    bearer = xoauth2_response(mailbox, key)  # the doctor's client speaks XOAUTH2
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.run)
@@ -371,10 +377,6 @@ class _Client:
         await self._stream.aclose()
 
 
-def _b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 def _text(line: bytes) -> str:
     """A line from the upstream, safe to print (no terminal control sequences)."""
     return printable(line)
@@ -382,7 +384,7 @@ def _text(line: bytes) -> str:
 
 async def _imap(client: _Client, bearer: bytes, mailbox: str) -> _Outcome:
     await client.line()  # the greeting
-    await client.send(b"a1 AUTHENTICATE XOAUTH2 " + _b64(bearer))
+    await client.send(b"a1 AUTHENTICATE XOAUTH2 " + bearer)
     while not (reply := await client.line()).startswith(b"a1 "):
         if reply.startswith(b"+"):  # an error challenge: answer it to get the NO
             await client.send(b"")
@@ -403,7 +405,7 @@ async def _imap(client: _Client, bearer: bytes, mailbox: str) -> _Outcome:
 
 async def _pop3(client: _Client, bearer: bytes, mailbox: str) -> _Outcome:
     await client.line()
-    await client.send(b"AUTH XOAUTH2 " + _b64(bearer))
+    await client.send(b"AUTH XOAUTH2 " + bearer)
     reply = await client.line()
     if reply.startswith(b"+ ") or reply == b"+":
         await client.send(b"")
@@ -429,7 +431,7 @@ async def _smtp(client: _Client, bearer: bytes, mailbox: str) -> _Outcome:
     await _smtp_reply(client)
     await client.send(b"EHLO doctor.invalid")
     await _smtp_reply(client)
-    await client.send(b"AUTH XOAUTH2 " + _b64(bearer))
+    await client.send(b"AUTH XOAUTH2 " + bearer)
     reply = await _smtp_reply(client)
     if reply.startswith(b"334"):
         await client.send(b"")
@@ -474,24 +476,17 @@ async def _everything(config: Config, tokens: TokenSource) -> list[Finding]:
 
 
 async def _reach(config: Config, listener: ListenerConfig) -> Finding:
-    where = f"{listener.upstream_host}:{listener.upstream_port}"
-    subject = f"{listener.name} -> {where}"
+    subject = f"{listener.name} -> {listener.upstream_host}:{listener.upstream_port}"
+    context = upstream_context(listener.upstream_ca_file)
+    timeout = config.limits.upstream_timeout
     try:
-        with trio.fail_after(config.limits.upstream_timeout):
-            stream = await open_upstream(listener, upstream_context(listener.upstream_ca_file))
+        with trio.fail_after(timeout):
+            stream = await open_upstream(listener, context)
     except trio.TooSlowError:
-        return Finding(
-            Status.FAILED, subject, f"no connection within {config.limits.upstream_timeout:g}s"
-        )
-    except trio.BrokenResourceError as exc:
-        return Finding(
-            Status.FAILED,
-            subject,
-            describe_tls_error(exc),
-            fix="upstream_ca_file, if the server's CA is private; else the server's certificate",
-        )
-    except OSError as exc:
-        return Finding(Status.FAILED, subject, f"cannot connect: {exc.strerror or exc}")
+        return Finding(Status.FAILED, subject, f"no connection within {timeout:g}s")
+    except UpstreamUnavailable as exc:
+        fix = "upstream_ca_file, if the server's CA is private; else the server's certificate"
+        return Finding(Status.FAILED, subject, str(exc), fix=fix if exc.tls else "")
     await trio.aclose_forcefully(stream)
     if listener.upstream_tls is UpstreamTls.IMPLICIT:
         return Finding(Status.OK, subject, "connected; TLS certificate and host name verified")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from proxy.config import Protocol
-from proxy.protocol.framing import printable
+from proxy.protocol.framing import has_control_characters, printable
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -37,15 +37,9 @@ class _Mailbox:
 _QUOTES: Final = frozenset("'\u2018\u2019\u201a\u201b")
 
 
-def _unsafe(text: str) -> bool:
-    """Control characters have no place in an address or a name, and a line break would
-    end a comment or a command."""
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in text)
-
-
 def _quote(text: str) -> str:
     """A PowerShell single-quoted string: nothing inside is expanded or ends it."""
-    if _unsafe(text):
+    if has_control_characters(text):  # a line break would end the command
         raise ValueError("control characters")
     return "'" + "".join(c * 2 if c in _QUOTES else c for c in text) + "'"
 

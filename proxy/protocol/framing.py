@@ -63,6 +63,12 @@ def printable(data: bytes | str, limit: int = 200) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def has_control_characters(text: str) -> bool:
+    """Does ``text`` hold a C0 or C1 control character or a Unicode line separator? None
+    belongs in a name or an address, and each can break a log line or a generated script."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in text)
+
+
 class LineBuffer:
     """Buffer bytes and extract lines (``\\r\\n``, or a bare ``\\n``) and fixed-size chunks.
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from proxy.protocol.framing import printable
+from proxy.protocol.framing import has_control_characters, printable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,7 +94,7 @@ def _text(raw: bytes, what: str, limit: int = MAX_CREDENTIAL) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidCredentials(f"{what} is not UTF-8") from exc
-    if any(ord(c) < 0x20 or c == "\x7f" for c in text):
+    if has_control_characters(text):
         raise InvalidCredentials(f"{what} contains control characters")
     return text
 

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 import trio
 
-from tests.e2e.conftest import MAILBOX
+from tests.e2e.conftest import MAILBOX, Listener
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
     from tests.support.certs import TestPki
+    from tests.support.dovecot import Dovecot
 
 T = TypeVar("T")
 
@@ -94,3 +95,33 @@ def private_file(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o600)
     return path
+
+
+def starttls_listener(dovecot: Dovecot) -> Listener:
+    """SMTP submission, port 587 style on both sides."""
+    assert dovecot.ports.submission is not None
+    return Listener(
+        protocol="smtp",
+        tls="starttls",
+        upstream_port=dovecot.ports.submission,
+        upstream_tls="starttls",
+    )
+
+
+def msmtp_send(pki: TestPki, port: int, home: Path, *, auth: str, secret: str, body: bytes) -> None:
+    """Send ``body`` as MAILBOX with msmtp over STARTTLS, as a job on a legacy host does:
+    ``auth`` is msmtp's mechanism, ``secret`` what its passwordeval prints."""
+    config = private_file(
+        home / "msmtprc",
+        "account proxy\n"
+        "host localhost\n"
+        f"port {port}\n"
+        "tls on\n"
+        "tls_starttls on\n"
+        f"tls_trust_file {pki.ca_file}\n"
+        f"auth {auth}\n"
+        f"user {MAILBOX}\n"
+        f"passwordeval printf '%s' '{secret}'\n"
+        f"from {MAILBOX}\n",
+    )
+    run(["msmtp", "-C", str(config), "-a", "proxy", "someone@example.com"], home=home, stdin=body)

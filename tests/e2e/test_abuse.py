@@ -249,7 +249,7 @@ async def test_a_client_that_keeps_talking_but_never_logs_in_is_cut_off(
             return received, answered
 
     transcript, answered = await in_thread(chatter)
-    assert 3 <= answered < 20  # it was served a while, then cut off
+    assert 1 <= answered < 100  # served at first, then cut off long before the loop ends
     assert transcript.endswith(b"* BYE Autologout; idle for too long.\r\n")
 
 

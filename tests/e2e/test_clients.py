@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
-from tests.e2e.helpers import in_thread, message, private_file, run
+from tests.e2e.helpers import in_thread, message, msmtp_send, private_file, run, starttls_listener
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -66,35 +66,11 @@ async def test_msmtp_sends_with_auth(
     tmp_path: Path,
 ) -> None:
     """msmtp with STARTTLS and AUTH PLAIN on a 587-style listener, as an ERP job sends."""
-    assert dovecot.ports.submission is not None
-    listener = Listener(
-        protocol="smtp",
-        tls="starttls",
-        upstream_port=dovecot.ports.submission,
-        upstream_tls="starttls",
-    )
-    proxy = await start_proxy(nursery, rig.write([listener]))
-    config = private_file(
-        tmp_path / "msmtprc",
-        "account proxy\n"
-        "host localhost\n"
-        f"port {proxy.port}\n"
-        "tls on\n"
-        "tls_starttls on\n"
-        f"tls_trust_file {pki.ca_file}\n"
-        "auth plain\n"
-        f"user {MAILBOX}\n"
-        f"passwordeval printf '%s' '{PASSWORD}'\n"
-        f"from {MAILBOX}\n",
-    )
+    proxy = await start_proxy(nursery, rig.write([starttls_listener(dovecot)]))
     body = message(20_000, "msmtp-sent")
     before = len(sink.messages)
     await in_thread(
-        lambda: run(
-            ["msmtp", "-C", str(config), "-a", "proxy", "someone@example.com"],
-            home=tmp_path,
-            stdin=body,
-        )
+        lambda: msmtp_send(pki, proxy.port, tmp_path, auth="plain", secret=PASSWORD, body=body)
     )
     received = await in_thread(lambda: sink.wait_for(before + 1, timeout=10))
     assert any(m.data.endswith(body) for m in received[before:])
@@ -116,12 +92,7 @@ async def test_curl_reads_pop3s_and_sends_smtp(
         rig.write(
             [
                 Listener(protocol="pop3", upstream_port=dovecot.ports.pop3s),
-                Listener(
-                    protocol="smtp",
-                    tls="starttls",
-                    upstream_port=dovecot.ports.submission,
-                    upstream_tls="starttls",
-                ),
+                starttls_listener(dovecot),
             ]
         ),
     )

@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
     RunningProxy,
     start_proxy,
 )
-from tests.e2e.helpers import in_thread, message, private_file, run, tls_context
+from tests.e2e.helpers import in_thread, message, msmtp_send, run, starttls_listener, tls_context
 from tests.support.certs import TestPki
 
 if TYPE_CHECKING:
@@ -520,37 +520,13 @@ async def test_msmtp_sends_with_an_app_key(
     tmp_path: Path,
 ) -> None:
     """msmtp speaks XOAUTH2 itself: it holds an app key, never the tenant's secret."""
-    assert dovecot.ports.submission is not None
     key, key_hash = app_key()
     rig.add_user("erp", None, mailbox=MAILBOX, extra={"app_key_hash": toml(key_hash)})
-    listener = Listener(
-        protocol="smtp",
-        tls="starttls",
-        upstream_port=dovecot.ports.submission,
-        upstream_tls="starttls",
-    )
-    proxy = await start_proxy(nursery, rig.write([listener]))
-    config = private_file(
-        tmp_path / "msmtprc",
-        "account proxy\n"
-        "host localhost\n"
-        f"port {proxy.port}\n"
-        "tls on\n"
-        "tls_starttls on\n"
-        f"tls_trust_file {pki.ca_file}\n"
-        "auth xoauth2\n"
-        f"user {MAILBOX}\n"
-        f"passwordeval printf '%s' '{key}'\n"
-        f"from {MAILBOX}\n",
-    )
+    proxy = await start_proxy(nursery, rig.write([starttls_listener(dovecot)]))
     body = message(8000, "msmtp-app-key")
     before = len(sink.messages)
     await in_thread(
-        lambda: run(
-            ["msmtp", "-C", str(config), "-a", "proxy", "someone@example.com"],
-            home=tmp_path,
-            stdin=body,
-        )
+        lambda: msmtp_send(pki, proxy.port, tmp_path, auth="xoauth2", secret=key, body=body)
     )
     received = await in_thread(lambda: sink.wait_for(before + 1, timeout=10))
     assert any(m.data.endswith(body) for m in received[before:])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.e2e.conftest import CLIENT_SECRET, MAILBOX, PASSWORD, Listener, ProxyRig, start_proxy
-from tests.e2e.helpers import in_thread, tls_context
+from tests.e2e.helpers import in_thread, starttls_listener, tls_context
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,12 +73,7 @@ async def test_no_secret_in_any_log_record(
             [
                 Listener(upstream_port=dovecot.ports.imaps),
                 Listener(protocol="pop3", upstream_port=dovecot.ports.pop3s),
-                Listener(
-                    protocol="smtp",
-                    tls="starttls",
-                    upstream_port=dovecot.ports.submission,
-                    upstream_tls="starttls",
-                ),
+                starttls_listener(dovecot),
             ]
         ),
     )

@@ -20,7 +20,7 @@ from tests.e2e.conftest import (
     RunningProxy,
     start_proxy,
 )
-from tests.e2e.helpers import in_thread, message, raw_session, tls_context
+from tests.e2e.helpers import in_thread, message, raw_session, starttls_listener, tls_context
 
 if TYPE_CHECKING:
     import trio
@@ -33,17 +33,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.e2e]
 
 RECIPIENTS = ["someone@example.com", "other@example.org"]
-
-
-def starttls_listener(dovecot: Dovecot) -> Listener:
-    """Port 587 style on both sides."""
-    assert dovecot.ports.submission is not None
-    return Listener(
-        protocol="smtp",
-        tls="starttls",
-        upstream_port=dovecot.ports.submission,
-        upstream_tls="starttls",
-    )
 
 
 def implicit_listener(dovecot: Dovecot) -> Listener:
