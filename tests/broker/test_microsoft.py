@@ -257,11 +257,10 @@ async def test_cancelled_fetch_returns_at_once(idp: EntraEmulator, secret_app: A
     """msal runs in a worker thread that a cancelled caller abandons."""
     idp.latency = 0.3
     with MicrosoftProvider(secret_app) as p:
-        started = time.monotonic()
         with trio.move_on_after(0.05) as scope:
             await p.fetch()
         assert scope.cancelled_caught
-        assert time.monotonic() - started < 0.2
+        assert not idp.issued  # back before the IdP (0.3 s) had answered
         await trio.sleep(0.35)  # let the abandoned thread finish before closing
     assert idp.token_requests == 1
 
