@@ -169,6 +169,11 @@ class Limits:
     line_timeout: float = 60.0
     #: Password hashes computed at once (argon2id uses its memory cost per hash).
     hash_concurrency: int = 2
+    #: Password checks that may wait for a slot, in all and from one source network.
+    hash_queue: int = 256
+    hash_queue_per_network: int = 64
+    #: Seconds a password check may wait for a slot before the client is told to retry.
+    hash_queue_timeout: float = 15.0
     #: Seconds a successfully verified password is remembered (0 disables the cache).
     credential_cache_ttl: float = 300.0
     #: Seconds the first retry after a failed login waits; doubled with each failure.
@@ -442,6 +447,9 @@ LIMIT_KEYS: Final = {
     "tls_handshake_timeout",
     "line_timeout",
     "hash_concurrency",
+    "hash_queue",
+    "hash_queue_per_network",
+    "hash_queue_timeout",
     "credential_cache_ttl",
     "failure_delay",
     "max_failure_delay",
@@ -886,6 +894,9 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
         tls_handshake_timeout=seconds("tls_handshake_timeout", d.tls_handshake_timeout),
         line_timeout=seconds("line_timeout", d.line_timeout),
         hash_concurrency=count("hash_concurrency", d.hash_concurrency),
+        hash_queue=count("hash_queue", d.hash_queue),
+        hash_queue_per_network=count("hash_queue_per_network", d.hash_queue_per_network),
+        hash_queue_timeout=seconds("hash_queue_timeout", d.hash_queue_timeout),
         credential_cache_ttl=r.number(
             raw, "limits", "credential_cache_ttl", d.credential_cache_ttl
         ),

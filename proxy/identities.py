@@ -1,12 +1,15 @@
 """Local identities: who may log in to the proxy, with which password, for which mailbox.
 
 Passwords are stored as argon2id PHC strings (``$argon2id$v=19$m=…,t=…,p=…$salt$hash``),
-made by ``xoauth2-proxy hash-password`` with :func:`hash_password`.
+made by ``xoauth2-proxy hash-password`` with :func:`hash_password` and checked with the
+reference implementation through argon2-cffi, which is safe to call from several threads
+at once. (``cryptography`` 50's argon2id never returns when two threads verify with more
+than one lane: two wrong passwords sent at the same moment stopped every password login.)
 
 Argon2id is slow and memory-hard on purpose, so it must never sit bare on the login path:
 
-* hashes are computed in worker threads behind a :class:`trio.CapacityLimiter`, so the event
-  loop never stalls and memory stays bounded (``hash_concurrency`` times the memory cost);
+* checks go through a :class:`~proxy.hashpool.HashPool`: worker threads, a bounded queue
+  that is fair between networks, and one computation for identical attempts;
 * a password that verified is remembered for ``credential_cache_ttl`` seconds, keyed by an
   HMAC of the login name and password under a key that lives only in this process, so
   legacy programs that log in every minute cost one argon2id computation per TTL;
@@ -17,8 +20,10 @@ Argon2id is slow and memory-hard on purpose, so it must never sit bare on the lo
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -27,15 +32,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import argon2
 import trio
+from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography import x509
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from proxy.hashpool import Refused
 from proxy.protocol.sasl import BearerCredentials, ExternalCredentials
 
 if TYPE_CHECKING:
     from proxy.config import Protocol, UserConfig
+    from proxy.hashpool import HashPool
     from proxy.protocol.sasl import AnyCredentials
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "BadCredentials",
     "HashParameters",
     "Identity",
+    "LockedOut",
     "check_hash_format",
     "hash_password",
     "outdated_parameters",
@@ -72,14 +80,15 @@ _CACHE_SIZE: Final = 10_000
 
 def hash_password(password: str, parameters: HashParameters = DEFAULT_PARAMETERS) -> str:
     """Return the argon2id PHC string for ``password`` (with a fresh 16-byte salt)."""
-    kdf = Argon2id(
-        salt=os.urandom(16),
-        length=32,
-        iterations=parameters.iterations,
-        lanes=parameters.lanes,
+    hasher = argon2.PasswordHasher(
+        time_cost=parameters.iterations,
         memory_cost=parameters.memory_cost,
+        parallelism=parameters.lanes,
+        hash_len=32,
+        salt_len=16,
+        type=argon2.Type.ID,
     )
-    return kdf.derive_phc_encoded(password.encode())
+    return hasher.hash(password)
 
 
 def check_hash_format(phc: str) -> str | None:
@@ -122,12 +131,20 @@ def parameters_of(phc: str) -> HashParameters | None:
     )
 
 
+#: Verification takes its parameters from the stored hash, not from the hasher.
+_VERIFIER: Final = argon2.PasswordHasher()
+
+
 def _verify(password: str, phc: str) -> bool:
     try:
-        Argon2id.verify_phc_encoded(password.encode(), phc)
-    except InvalidKey:
+        return _VERIFIER.verify(phc, password)
+    except (VerificationError, InvalidHashError):
         return False
-    return True
+
+
+def _verify_any(password: str, hashes: tuple[str, ...]) -> bool:
+    """Whether ``password`` matches one of ``hashes``, checked in order (in a thread)."""
+    return any(_verify(password, phc) for phc in hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,18 +166,22 @@ class BadCredentials(Exception):
         self.reason = reason
 
 
+class LockedOut(BadCredentials):
+    """Refused without checking the password: the caller's gate said it is locked out."""
+
+
 class Authenticator:
     """Checks legacy credentials against the configured users.
 
-    .. warning:: :meth:`authenticate` runs argon2id in a worker thread; if it is cancelled
-       the thread finishes its computation in the background (bounded by the limiter).
+    Password checks run in ``hashes``, which must be running (see
+    :class:`~proxy.hashpool.HashPool`); certificates and app keys need no hash.
     """
 
     def __init__(
         self,
         users: Callable[[str], UserConfig | None] | Mapping[str, UserConfig],
         *,
-        hash_concurrency: int = 2,
+        hashes: HashPool,
         cache_ttl: float = 300.0,
         dummy_parameters: HashParameters = DEFAULT_PARAMETERS,
         clock: Callable[[], float] = trio.current_time,
@@ -179,7 +200,7 @@ class Authenticator:
                 self._by_app_key.update(dict.fromkeys(user.app_key_hashes, user))
         else:
             self._lookup = users
-        self._limiter = trio.CapacityLimiter(hash_concurrency)
+        self._hashes = hashes
         self._cache_ttl = cache_ttl
         self._clock = clock
         self._cache_key = secrets.token_bytes(32)
@@ -201,16 +222,20 @@ class Authenticator:
         protocol: Protocol,
         *,
         certificate: bytes | None = None,
-        gate: Callable[[], None] | None = None,
+        network: str = "",
+        deadline: float = math.inf,
+        gate: Callable[[], str | None] | None = None,
     ) -> Identity:
         """Return the identity for ``credentials`` or raise :class:`BadCredentials`.
 
         ``certificate`` is the client's TLS certificate (DER), if it presented one; the
-        listener's TLS layer has already verified it against ``client_ca_file``. ``gate``
-        is called once a password hash may be computed (a slot of ``hash_concurrency`` is
-        held) and may raise :class:`BadCredentials` to refuse without computing it: the
-        caller re-checks its failed-login limits there, which parallel attempts would
-        otherwise all pass before the first failure is counted.
+        listener's TLS layer has already verified it against ``client_ca_file``. A password
+        check is queued in the hash pool under ``network`` (the client's source network)
+        and must start before ``deadline`` (trio time), else :exc:`~proxy.hashpool.Busy`
+        is raised. ``gate`` is asked once the check's turn has come and may return a
+        reason to refuse without computing it (raised as :class:`LockedOut`): the caller
+        re-checks its failed-login limits there, which parallel attempts would otherwise
+        all pass before the first failure is counted.
         """
         if isinstance(credentials, ExternalCredentials):
             await trio.lowlevel.checkpoint()
@@ -225,7 +250,13 @@ class Authenticator:
             return self._identity(found, protocol, credentials.user, "app-key", certificate)
         user = self._lookup(credentials.login)
         hashes = user.password_hashes if user is not None else ()
-        if not await self._password_matches(user, credentials.password, gate):
+        try:
+            matches = await self._password_matches(
+                credentials.login, user, credentials.password, network, deadline, gate
+            )
+        except Refused as exc:
+            raise LockedOut(str(exc)) from None
+        if not matches:
             if user is None:
                 raise BadCredentials("unknown user")
             raise BadCredentials("wrong password" if hashes else "the user has no password")
@@ -278,42 +309,49 @@ class Authenticator:
         self._verified.clear()
 
     async def _password_matches(
-        self, user: UserConfig | None, password: str, gate: Callable[[], None] | None
+        self,
+        login: str,
+        user: UserConfig | None,
+        password: str,
+        network: str,
+        deadline: float,
+        gate: Callable[[], str | None] | None,
     ) -> bool:
         """Check ``password``; a failure always costs :attr:`_rounds` hash computations."""
         hashes = user.password_hashes if user is not None else ()
-        key = b""
-        if user is not None and hashes:
-            key = hmac.new(
-                self._cache_key,
-                b"\x00".join(
-                    [user.login.encode(), password.encode(), "\x00".join(hashes).encode()]
-                ),
-                hashlib.sha256,
-            ).digest()
-            now = self._clock()
-            expiry = self._verified.get(key)
-            if expiry is not None:
-                if expiry > now:
-                    self._verified.move_to_end(key)
-                    await trio.lowlevel.checkpoint()
-                    return True
-                del self._verified[key]
-        padding = (self._dummy_hash,) * max(self._rounds - len(hashes), 0)
-        for phc in (*hashes, *padding):
-            if await self._run_hash(password, phc, gate) and phc is not self._dummy_hash:
-                if self._cache_ttl > 0:
-                    self._verified[key] = self._clock() + self._cache_ttl
-                    while len(self._verified) > _CACHE_SIZE:
-                        self._verified.popitem(last=False)
+        name = user.login if user is not None else login.casefold()
+        # Identifies this attempt: the remembered verification, and the one computation that
+        # identical attempts in parallel share.
+        key = hmac.new(
+            self._cache_key,
+            b"\x00".join([name.encode(), password.encode(), "\x00".join(hashes).encode()]),
+            hashlib.sha256,
+        ).digest()
+        expiry = self._verified.get(key)
+        if expiry is not None:
+            if expiry > self._clock():
+                self._verified.move_to_end(key)
+                await trio.lowlevel.checkpoint()
                 return True
-        return False
+            del self._verified[key]
+        padding = (self._dummy_hash,) * max(self._rounds - len(hashes), 0)
+        candidates = (*hashes, *padding)
 
-    async def _run_hash(self, password: str, phc: str, gate: Callable[[], None] | None) -> bool:
-        async with self._limiter:
-            if gate is not None:
-                gate()
-            return await trio.to_thread.run_sync(_verify, password, phc)
+        def remember() -> None:
+            if self._cache_ttl > 0 and hashes:
+                self._verified[key] = self._clock() + self._cache_ttl
+                while len(self._verified) > _CACHE_SIZE:
+                    self._verified.popitem(last=False)
+
+        return await self._hashes.check(
+            key,
+            functools.partial(_verify_any, password, candidates),
+            network=network,
+            login=name,
+            deadline=deadline,
+            gate=gate,
+            on_match=remember,
+        )
 
     @staticmethod
     def _users_for_rounds(

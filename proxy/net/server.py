@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.config import ClientCertificates, Protocol
+from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net.session import AuthMachine, Services, Session
 from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
@@ -129,7 +130,13 @@ class ProxyServer:
         self.config = config
         self.grace = grace
         self.throttle = LoginThrottle(config.limits.throttle_policy())
-        self.services = self._services(config, tokens, authenticator, self.throttle)
+        #: One pool of password-hash workers for the life of the process, across reloads.
+        self.hashes = HashPool(
+            config.limits.hash_concurrency,
+            max_queue=config.limits.hash_queue,
+            max_per_network=config.limits.hash_queue_per_network,
+        )
+        self.services = self._services(config, tokens, authenticator, self.throttle, self.hashes)
         self._app_keys = _has_app_keys(config)
         for listener in config.listeners:
             auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
@@ -145,6 +152,7 @@ class ProxyServer:
         tokens: TokenSource,
         authenticator: Authenticator | None,
         throttle: LoginThrottle,
+        hashes: HashPool,
     ) -> Services:
         if authenticator is None:
             # Unknown users are checked against a dummy hash as costly as the real ones.
@@ -160,7 +168,7 @@ class ProxyServer:
             )
             authenticator = Authenticator(
                 config.users,
-                hash_concurrency=config.limits.hash_concurrency,
+                hashes=hashes,
                 cache_ttl=config.limits.credential_cache_ttl,
                 dummy_parameters=typical or DEFAULT_PARAMETERS,
             )
@@ -194,7 +202,15 @@ class ProxyServer:
         self.config = config
         # Failure counts survive a reload; the new limits apply to them.
         self.throttle.policy = config.limits.throttle_policy()
-        self.services = self._services(config, tokens, None, self.throttle)
+        limits = config.limits
+        if limits.hash_concurrency != self.hashes.concurrency:
+            log.warning(
+                "limits.hash_concurrency changed: takes effect only after a restart (still %d)",
+                self.hashes.concurrency,
+            )
+        self.hashes.max_queue = limits.hash_queue
+        self.hashes.max_per_network = limits.hash_queue_per_network
+        self.services = self._services(config, tokens, None, self.throttle, self.hashes)
         self._app_keys = _has_app_keys(config)
         log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
         return True
@@ -222,6 +238,17 @@ class ProxyServer:
             for listener, sockets in bound
             for s in sockets
         ]
+        async with trio.open_nursery() as workers:
+            await workers.start(self.hashes.run)
+            await self._serve_bound(bound, report, task_status)
+            workers.cancel_scope.cancel()  # every session has ended
+
+    async def _serve_bound(
+        self,
+        bound: list[tuple[ListenerConfig, list[trio.SocketListener]]],
+        report: list[BoundListener],
+        task_status: trio.TaskStatus[list[BoundListener]],
+    ) -> None:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accepting:
                 for listener, sockets in bound:

@@ -34,7 +34,8 @@ import trio
 from broker.claims import token_roles
 from broker.errors import BrokerError
 from proxy.config import Protocol as MailProtocol
-from proxy.identities import BadCredentials
+from proxy.hashpool import Busy
+from proxy.identities import BadCredentials, LockedOut
 from proxy.net.relay import relay
 from proxy.net.tls import describe_tls_error
 from proxy.net.tlssocket import TlsSocketStream, wrap_tls
@@ -72,11 +73,12 @@ from proxy.protocol.sasl import (
     Credentials,
     ExternalCredentials,
 )
-from proxy.throttle import LoginThrottle
+from proxy.throttle import LoginThrottle, network_of
 
 if TYPE_CHECKING:
     import ssl
 
+    from broker.model import AccessToken
     from broker.source import TokenSource
     from proxy.config import Limits, ListenerConfig
     from proxy.identities import Authenticator, Identity
@@ -524,19 +526,38 @@ class Session:
         await self._tx.send(decision.issued)
 
     async def _decide(self, credentials: AnyCredentials) -> _Accepted | _Refused:
-        """Check the throttle and the credentials, get a token and check its roles."""
-        services = self.services
-        protocol = self.listener.protocol
-        throttle = services.throttle
-        login = credentials.login
+        """The login's steps: the throttle, the credentials, the token, its claims."""
         certificate = self._client_certificate()
         # What failures are counted under: the login name, or for SASL EXTERNAL the
         # certificate (one constant name for all of them would let anyone lock every
         # certificate client out at once).
-        key = login
+        key = credentials.login
         if isinstance(credentials, ExternalCredentials):
             key = f"certificate {hashlib.sha256(certificate or b'').hexdigest()[:32]}"
-        verdict = throttle.verdict(key, self.peer)
+        refused = await self._throttle(credentials.login, key)
+        if refused is not None:
+            return refused
+        identity = await self._check_credentials(credentials, key, certificate)
+        if isinstance(identity, _Refused):
+            return identity
+        token = await self._fetch_token(credentials.login, identity)
+        if isinstance(token, _Refused):
+            return token
+        refused = self._check_claims(credentials.login, identity, token)
+        if refused is not None:
+            return refused
+        self._log.info(
+            "%s: login %r accepted for mailbox %r (app %r)",
+            self.conn_id,
+            identity.login,
+            identity.mailbox,
+            identity.app,
+        )
+        return _Accepted(TokenIssued(mailbox=identity.mailbox, token=token), identity.login)
+
+    async def _throttle(self, login: str, key: str) -> _Refused | None:
+        """Refuse a locked-out login without checking it; wait out a failure delay."""
+        verdict = self.services.throttle.verdict(key, self.peer)
         if verdict.locked:
             self._log.warning(
                 "%s: login %r from %s refused without checking: %s",
@@ -555,40 +576,63 @@ class Session:
                 verdict.delay,
             )
             await trio.sleep(verdict.delay)
-        identity: Identity | None = None
+        return None
+
+    async def _check_credentials(
+        self, credentials: AnyCredentials, key: str, certificate: bytes | None
+    ) -> Identity | _Refused:
+        """Who the credentials name; failures are counted, a full hash queue is "busy"."""
+        throttle, limits = self.services.throttle, self.services.limits
+
+        def gate() -> str | None:
+            # Asked again when the password check's turn comes: attempts made in parallel
+            # all passed the first check before any of them failed.
+            return throttle.verdict(key, self.peer).locked
+
         try:
-            with trio.fail_after(services.limits.token_timeout):
-
-                def gate() -> None:
-                    # Re-checked once a hash slot is ours: attempts made in parallel all
-                    # passed the first check before any of them failed.
-                    if locked := throttle.verdict(key, self.peer).locked:
-                        raise BadCredentials(locked)
-
-                try:
-                    identity = await services.authenticator.authenticate(
-                        credentials, protocol, certificate=certificate, gate=gate
-                    )
-                except BadCredentials:
-                    throttle.failed(key, self.peer)
-                    raise
-                throttle.succeeded(key, self.peer)
-                token = await services.tokens.token(identity.app, mailbox=identity.mailbox)
+            identity = await self.services.authenticator.authenticate(
+                credentials,
+                self.listener.protocol,
+                certificate=certificate,
+                network=network_of(self.peer),
+                deadline=trio.current_time() + limits.hash_queue_timeout,
+                gate=gate,
+            )
+        except Busy as exc:
+            self._log.warning(
+                "%s: login %r from %s: busy, try again later: %s",
+                self.conn_id,
+                credentials.login,
+                self.peer,
+                exc,
+            )
+            return _Refused(Refusal.UNAVAILABLE, AuditResult.TEMPORARY_FAILURE, f"busy: {exc}")
         except BadCredentials as exc:
-            self._log.info("%s: login %r refused: %s", self.conn_id, login, exc.reason)
+            if not isinstance(exc, LockedOut):
+                throttle.failed(key, self.peer)
+            self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)
             return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, exc.reason)
+        throttle.succeeded(key, self.peer)
+        return identity
+
+    async def _fetch_token(self, login: str, identity: Identity) -> AccessToken | _Refused:
+        timeout = self.services.limits.token_timeout
+        try:
+            with trio.fail_after(timeout):
+                return await self.services.tokens.token(identity.app, mailbox=identity.mailbox)
         except trio.TooSlowError:
             self._log.warning(
-                "%s: login %r: no token within %gs",
+                "%s: login %r: no token for app %r within %gs",
                 self.conn_id,
                 login,
-                services.limits.token_timeout,
+                identity.app,
+                timeout,
             )
             return _Refused(
                 Refusal.UNAVAILABLE,
                 AuditResult.TEMPORARY_FAILURE,
                 "no token in time",
-                identity.mailbox if identity else "",
+                identity.mailbox,
             )
         except BrokerError as exc:
             code = f" {exc.code}" if exc.code else ""
@@ -606,40 +650,38 @@ class Session:
                 Refusal.UNAVAILABLE,
                 AuditResult.TEMPORARY_FAILURE,
                 f"no token ({exc.kind} error{code})",
-                identity.mailbox if identity else "",
+                identity.mailbox,
             )
-        if services.app_providers.get(identity.app) == "microsoft":
-            role = REQUIRED_ROLES[protocol]
-            try:
-                roles = token_roles(token.value)
-            except ValueError:
-                roles = frozenset()
-            if role not in roles:
-                self._log.error(
-                    "%s: login %r: the token of app %r lacks the %s role, so %s would refuse "
-                    "it. An administrator must add the application permission %s to the app "
-                    "registration and grant admin consent.",
-                    self.conn_id,
-                    login,
-                    identity.app,
-                    role,
-                    protocol.value.upper(),
-                    role,
-                )
-                return _Refused(
-                    Refusal.UNAVAILABLE,
-                    AuditResult.TEMPORARY_FAILURE,
-                    f"token lacks the {role} role",
-                    identity.mailbox,
-                )
-        self._log.info(
-            "%s: login %r accepted for mailbox %r (app %r)",
+
+    def _check_claims(self, login: str, identity: Identity, token: AccessToken) -> _Refused | None:
+        """A Microsoft token must carry the protocol's role, or the upstream would refuse it."""
+        if self.services.app_providers.get(identity.app) != "microsoft":
+            return None
+        protocol = self.listener.protocol
+        role = REQUIRED_ROLES[protocol]
+        try:
+            roles = token_roles(token.value)
+        except ValueError:
+            roles = frozenset()
+        if role in roles:
+            return None
+        self._log.error(
+            "%s: login %r: the token of app %r lacks the %s role, so %s would refuse "
+            "it. An administrator must add the application permission %s to the app "
+            "registration and grant admin consent.",
             self.conn_id,
-            identity.login,
-            identity.mailbox,
+            login,
             identity.app,
+            role,
+            protocol.value.upper(),
+            role,
         )
-        return _Accepted(TokenIssued(mailbox=identity.mailbox, token=token), identity.login)
+        return _Refused(
+            Refusal.UNAVAILABLE,
+            AuditResult.TEMPORARY_FAILURE,
+            f"token lacks the {role} role",
+            identity.mailbox,
+        )
 
     def _progress(self) -> None:
         """The client has our attention again: its next command has line_timeout."""

@@ -41,6 +41,7 @@ import trio
 from broker.claims import NotAJwtError, decode_claims, roles_of
 from broker.errors import BrokerError
 from proxy.config import ClientCertificates, Protocol
+from proxy.hashpool import HashPool
 from proxy.identities import Authenticator
 from proxy.net.server import auth_machine
 from proxy.net.session import (
@@ -283,7 +284,10 @@ async def _login(
         listener, tls=ClientTls.NONE, client_certificates=ClientCertificates.NONE
     )
     services = Services(
-        authenticator=Authenticator({user.login.casefold(): stand_in}, cache_ttl=0),
+        # An app key needs no password hash: the pool is never started.
+        authenticator=Authenticator(
+            {user.login.casefold(): stand_in}, hashes=HashPool(1), cache_ttl=0
+        ),
         tokens=tokens,
         limits=config.limits,
         app_providers={name: app.provider for name, app in config.apps.items()},

@@ -167,12 +167,12 @@ async def test_parallel_guesses_cannot_outrun_the_lockout(
     rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
 
-    async def guess() -> None:
-        await in_thread(lambda: login(pki, proxy.port, "guess", source=ATTACKER))
+    async def guess(n: int) -> None:
+        await in_thread(lambda: login(pki, proxy.port, f"guess {n}", source=ATTACKER))
 
     async with trio.open_nursery() as guesses:
-        for _ in range(20):
-            guesses.start_soon(guess)
+        for n in range(20):  # twenty different passwords (the same one is checked once)
+            guesses.start_soon(guess, n)
     checked = caplog.text.count("refused: wrong password")
     # Hashes run hash_concurrency (2) at a time, and each re-checks the lockout first.
     assert 3 <= checked <= 3 + 1

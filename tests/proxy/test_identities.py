@@ -13,10 +13,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config import Protocol, UserConfig
+from proxy.hashpool import HashPool
 from proxy.identities import (
     Authenticator,
     BadCredentials,
     HashParameters,
+    LockedOut,
     check_hash_format,
     hash_password,
     parameters_of,
@@ -37,9 +39,18 @@ def user(login: str = "reports@contoso.com", *passwords: str, **kw: object) -> U
     )
 
 
-def authenticator(*users: UserConfig, **kw: float) -> Authenticator:
+@pytest.fixture
+async def pool(nursery: trio.Nursery) -> HashPool:
+    """A running hash pool, as ``serve`` has."""
+    hashes = HashPool(2)
+    await nursery.start(hashes.run)
+    return hashes
+
+
+def authenticator(pool: HashPool, *users: UserConfig, **kw: float) -> Authenticator:
     return Authenticator(
         {u.login.casefold(): u for u in users},
+        hashes=pool,
         dummy_parameters=CHEAP,
         **kw,  # type: ignore[arg-type]
     )
@@ -55,8 +66,8 @@ def test_hash_format() -> None:
     assert hash_password("pw", CHEAP) != phc  # salted
 
 
-async def test_accepts_the_right_password_and_names_the_mailbox() -> None:
-    auth = authenticator(user("Scanner@contoso.com", mailbox="shared@contoso.com"))
+async def test_accepts_the_right_password_and_names_the_mailbox(pool: HashPool) -> None:
+    auth = authenticator(pool, user("Scanner@contoso.com", mailbox="shared@contoso.com"))
     identity = await auth.authenticate(Credentials("scanner@CONTOSO.com", "right"), Protocol.IMAP)
     assert (identity.login, identity.mailbox, identity.app) == (
         "Scanner@contoso.com",
@@ -76,26 +87,28 @@ async def test_accepts_the_right_password_and_names_the_mailbox() -> None:
         ),
     ],
 )
-async def test_refusals(credentials: Credentials, reason: str) -> None:
-    auth = authenticator(user())
+async def test_refusals(pool: HashPool, credentials: Credentials, reason: str) -> None:
+    auth = authenticator(pool, user())
     with pytest.raises(BadCredentials, match=reason):
         await auth.authenticate(credentials, Protocol.IMAP)
 
 
-async def test_protocol_not_allowed() -> None:
-    auth = authenticator(user(protocols={Protocol.SMTP}))
+async def test_protocol_not_allowed(pool: HashPool) -> None:
+    auth = authenticator(pool, user(protocols={Protocol.SMTP}))
     with pytest.raises(BadCredentials, match="imap is not in"):
         await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.IMAP)
     await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.SMTP)
 
 
-async def test_rotation_accepts_every_listed_hash() -> None:
-    auth = authenticator(user("reports@contoso.com", "old", "new"))
+async def test_rotation_accepts_every_listed_hash(pool: HashPool) -> None:
+    auth = authenticator(pool, user("reports@contoso.com", "old", "new"))
     for password in ("old", "new"):
         await auth.authenticate(Credentials("reports@contoso.com", password), Protocol.POP3)
 
 
-async def test_verified_credentials_are_cached_until_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_verified_credentials_are_cached_until_ttl(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
     import proxy.identities as identities
 
@@ -108,7 +121,11 @@ async def test_verified_credentials_are_cached_until_ttl(monkeypatch: pytest.Mon
     monkeypatch.setattr(identities, "_verify", counting)
     now = [1000.0]
     auth = Authenticator(
-        {"a@b.c": user("a@b.c")}, dummy_parameters=CHEAP, cache_ttl=60, clock=lambda: now[0]
+        {"a@b.c": user("a@b.c")},
+        hashes=pool,
+        dummy_parameters=CHEAP,
+        cache_ttl=60,
+        clock=lambda: now[0],
     )
     creds = Credentials("a@b.c", "right")
     await auth.authenticate(creds, Protocol.IMAP)
@@ -124,7 +141,7 @@ async def test_verified_credentials_are_cached_until_ttl(monkeypatch: pytest.Mon
 
 
 async def test_hashing_runs_off_the_event_loop_with_bounded_concurrency(
-    monkeypatch: pytest.MonkeyPatch,
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
     import time
@@ -144,16 +161,19 @@ async def test_hashing_runs_off_the_event_loop_with_bounded_concurrency(
         time.sleep(0.02)
         with lock:
             running[0] -= 1
-        return True
+        return False
 
     monkeypatch.setattr(identities, "_verify", slow)
-    auth = Authenticator(
-        {"a@b.c": user("a@b.c")}, dummy_parameters=CHEAP, hash_concurrency=2, cache_ttl=0
-    )
+    auth = authenticator(pool, user("a@b.c"), cache_ttl=0)
+
+    async def attempt(password: str) -> None:
+        with pytest.raises(BadCredentials):
+            await auth.authenticate(Credentials("a@b.c", password), Protocol.IMAP)
+
     async with trio.open_nursery() as nursery:
-        for _ in range(8):
-            nursery.start_soon(auth.authenticate, Credentials("a@b.c", "right"), Protocol.IMAP)
-    assert running[1] == 2
+        for n in range(8):  # eight different passwords: eight checks
+            nursery.start_soon(attempt, f"guess {n}")
+    assert running[1] == pool.concurrency == 2
     assert loop_thread not in threads
 
 
@@ -181,6 +201,7 @@ def sha256(data: bytes) -> str:
 
 
 async def test_certificate_by_fingerprint_with_and_without_authzid(
+    pool: HashPool,
     client_certs: tuple[bytes, bytes],
 ) -> None:
     scanner, erp = client_certs
@@ -189,7 +210,7 @@ async def test_certificate_by_fingerprint_with_and_without_authzid(
         mailbox="scans@contoso.com",
         mailboxes=("scans@contoso.com", "*@reports.contoso.com"),
     )
-    auth = authenticator(owner)
+    auth = authenticator(pool, owner)
     identity = await auth.authenticate(ExternalCredentials(), Protocol.SMTP, certificate=scanner)
     assert (identity.login, identity.mailbox, identity.kind) == (
         "scanner",
@@ -210,22 +231,23 @@ async def test_certificate_by_fingerprint_with_and_without_authzid(
             await auth.authenticate(credentials, Protocol.IMAP, certificate=certificate)
 
 
-async def test_certificate_by_subject(client_certs: tuple[bytes, bytes]) -> None:
+async def test_certificate_by_subject(pool: HashPool, client_certs: tuple[bytes, bytes]) -> None:
     scanner, _ = client_certs
     subject = x509.load_der_x509_certificate(scanner).subject.rfc4514_string()
     assert subject.startswith("CN=scanner")
-    auth = authenticator(identity_user(certificate_subjects=frozenset({subject})))
+    auth = authenticator(pool, identity_user(certificate_subjects=frozenset({subject})))
     identity = await auth.authenticate(ExternalCredentials(), Protocol.POP3, certificate=scanner)
     assert identity.login == "scanner"
 
 
 async def test_password_and_certificate_must_both_match(
+    pool: HashPool,
     client_certs: tuple[bytes, bytes],
 ) -> None:
     scanner, erp = client_certs
     owner = identity_user(certificate_fingerprints=frozenset({sha256(scanner)}))
     other = dataclasses.replace(user("erp"), certificate_fingerprints=frozenset({sha256(erp)}))
-    auth = authenticator(owner, other)
+    auth = authenticator(pool, owner, other)
     identity = await auth.authenticate(
         Credentials("scanner", "right"), Protocol.IMAP, certificate=scanner
     )
@@ -236,14 +258,15 @@ async def test_password_and_certificate_must_both_match(
         await auth.authenticate(Credentials("scanner", "right"), Protocol.IMAP, certificate=erp)
 
 
-async def test_app_key_swaps_in_for_the_mailbox_it_names() -> None:
+async def test_app_key_swaps_in_for_the_mailbox_it_names(pool: HashPool) -> None:
     key = "xo2k_" + "a" * 43
     auth = authenticator(
+        pool,
         identity_user(
             password_hashes=(),
             app_key_hashes=frozenset({sha256(key.encode())}),
             mailboxes=("*@reports.contoso.com",),
-        )
+        ),
     )
     identity = await auth.authenticate(
         BearerCredentials("daily@reports.contoso.com", key), Protocol.SMTP
@@ -284,14 +307,21 @@ def test_mailbox_patterns(pattern: str, mailbox: str, allowed: bool) -> None:
     assert identity_user(mailboxes=(pattern,)).may_open(mailbox) is allowed
 
 
-async def test_every_failed_check_costs_the_same_number_of_hashes() -> None:
+async def test_every_failed_check_costs_the_same_number_of_hashes(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Timing: the most hashes any user has (password rotation), for every failure."""
-    auth = authenticator(user("rotating", "old", "new"), user("single", "pw"))
+    import proxy.identities as identities
+
+    real = identities._verify
     computed: list[str] = []
 
-    def count() -> None:
-        computed.append("hash")
+    def counting(password: str, phc: str) -> bool:
+        computed.append(phc)
+        return real(password, phc)
 
+    monkeypatch.setattr(identities, "_verify", counting)
+    auth = authenticator(pool, user("rotating", "old", "new"), user("single", "pw"))
     for credentials in (
         Credentials("rotating", "wrong"),
         Credentials("single", "wrong"),
@@ -299,20 +329,28 @@ async def test_every_failed_check_costs_the_same_number_of_hashes() -> None:
     ):
         computed.clear()
         with pytest.raises(BadCredentials):
-            await auth.authenticate(credentials, Protocol.IMAP, gate=count)
+            await auth.authenticate(credentials, Protocol.IMAP)
         assert len(computed) == 2, credentials.login
     computed.clear()
-    await auth.authenticate(Credentials("single", "pw"), Protocol.IMAP, gate=count)
+    await auth.authenticate(Credentials("single", "pw"), Protocol.IMAP)
     assert len(computed) == 1  # success stops at the matching hash
 
 
-async def test_the_gate_can_refuse_before_any_hash_is_computed() -> None:
-    auth = authenticator(user("reports@contoso.com"))
+async def test_the_gate_can_refuse_before_any_hash_is_computed(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.identities as identities
 
-    def locked() -> None:
-        raise BadCredentials("locked out")
+    computed: list[str] = []
 
-    with pytest.raises(BadCredentials, match="locked out"):
+    def counting(password: str, phc: str) -> bool:
+        computed.append(phc)
+        return True
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    auth = authenticator(pool, user("reports@contoso.com"))
+    with pytest.raises(LockedOut, match="locked out"):
         await auth.authenticate(
-            Credentials("reports@contoso.com", "right"), Protocol.IMAP, gate=locked
+            Credentials("reports@contoso.com", "right"), Protocol.IMAP, gate=lambda: "locked out"
         )
+    assert computed == []

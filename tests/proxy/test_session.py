@@ -9,6 +9,7 @@ import trio.testing
 
 from broker.source import CachingTokenSource
 from proxy.config import Limits, ListenerConfig, Protocol
+from proxy.hashpool import HashPool
 from proxy.identities import Authenticator
 from proxy.net.session import Services, Session
 from proxy.protocol import replies
@@ -33,7 +34,7 @@ def session(client: trio.abc.Stream) -> Session:
         listener=listener,
         machine=ImapAuth(AuthSettings(ClientTls.NONE, UpstreamTls.IMPLICIT)),
         services=Services(
-            authenticator=Authenticator({}),
+            authenticator=Authenticator({}, hashes=HashPool(1)),
             tokens=CachingTokenSource({}),
             limits=Limits(),
         ),

@@ -1,0 +1,383 @@
+"""The password-check queue: single flight, bounds, deadlines, fairness, gates, shutdown.
+
+Checks run in worker threads; the tests control them with :class:`Gates` (a check blocks
+until the test opens its gate), so every ordering is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.config import Protocol, UserConfig
+from proxy.hashpool import Busy, HashPool, Refused
+from proxy.identities import (
+    DEFAULT_PARAMETERS,
+    Authenticator,
+    BadCredentials,
+    _verify,
+    hash_password,
+)
+from proxy.protocol.sasl import Credentials
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class Gates:
+    """Computations that wait for the test: ``compute(name)`` blocks its worker thread until
+    ``open(name)``; ``started`` lists the names in the order their computations began."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.started: list[str] = []
+
+    def _event(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(name, threading.Event())
+
+    def compute(self, name: str, result: bool = True) -> Callable[[], bool]:
+        def run() -> bool:
+            with self._lock:
+                self.started.append(name)
+            if not self._event(name).wait(30):
+                raise AssertionError(f"gate {name!r} never opened")
+            return result
+
+        return run
+
+    def open(self, name: str) -> None:
+        self._event(name).set()
+
+    def open_all(self) -> None:
+        with self._lock:
+            names = list(self._events)
+        for name in names:
+            self.open(name)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Yield until ``condition`` holds (worker threads report back through the loop)."""
+    with trio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 (thread results arrive without an event)
+            await trio.sleep(0.001)
+
+
+@pytest.fixture
+async def pool(nursery: trio.Nursery) -> HashPool:
+    hashes = HashPool(2, max_queue=8, max_per_network=4)
+    await nursery.start(hashes.run)
+    return hashes
+
+
+async def test_identical_attempts_share_one_computation(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    gates = Gates()
+    results: list[bool] = []
+    matched: list[str] = []
+
+    async def attempt() -> None:
+        results.append(
+            await pool.check(
+                b"same",
+                gates.compute("same"),
+                network="192.0.2.1",
+                login="a",
+                deadline=math.inf,
+                on_match=lambda: matched.append("once"),
+            )
+        )
+
+    for _ in range(60):
+        nursery.start_soon(attempt)
+    await wait_until(lambda: gates.started == ["same"])
+    await trio.testing.wait_all_tasks_blocked()
+    assert pool.running == 1
+    assert pool.queued == 0
+    gates.open("same")
+    await wait_until(lambda: len(results) == 60)
+    assert results == [True] * 60
+    assert gates.started == ["same"]
+    assert matched == ["once"]
+
+
+async def test_different_keys_cost_one_computation_each(pool: HashPool) -> None:
+    computed: list[int] = []
+
+    def compute(n: int) -> bool:
+        computed.append(n)
+        return False
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            check = functools.partial(
+                pool.check,
+                bytes([n]),
+                functools.partial(compute, n),
+                network=f"198.51.100.{n}",
+                login="a",
+                deadline=math.inf,
+            )
+            nursery.start_soon(check)
+    assert sorted(computed) == list(range(8))
+
+
+async def start(
+    nursery: trio.Nursery,
+    pool: HashPool,
+    gates: Gates,
+    name: str,
+    *,
+    network: str = "n",
+    login: str = "a",
+    result: bool = True,
+) -> None:
+    """Queue a check called ``name`` for a client that waits as long as it takes."""
+    before = pool.running + pool.queued
+    nursery.start_soon(
+        functools.partial(
+            pool.check,
+            name.encode(),
+            gates.compute(name, result),
+            network=network,
+            login=login,
+            deadline=math.inf,
+        )
+    )
+    await wait_until(lambda: pool.running + pool.queued > before)
+
+
+async def test_a_full_queue_answers_busy_at_once(pool: HashPool, nursery: trio.Nursery) -> None:
+    gates = Gates()
+    for n in range(2 + 8):  # two running, eight queued, each from its own network
+        await start(nursery, pool, gates, str(n), network=f"net{n}")
+    assert (pool.running, pool.queued) == (2, 8)
+    with pytest.raises(Busy, match=r"8 password checks queued already \(hash_queue\)"):
+        await pool.check(b"x", gates.compute("x"), network="else", login="b", deadline=math.inf)
+    gates.open_all()
+
+
+async def test_one_network_cannot_fill_the_queue(pool: HashPool, nursery: trio.Nursery) -> None:
+    gates = Gates()
+    for n in range(2 + 4):  # two running, then the network's four queued
+        await start(nursery, pool, gates, str(n), network="attacker", login=f"u{n}")
+    with pytest.raises(Busy, match="from this network"):
+        await pool.check(b"m", gates.compute("m"), network="attacker", login="v", deadline=math.inf)
+    await start(nursery, pool, gates, "other", network="office")  # another network still fits
+    assert pool.queued == 5
+    gates.open_all()
+
+
+async def test_waiting_past_the_deadline_is_busy_and_nothing_is_computed(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    gates = Gates()
+    for n in range(2):  # both slots taken
+        await start(nursery, pool, gates, str(n))
+    with pytest.raises(Busy, match="within the deadline"):
+        await pool.check(
+            b"late",
+            gates.compute("late"),
+            network="m",
+            login="b",
+            deadline=trio.current_time() + 0.05,
+        )
+    assert pool.queued == 0  # nobody waits for it: dropped before it started
+    gates.open_all()
+    await wait_until(lambda: pool.running == 0)
+    assert "late" not in gates.started
+
+
+async def test_a_queue_that_cannot_start_a_check_in_time_says_busy_at_once(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    gates = Gates()
+    for n in range(2):
+        await start(nursery, pool, gates, str(n))
+    pool.seconds_per_check = 10.0  # as measured on a slow machine
+    before = trio.current_time()
+    with pytest.raises(Busy, match="after its deadline"):
+        await pool.check(b"x", gates.compute("x"), network="m", login="b", deadline=before + 5)
+    assert pool.queued == 0
+    # A deadline the estimate allows is queued.
+    nursery.start_soon(
+        functools.partial(
+            pool.check, b"y", gates.compute("y"), network="m", login="b", deadline=before + 60
+        )
+    )
+    await wait_until(lambda: pool.queued == 1)
+    gates.open_all()
+
+
+async def test_a_result_is_recorded_when_every_client_has_gone(pool: HashPool) -> None:
+    gates = Gates()
+    recorded: list[str] = []
+    with trio.move_on_after(0.05):  # the client gives up while its check runs
+        await pool.check(
+            b"k",
+            gates.compute("k"),
+            network="n",
+            login="a",
+            deadline=math.inf,
+            on_match=lambda: recorded.append("verified"),
+        )
+    assert pool.running == 1
+    gates.open("k")
+    await wait_until(lambda: recorded == ["verified"])
+
+
+async def test_slots_are_shared_round_robin_between_networks(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    pool.max_queue = pool.max_per_network = 100
+    gates = Gates()
+    for n in range(20):  # a guesser, first in line with twenty different passwords
+        await start(nursery, pool, gates, f"guess {n}", network="attacker", login="admin")
+    await start(nursery, pool, gates, "scanner", network="office", login="scanner")
+    # Round-robin: the office takes its turn after the attacker's current one, not after
+    # the attacker's eighteen waiting guesses.
+    gates.open("guess 0")
+    await wait_until(lambda: len(gates.started) == 3)
+    gates.open("guess 1")
+    await wait_until(lambda: len(gates.started) == 4)
+    assert gates.started == ["guess 0", "guess 1", "guess 2", "scanner"]
+    gates.open_all()
+
+
+async def test_within_a_network_logins_take_turns(pool: HashPool, nursery: trio.Nursery) -> None:
+    pool.max_queue = pool.max_per_network = 100
+    gates = Gates()
+    for n in range(10):
+        await start(nursery, pool, gates, f"guess {n}", network="nat", login="admin")
+    await start(nursery, pool, gates, "erp", network="nat", login="erp")
+    gates.open("guess 0")
+    await wait_until(lambda: len(gates.started) == 3)
+    gates.open("guess 1")
+    await wait_until(lambda: len(gates.started) == 4)
+    assert gates.started == ["guess 0", "guess 1", "guess 2", "erp"]
+    gates.open_all()
+
+
+async def test_the_gate_refuses_when_the_turn_comes(pool: HashPool, nursery: trio.Nursery) -> None:
+    gates = Gates()
+    for n in range(2):
+        await start(nursery, pool, gates, str(n))
+    locked = [False]
+
+    async def refused() -> None:
+        with pytest.raises(Refused, match="locked out"):
+            await pool.check(
+                b"g",
+                gates.compute("g"),
+                network="m",
+                login="b",
+                deadline=math.inf,
+                gate=lambda: "locked out" if locked[0] else None,
+            )
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(refused)
+        await wait_until(lambda: pool.queued == 1)
+        locked[0] = True  # the lockout began while it waited
+        gates.open("0")
+    await wait_until(lambda: pool.running == 1)
+    assert "g" not in gates.started
+    gates.open_all()
+
+
+async def test_checks_need_the_pool_running() -> None:
+    with pytest.raises(RuntimeError, match="not running"):
+        await HashPool(1).check(b"k", lambda: True, network="n", login="a", deadline=math.inf)
+
+
+async def test_stopping_the_pool_releases_its_waiters() -> None:
+    gates = Gates()
+    pool = HashPool(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+
+        async def waiter() -> None:
+            with pytest.raises(Busy, match="stopped"):
+                await pool.check(
+                    b"k", gates.compute("k"), network="n", login="a", deadline=math.inf
+                )
+
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(waiter)
+            await wait_until(lambda: pool.running == 1)
+            nursery.cancel_scope.cancel()  # shutdown: the thread is abandoned, not awaited
+    gates.open_all()
+
+
+def test_sizes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        HashPool(0)
+
+
+# -- at production settings ---------------------------------------------------------------
+
+
+def test_default_cost_hashes_verify_in_parallel_threads() -> None:
+    """The hang this queue once met: two threads verifying lanes=4 hashes at once never
+    returned with cryptography 50. The implementation in use must not hang."""
+    phc = hash_password("s3cret", DEFAULT_PARAMETERS)
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_verify("s3cret", phc)), daemon=True)
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [True] * 4
+
+
+async def test_sixty_identical_logins_at_default_cost_hash_once(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.identities as identities
+
+    calls: list[str] = []
+    real = identities._verify
+
+    def counting(password: str, phc: str) -> bool:
+        calls.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    user = UserConfig(
+        login="scanner",
+        password_hashes=(hash_password("right", DEFAULT_PARAMETERS),),
+        app="contoso",
+        mailbox="scanner@contoso.com",
+        protocols=frozenset(Protocol),
+    )
+    auth = Authenticator({"scanner": user}, hashes=pool)
+    identities_found: list[str] = []
+
+    async def login() -> None:
+        found = await auth.authenticate(
+            Credentials("scanner", "right"), Protocol.IMAP, network="192.0.2.1"
+        )
+        identities_found.append(found.mailbox)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(60):
+            nursery.start_soon(login)
+    assert identities_found == ["scanner@contoso.com"] * 60
+    assert len(calls) == 1
+    # Later attempts are answered from the verified-credential cache, a wrong one is not.
+    await login()
+    assert len(calls) == 1
+    with pytest.raises(BadCredentials):
+        await auth.authenticate(Credentials("scanner", "wrong"), Protocol.IMAP, network="n")
+    assert len(calls) == 2
