@@ -114,6 +114,9 @@ class ProxyRig:
     limits: dict[str, float] = field(default_factory=dict)
     #: A ``[cache]`` table, values as TOML text (none: the default, in memory).
     cache: dict[str, str] = field(default_factory=dict)
+    #: The cost of the users' password hashes: cheap, unless a test needs what users run.
+    hash_parameters: HashParameters = TEST_HASH
+    _hashes: dict[str, str] = field(default_factory=dict)
 
     def add_user(
         self,
@@ -126,6 +129,13 @@ class ProxyRig:
         extra: dict[str, str] | None = None,
     ) -> None:
         self.users[login] = User(password, mailbox or login, app, protocols, extra or {})
+
+    def _hash(self, password: str) -> str:
+        """The password's hash at :attr:`hash_parameters`, computed once per rig."""
+        key = f"{self.hash_parameters}\x00{password}"
+        if key not in self._hashes:
+            self._hashes[key] = hash_password(password, self.hash_parameters)
+        return self._hashes[key]
 
     def write(self, listeners: list[Listener]) -> Path:
         cert = self.pki.issue("proxy", "localhost", "127.0.0.1")
@@ -168,7 +178,7 @@ class ProxyRig:
         for login, user in self.users.items():
             lines += [f'[users."{login}"]', f'app = "{user.app}"', f'mailbox = "{user.mailbox}"']
             if user.password is not None:
-                lines.append(f'password_hash = "{hash_password(user.password, TEST_HASH)}"')
+                lines.append(f'password_hash = "{self._hash(user.password)}"')
             if user.protocols:
                 lines.append("protocols = [" + ", ".join(f'"{p}"' for p in user.protocols) + "]")
             lines += [f"{key} = {value}" for key, value in user.extra.items()]

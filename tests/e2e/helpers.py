@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
@@ -15,12 +19,12 @@ from tests.e2e.conftest import MAILBOX, Listener
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from tests.support.certs import TestPki
     from tests.support.dovecot import Dovecot
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def in_thread(fn: Callable[[], T]) -> T:
@@ -125,3 +129,41 @@ def msmtp_send(pki: TestPki, port: int, home: Path, *, auth: str, secret: str, b
         f"from {MAILBOX}\n",
     )
     run(["msmtp", "-C", str(config), "-a", "proxy", "someone@example.com"], home=home, stdin=body)
+
+
+class ServeProcess:
+    """``xoauth2-proxy serve`` as a process of the code under test, logging to ``log``."""
+
+    def __init__(self, config: Path, log: Path, *, grace: float = 2) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "-c", str(config), "--grace", str(grace)],
+            cwd=ROOT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, what: Callable[[], bool], description: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited ({self.process.returncode}):\n{self.text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {description}:\n{self.text()}")
+            time.sleep(0.05)
+
+    def port(self) -> int:
+        self.wait_for(lambda: "listening on" in self.text(), "the listener")
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.text())
+        assert found is not None
+        return int(found.group(1))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()

@@ -3,65 +3,24 @@
 from __future__ import annotations
 
 import imaplib
-import re
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.e2e.conftest import MAILBOX, OTHER_MAILBOX, PASSWORD, Listener, ProxyRig
+from tests.e2e.helpers import ServeProcess
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
+    from pathlib import Path
 
     from tests.support.dovecot import Dovecot
     from tests.support.entra import EntraEmulator
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class ServeProcess:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "-c", str(config), "--grace", "2"],
-            cwd=ROOT,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, what: Callable[[], bool], description: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            if self.process.poll() is not None:
-                pytest.fail(f"serve exited ({self.process.returncode}):\n{self.text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {description}:\n{self.text()}")
-            time.sleep(0.05)
-
-    def port(self) -> int:
-        self.wait_for(lambda: "listening on" in self.text(), "the listener")
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.text())
-        assert found is not None
-        return int(found.group(1))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log_file.close()
 
 
 @pytest.fixture
