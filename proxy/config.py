@@ -180,17 +180,24 @@ class Limits:
     failure_delay: float = 1.0
     #: The longest such wait.
     max_failure_delay: float = 16.0
-    #: Seconds after its last failure that a login name or network forgets its failures.
-    failure_window: float = 900.0
-    #: Failures of one login name (from networks it has not logged in from) before lockout.
+    #: Seconds a failed login is counted for (a sliding window).
+    failure_window: float = 3600.0
+    #: Failures of one login in the window before networks it has not logged in from are
+    #: locked out of it.
     lockout_after: int = 10
-    #: Failures from one network (IPv4 address, IPv6 /64) before it is locked out.
+    #: Failures of one login in the window before even networks it has logged in from are.
+    trusted_lockout_after: int = 30
+    #: Failures from one network (see ipv4_prefix, ipv6_prefix) before it is locked out.
     network_lockout_after: int = 30
-    #: Seconds a lockout lasts.
-    lockout_time: float = 900.0
-    #: Connections at once per listener, and per source address.
+    #: Connections at once per listener, and per source network.
     max_connections: int = 1000
-    max_connections_per_address: int = 100
+    max_connections_per_network: int = 100
+    #: Upstream connections opened for clients that have not sent a command yet (the
+    #: login is faster for it); beyond this, a client's upstream waits for its first command.
+    max_early_upstreams: int = 100
+    #: What one source network is: the prefix length of IPv4 and of IPv6 addresses.
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
 
     def throttle_policy(self) -> ThrottlePolicy:
         return ThrottlePolicy(
@@ -198,8 +205,10 @@ class Limits:
             max_delay=self.max_failure_delay,
             window=self.failure_window,
             login_lockout=self.lockout_after,
+            trusted_lockout=self.trusted_lockout_after,
             network_lockout=self.network_lockout_after,
-            lockout=self.lockout_time,
+            ipv4_prefix=self.ipv4_prefix,
+            ipv6_prefix=self.ipv6_prefix,
         )
 
 
@@ -455,10 +464,19 @@ LIMIT_KEYS: Final = {
     "max_failure_delay",
     "failure_window",
     "lockout_after",
+    "trusted_lockout_after",
     "network_lockout_after",
-    "lockout_time",
     "max_connections",
-    "max_connections_per_address",
+    "max_connections_per_network",
+    "max_early_upstreams",
+    "ipv4_prefix",
+    "ipv6_prefix",
+}
+#: Keys of earlier versions: accepted with a warning saying what replaced them.
+OLD_LIMIT_KEYS: Final = {
+    "lockout_time": "no longer used: a lockout lasts until failures age out of failure_window",
+    "max_connections_per_address": "renamed max_connections_per_network (an IPv4 address or "
+    "IPv6 /64 by default); its value is used for that",
 }
 
 
@@ -868,14 +886,20 @@ def _check_unique_credentials(r: _Reader, users: Mapping[str, UserConfig]) -> No
 
 
 def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
-    raw = r.table(data, "limits", "limits")
-    r.unknown_keys(raw, "limits", LIMIT_KEYS)
+    raw = dict(r.table(data, "limits", "limits"))
+    for old, what in OLD_LIMIT_KEYS.items():
+        if old in raw:
+            r.warn(f"limits.{old}", what)
+    if "max_connections_per_address" in raw:
+        raw.setdefault("max_connections_per_network", raw["max_connections_per_address"])
+    r.unknown_keys(raw, "limits", LIMIT_KEYS | set(OLD_LIMIT_KEYS))
     d = Limits()
 
-    def count(name: str, default: int) -> int:
+    def count(name: str, default: int, *, most: int | None = None, least: int = 1) -> int:
         value = r.number(raw, "limits", name, default)
-        if value < 1 or value != int(value):
-            r.fail(f"limits.{name}", "must be a whole number of at least 1")
+        if value < least or value != int(value) or (most is not None and value > most):
+            span = f"from {least} to {most}" if most is not None else f"of at least {least}"
+            r.fail(f"limits.{name}", f"must be a whole number {span}")
             return default
         return int(value)
 
@@ -887,7 +911,7 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
             return default
         return value
 
-    return Limits(
+    limits = Limits(
         login_timeout=seconds("login_timeout", d.login_timeout),
         upstream_timeout=seconds("upstream_timeout", d.upstream_timeout),
         token_timeout=seconds("token_timeout", d.token_timeout),
@@ -902,15 +926,25 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
         ),
         failure_delay=r.number(raw, "limits", "failure_delay", d.failure_delay),
         max_failure_delay=r.number(raw, "limits", "max_failure_delay", d.max_failure_delay),
-        failure_window=r.number(raw, "limits", "failure_window", d.failure_window),
+        failure_window=seconds("failure_window", d.failure_window),
         lockout_after=count("lockout_after", d.lockout_after),
+        trusted_lockout_after=count("trusted_lockout_after", d.trusted_lockout_after),
         network_lockout_after=count("network_lockout_after", d.network_lockout_after),
-        lockout_time=r.number(raw, "limits", "lockout_time", d.lockout_time),
         max_connections=count("max_connections", d.max_connections),
-        max_connections_per_address=count(
-            "max_connections_per_address", d.max_connections_per_address
+        max_connections_per_network=count(
+            "max_connections_per_network", d.max_connections_per_network
         ),
+        max_early_upstreams=count("max_early_upstreams", d.max_early_upstreams, least=0),
+        ipv4_prefix=count("ipv4_prefix", d.ipv4_prefix, most=32, least=8),
+        ipv6_prefix=count("ipv6_prefix", d.ipv6_prefix, most=128, least=16),
     )
+    if limits.trusted_lockout_after < limits.lockout_after:
+        r.fail(
+            "limits.trusted_lockout_after",
+            f"must be at least lockout_after ({limits.lockout_after}): networks a login works "
+            "from get the higher ceiling",
+        )
+    return limits
 
 
 def _walk_inline_secrets(data: object) -> Iterator[None]:

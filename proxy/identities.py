@@ -266,6 +266,18 @@ class Authenticator:
             wanted = ""
         return self._identity(user, protocol, wanted, "password", certificate)
 
+    def throttle_key(self, credentials: AnyCredentials, certificate: bytes | None) -> str:
+        """What failures of ``credentials`` are counted under: the kind of credential and
+        whom it claims to be. An app key counts for the identity it belongs to (never the
+        mailbox its client names), a certificate for its fingerprint: one kind of
+        credential can never lock out another, nor another user's."""
+        if isinstance(credentials, ExternalCredentials):
+            return f"certificate:{hashlib.sha256(certificate or b'').hexdigest()}"
+        if isinstance(credentials, BearerCredentials):
+            owner = self._by_app_key.get(hashlib.sha256(credentials.key.encode()).hexdigest())
+            return f"app-key:{owner.login.casefold() if owner is not None else '(unknown key)'}"
+        return f"password:{credentials.login.casefold()}"
+
     def _identity(
         self,
         user: UserConfig,

@@ -1,38 +1,44 @@
-"""Failed-login throttling: a growing delay, then a temporary lockout.
+"""Failed-login throttling: a growing delay, then a lockout, with a bound per login.
 
 Theory of operation
 -------------------
-Failures are counted under three keys: the login name (case-folded, whether or not such a
-user exists, so that the answers reveal nothing), the source *network* (the IPv4 address,
-or the IPv6 /64: one customer's allocation, which an attacker could otherwise walk
-through), and the pair of the two. A key forgets its failures ``window`` seconds after the
-last one.
+Failures are counted over a sliding window (``window`` seconds, an hour by default) under
+three keys: the *login* (the caller's key, which names the kind of credential and whom it
+claims to be: ``password:reports@contoso.com``, ``certificate:<sha256>``,
+``app-key:erp``, so that one kind cannot lock out another), the source *network* (an IPv4
+address, or an IPv6 /64: one customer's allocation, which an attacker could otherwise walk
+through; both prefix lengths are settings), and the *pair* of the two.
 
 A pair is *trusted* for ``trust_ttl`` seconds after a successful login: that program, on
-that network, knew the password. Trusted pairs are judged by their own failures only, so
-attacks from elsewhere -- on the same login from other networks, or on other logins from
-the same network (a shared NAT) -- cannot lock a real program out of its own account. For
-any other pair every key counts:
+that network, knew the password. Trust changes only which ceiling applies; a success never
+erases failures, they age out of the window.
 
-* **Delay.** With ``n`` failures under the worst key, the attempt waits
-  ``base_delay * 2**(n - 1)`` seconds, at most ``max_delay``, before its password is
-  checked. A legacy program with a stale password slows down; a guesser slows down more.
-* **Lockout.** After ``login_lockout`` failures of one login (or of one trusted pair), or
-  ``network_lockout`` failures from one network, attempts are refused outright for
-  ``lockout`` seconds, without checking the password, and answered as a wrong password
-  would be.
+* **Lockout.** An attempt from an untrusted pair is refused, without checking the
+  password and with the answer a wrong password gets, while the login has
+  ``login_lockout`` failures in the window (counted from anywhere) or the network has
+  ``network_lockout``. An attempt from a trusted pair is refused while the login has
+  ``trusted_lockout`` failures in the window: a higher ceiling, so that guessing from
+  elsewhere (which stops at ``login_lockout``) cannot lock a real program out of its
+  account. Failures from trusted pairs count for the login, not for the network, so a
+  program with a stale password does not lock its office out.
+* **The bound.** Since every failure counts for the login and nothing erases it, no one
+  gets more than ``trusted_lockout`` guesses at a login per window, whatever their
+  position, and no more than ``login_lockout`` from networks the login has not succeeded
+  from (parallel attempts may pass one or two more: the hash pool re-checks before each
+  computation, ``hash_concurrency`` at a time).
+* **Delay.** With ``n`` failures under the worst key that applies (for a trusted pair,
+  the pair's own), the attempt waits ``base_delay * 2**(n - 1)`` seconds, at most
+  ``max_delay``, before its password is checked.
 
-A success clears only its pair's failures and trusts the pair; the login's and the
-network's counts run out with their window, so an attacker cannot reset them by logging
-in to an account of their own. All state is in memory, per process, bounded: at most
-``max_keys`` keys per table, the least recently touched dropped first.
-
+All state is in memory, per process, bounded: at most ``max_keys`` keys per table, the
+least recently touched dropped first, each holding only the newest timestamps it needs.
 The clock is injected (``trio.current_time`` by default), so tests drive it with a
 MockClock. Nothing here sleeps; the caller does.
 """
 
 from __future__ import annotations
 
+import array
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,18 +58,27 @@ class ThrottlePolicy:
 
     base_delay: float = 1.0
     max_delay: float = 16.0
-    window: float = 900.0
+    window: float = 3600.0
     login_lockout: int = 10
+    trusted_lockout: int = 30
     network_lockout: int = 30
-    lockout: float = 900.0
     trust_ttl: float = 30 * 86400.0
     max_keys: int = 100_000
+    #: What a "network" is: the prefix length of an IPv4 and of an IPv6 source address.
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.base_delay, self.max_delay, self.window, self.lockout, self.trust_ttl) < 0:
+        if min(self.base_delay, self.max_delay, self.window, self.trust_ttl) < 0:
             raise ValueError("throttle times must not be negative")
-        if min(self.login_lockout, self.network_lockout, self.max_keys) < 1:
+        counts = (self.login_lockout, self.trusted_lockout, self.network_lockout, self.max_keys)
+        if min(counts) < 1:
             raise ValueError("throttle counts must be at least 1")
+        if not (0 <= self.ipv4_prefix <= 32 and 0 <= self.ipv6_prefix <= 128):
+            raise ValueError("network prefix lengths must fit their address family")
+
+    def network_of(self, address: str) -> str:
+        return network_of(address, ipv4_prefix=self.ipv4_prefix, ipv6_prefix=self.ipv6_prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,62 +91,60 @@ class Verdict:
     locked: str | None = None
 
 
-@dataclass(slots=True)
-class _Failures:
-    count: int
-    last: float
-    locked_until: float = 0.0
-
-
-def network_of(address: str) -> str:
-    """The key of ``address``'s network: the address itself for IPv4, the /64 for IPv6."""
+def network_of(address: str, *, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The key of ``address``'s network: by default the IPv4 address itself or the IPv6
+    /64 (an IPv4-mapped IPv6 address counts as IPv4)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address  # a Unix socket or something else: count it as it is
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = ipv6_prefix if isinstance(ip, ipaddress.IPv6Address) else ipv4_prefix
+    if prefix == ip.max_prefixlen:
+        return str(ip)
+    return str(ipaddress.ip_network((ip, prefix), strict=False))
 
 
 class _Table:
-    """Failure records per key, least recently touched first, bounded."""
+    """Failure times per key (oldest first), least recently touched key first, bounded."""
 
     def __init__(self, max_keys: int) -> None:
-        self._records: OrderedDict[str, _Failures] = OrderedDict()
+        self._records: OrderedDict[str, array.array[float]] = OrderedDict()
         self._max_keys = max_keys
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def current(self, key: str, now: float, window: float) -> _Failures | None:
-        record = self._records.get(key)
-        if record is None:
-            return None
-        if now - record.last > window and now >= record.locked_until:
-            del self._records[key]
-            return None
-        return record
+    def count(self, key: str, now: float, window: float) -> int:
+        """Failures of ``key`` in the last ``window`` seconds (forgetting older ones)."""
+        times = self._records.get(key)
+        if times is None:
+            return 0
+        aged = 0
+        while aged < len(times) and now - times[aged] >= window:
+            aged += 1
+        if aged:
+            del times[:aged]
+            if not times:
+                del self._records[key]
+        return len(times)
 
-    def fail(self, key: str, now: float, window: float) -> _Failures:
-        record = self.current(key, now, window)
-        if record is None:
-            record = self._records[key] = _Failures(0, now)
-        record.count += 1
-        record.last = now
+    def add(self, key: str, now: float, keep: int) -> None:
+        """Record a failure of ``key``; only the newest ``keep`` times are kept."""
+        times = self._records.get(key)
+        if times is None:
+            times = self._records[key] = array.array("d")
+        times.append(now)
+        if len(times) > keep:
+            del times[: len(times) - keep]
         self._records.move_to_end(key)
         while len(self._records) > self._max_keys:
             self._records.popitem(last=False)
-        return record
-
-    def clear(self, key: str) -> None:
-        self._records.pop(key, None)
 
 
 class LoginThrottle:
-    """Counts failed logins per login name, source network and pair; see the module doc."""
+    """Counts failed logins per login, source network and pair; see the module doc."""
 
     def __init__(
         self,
@@ -154,22 +167,22 @@ class LoginThrottle:
         )
 
     def verdict(self, login: str, address: str) -> Verdict:
-        """How to treat an attempt for ``login`` from ``address``, before checking it."""
-        policy, now = self.policy, self._clock()
-        keys = _Keys(login, address)
-        records = []
-        if not self._is_trusted(keys.pair, now):
-            records += [
-                (self._networks.current(keys.network, now, policy.window), "source network"),
-                (self._logins.current(keys.login, now, policy.window), "login"),
-            ]
-        records.append(
-            (self._pairs.current(keys.pair, now, policy.window), "login from this network")
-        )
-        for record, what in records:
-            if record is not None and now < record.locked_until:
-                return Verdict(locked=f"{what} locked out after {record.count} failures")
-        failures = max((record.count for record, _ in records if record is not None), default=0)
+        """How to treat an attempt for ``login`` (a key naming the credential's kind and
+        whom it claims to be) from ``address``, before checking it."""
+        policy, now, window = self.policy, self._clock(), self.policy.window
+        keys = _Keys(login, address, policy)
+        logins = self._logins.count(keys.login, now, window)
+        if self._is_trusted(keys.pair, now):
+            if logins >= policy.trusted_lockout:
+                return Verdict(locked=self._locked("login", logins))
+            failures = self._pairs.count(keys.pair, now, window)
+        else:
+            networks = self._networks.count(keys.network, now, window)
+            if networks >= policy.network_lockout:
+                return Verdict(locked=self._locked("source network", networks))
+            if logins >= policy.login_lockout:
+                return Verdict(locked=self._locked("login", logins))
+            failures = max(logins, networks)
         if failures == 0:
             return Verdict()
         return Verdict(delay=min(policy.base_delay * 2 ** min(failures - 1, 62), policy.max_delay))
@@ -177,22 +190,15 @@ class LoginThrottle:
     def failed(self, login: str, address: str) -> None:
         """Count a failed attempt (wrong password, unknown user, refused mailbox...)."""
         policy, now = self.policy, self._clock()
-        keys = _Keys(login, address)
-        tables = [(self._pairs, keys.pair, policy.login_lockout)]
+        keys = _Keys(login, address, policy)
+        self._logins.add(keys.login, now, max(policy.trusted_lockout, policy.login_lockout))
+        self._pairs.add(keys.pair, now, policy.login_lockout)
         if not self._is_trusted(keys.pair, now):
-            tables += [
-                (self._logins, keys.login, policy.login_lockout),
-                (self._networks, keys.network, policy.network_lockout),
-            ]
-        for table, key, threshold in tables:
-            record = table.fail(key, now, policy.window)
-            if record.count >= threshold:
-                record.locked_until = now + policy.lockout
+            self._networks.add(keys.network, now, policy.network_lockout)
 
     def succeeded(self, login: str, address: str) -> None:
-        """Clear the pair's failures and trust it for ``trust_ttl`` seconds."""
-        pair = _Keys(login, address).pair
-        self._pairs.clear(pair)
+        """Trust the pair for ``trust_ttl`` seconds (its failures stay until they age out)."""
+        pair = _Keys(login, address, self.policy).pair
         self._trusted[pair] = self._clock() + self.policy.trust_ttl
         self._trusted.move_to_end(pair)
         while len(self._trusted) > self.policy.max_keys:
@@ -202,11 +208,14 @@ class LoginThrottle:
         until = self._trusted.get(pair)
         return until is not None and now < until
 
+    def _locked(self, what: str, failures: int) -> str:
+        return f"{what} locked out after {failures} failures in {self.policy.window:g}s"
+
 
 class _Keys:
     __slots__ = ("login", "network", "pair")
 
-    def __init__(self, login: str, address: str) -> None:
+    def __init__(self, login: str, address: str, policy: ThrottlePolicy) -> None:
         self.login = login.casefold()
-        self.network = network_of(address)
+        self.network = policy.network_of(address)
         self.pair = f"{self.login}\x00{self.network}"

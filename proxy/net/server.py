@@ -20,7 +20,7 @@ import trio
 from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
-from proxy.net.session import AuthMachine, Services, Session
+from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
 from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
 from proxy.net.tlssocket import wrap_tls
 from proxy.protocol import replies
@@ -136,7 +136,8 @@ class ProxyServer:
             max_queue=config.limits.hash_queue,
             max_per_network=config.limits.hash_queue_per_network,
         )
-        self.services = self._services(config, tokens, authenticator, self.throttle, self.hashes)
+        self.early_upstreams = EarlyUpstreams()
+        self.services = self._services(config, tokens, authenticator)
         self._app_keys = _has_app_keys(config)
         for listener in config.listeners:
             auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
@@ -146,14 +147,11 @@ class ProxyServer:
         self._connections_from: collections.Counter[str] = collections.Counter()
         self._stop = trio.Event()
 
-    @staticmethod
     def _services(
-        config: Config,
-        tokens: TokenSource,
-        authenticator: Authenticator | None,
-        throttle: LoginThrottle,
-        hashes: HashPool,
+        self, config: Config, tokens: TokenSource, authenticator: Authenticator | None
     ) -> Services:
+        """What sessions share; the throttle, hash pool and early-upstream count live as
+        long as the process, across reloads."""
         if authenticator is None:
             # Unknown users are checked against a dummy hash as costly as the real ones.
             costs = [
@@ -168,7 +166,7 @@ class ProxyServer:
             )
             authenticator = Authenticator(
                 config.users,
-                hashes=hashes,
+                hashes=self.hashes,
                 cache_ttl=config.limits.credential_cache_ttl,
                 dummy_parameters=typical or DEFAULT_PARAMETERS,
             )
@@ -177,7 +175,8 @@ class ProxyServer:
             tokens=tokens,
             limits=config.limits,
             app_providers={name: app.provider for name, app in config.apps.items()},
-            throttle=throttle,
+            throttle=self.throttle,
+            early_upstreams=self.early_upstreams,
         )
 
     def reload(self, config: Config, tokens: TokenSource) -> bool:
@@ -210,7 +209,7 @@ class ProxyServer:
             )
         self.hashes.max_queue = limits.hash_queue
         self.hashes.max_per_network = limits.hash_queue_per_network
-        self.services = self._services(config, tokens, None, self.throttle, self.hashes)
+        self.services = self._services(config, tokens, None)
         self._app_keys = _has_app_keys(config)
         log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
         return True
@@ -284,19 +283,21 @@ class ProxyServer:
             return
         address = str(peer[0])
         limits = self.config.limits
+        network = self.throttle.policy.network_of(address)
         if (
             self._connections[listener] >= limits.max_connections
-            or self._connections_from[address] >= limits.max_connections_per_address
+            or self._connections_from[network] >= limits.max_connections_per_network
         ):
             log.warning(
                 "%s: connection from %s:%s on %s refused: too many connections (%d on the "
-                "listener, %d from that address)",
+                "listener, %d from network %s)",
                 conn_id,
                 address,
                 peer[1],
                 listener.name,
                 self._connections[listener],
-                self._connections_from[address],
+                self._connections_from[network],
+                network,
             )
             if listener.tls is not ClientTls.IMPLICIT:  # a TLS client could not read it
                 with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
@@ -304,14 +305,14 @@ class ProxyServer:
             await trio.aclose_forcefully(stream)
             return
         self._connections[listener] += 1
-        self._connections_from[address] += 1
+        self._connections_from[network] += 1
         try:
             await self._serve_connection(listener, stream, conn_id, peer)
         finally:
             self._connections[listener] -= 1
-            self._connections_from[address] -= 1
-            if not self._connections_from[address]:
-                del self._connections_from[address]
+            self._connections_from[network] -= 1
+            if not self._connections_from[network]:
+                del self._connections_from[network]
 
     async def _serve_connection(
         self,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import hashlib
 import json
 import logging
 import math
@@ -73,7 +72,7 @@ from proxy.protocol.sasl import (
     Credentials,
     ExternalCredentials,
 )
-from proxy.throttle import LoginThrottle, network_of
+from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
@@ -119,6 +118,21 @@ class Services:
     app_providers: dict[str, str] = field(default_factory=dict)
     #: Failed-login delays and lockouts, shared by every listener.
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    #: Upstream connections opened for clients that have not sent a command yet.
+    early_upstreams: EarlyUpstreams = field(default_factory=lambda: EarlyUpstreams())
+
+
+@dataclass(slots=True)
+class EarlyUpstreams:
+    """Counts upstream connections opened before their client sent anything.
+
+    Opening the upstream at once makes logins faster (its connection and TLS handshake
+    overlap with the client's), but a silent client would hold an upstream session for
+    nothing: beyond ``limits.max_early_upstreams`` such sessions, a client's upstream waits
+    for the client's first command.
+    """
+
+    count: int = 0
 
 
 #: How each kind of credential is named in the audit log.
@@ -235,6 +249,11 @@ class Session:
         self._attempt: _Attempt | None = None
         self._token_pending = False
         self._line_deadline = trio.current_time() + services.limits.line_timeout
+        #: The client has sent something; until then the upstream may wait (see
+        #: :class:`EarlyUpstreams`): whether this session holds an early slot, or waits.
+        self._client_spoke = False
+        self._early_slot = False
+        self._connect_deferred = False
 
     def __repr__(self) -> str:
         return f"<Session {self.conn_id} on {self.listener.name}>"
@@ -316,6 +335,8 @@ class Session:
                     if isinstance(event, TokenIssued | TokenRefused):
                         self._token_pending = False
                         self._progress()
+                    elif isinstance(event, ClientDataReceived | ClientClosed):
+                        self._client_has_spoken(nursery)
                     try:
                         actions = self.machine.handle(event)
                     except ProxyError as exc:
@@ -328,6 +349,7 @@ class Session:
                 return None
             finally:
                 nursery.cancel_scope.cancel()
+                self._release_early_slot()
                 self._finish_attempt(AuditResult.FAILURE)
         return outcome if isinstance(outcome, BeginRelay) else None
 
@@ -353,7 +375,7 @@ class Session:
                         # machine answers with the temporary reply.
                         self._log.info("%s: the upstream went away: %s", self.conn_id, exc)
                 case ConnectUpstream():
-                    nursery.start_soon(self._connect_upstream)
+                    self._connect_when_allowed(nursery)
                 case StartTls(side=side, preface=preface):
                     await self._start_tls(nursery, side, preface)
                 case RequestToken(credentials=credentials):
@@ -447,6 +469,32 @@ class Session:
         await self._tx.send(ServerConnected())
         self._start_reader_soon(Side.SERVER, stream)
 
+    def _connect_when_allowed(self, nursery: trio.Nursery) -> None:
+        """Open the upstream now, unless the client is silent and too many silent clients
+        hold upstream connections already: then once it speaks."""
+        early = self.services.early_upstreams
+        if not self._client_spoke:
+            if early.count >= self.services.limits.max_early_upstreams:
+                self._connect_deferred = True
+                return
+            early.count += 1
+            self._early_slot = True
+        nursery.start_soon(self._connect_upstream)
+
+    def _client_has_spoken(self, nursery: trio.Nursery) -> None:
+        if self._client_spoke:
+            return
+        self._client_spoke = True
+        self._release_early_slot()
+        if self._connect_deferred:
+            self._connect_deferred = False
+            nursery.start_soon(self._connect_upstream)
+
+    def _release_early_slot(self) -> None:
+        if self._early_slot:
+            self._early_slot = False
+            self.services.early_upstreams.count -= 1
+
     def _start_reader_soon(self, side: Side, stream: trio.abc.ReceiveStream) -> None:
         # Readers live in the authentication nursery, which is open whenever a connect
         # task runs (the connect task is one of its children).
@@ -528,12 +576,7 @@ class Session:
     async def _decide(self, credentials: AnyCredentials) -> _Accepted | _Refused:
         """The login's steps: the throttle, the credentials, the token, its claims."""
         certificate = self._client_certificate()
-        # What failures are counted under: the login name, or for SASL EXTERNAL the
-        # certificate (one constant name for all of them would let anyone lock every
-        # certificate client out at once).
-        key = credentials.login
-        if isinstance(credentials, ExternalCredentials):
-            key = f"certificate {hashlib.sha256(certificate or b'').hexdigest()[:32]}"
+        key = self.services.authenticator.throttle_key(credentials, certificate)
         refused = await self._throttle(credentials.login, key)
         if refused is not None:
             return refused
@@ -594,7 +637,7 @@ class Session:
                 credentials,
                 self.listener.protocol,
                 certificate=certificate,
-                network=network_of(self.peer),
+                network=throttle.policy.network_of(self.peer),
                 deadline=trio.current_time() + limits.hash_queue_timeout,
                 gate=gate,
             )

@@ -122,7 +122,7 @@ def main() -> int:
                 with config.open("a") as out:  # all sessions come from one address
                     out.write(
                         f"\n[limits]\nmax_connections = {sessions + 10}\n"
-                        f"max_connections_per_address = {sessions + 10}\n"
+                        f"max_connections_per_network = {sessions + 10}\n"
                     )
                 command = ["serve", "-c", str(config)]
                 proxy = subprocess.Popen(

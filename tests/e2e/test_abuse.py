@@ -4,6 +4,7 @@ connection limits."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import socket
 import time
@@ -54,7 +55,7 @@ async def test_lockout_refuses_even_the_right_password_until_it_expires(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     """Under trio's MockClock, which stands still until the test moves it on."""
-    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
+    rig.limits.update(failure_delay=0, lockout_after=3, failure_window=600)
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
     wrong = [
         await in_thread(lambda: login(pki, proxy.port, "guess", source=ATTACKER)) for _ in range(3)
@@ -62,7 +63,7 @@ async def test_lockout_refuses_even_the_right_password_until_it_expires(
     assert wrong[0].startswith(b"a1 NO [AUTHENTICATIONFAILED]")
     locked = await in_thread(lambda: login(pki, proxy.port, PASSWORD, source=ATTACKER))
     assert locked == wrong[0]  # the same answer as a wrong password
-    assert "locked out after 3 failures" in caplog.text
+    assert "locked out after 3 failures in 600s" in caplog.text
     mock_clock.jump(599)
     still = await in_thread(lambda: login(pki, proxy.port, PASSWORD, source=ATTACKER))
     assert still == wrong[0]
@@ -74,7 +75,7 @@ async def test_lockout_refuses_even_the_right_password_until_it_expires(
 async def test_an_attacker_elsewhere_cannot_lock_the_real_program_out(
     nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot, pki: TestPki
 ) -> None:
-    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
+    rig.limits.update(failure_delay=0, lockout_after=3)
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
     assert (await in_thread(lambda: login(pki, proxy.port, PASSWORD))).startswith(b"a1 OK")
     for _ in range(5):
@@ -101,14 +102,14 @@ async def test_failures_slow_the_next_attempts_down(
     assert delays == [f"{d}s after recent failures" for d in ("0.05", "0.1", "0.1")]
 
 
-async def test_connections_per_address_are_limited(
+async def test_connections_per_network_are_limited(
     nursery: trio.Nursery,
     rig: ProxyRig,
     dovecot: Dovecot,
     pki: TestPki,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    rig.limits.update(max_connections_per_address=2)
+    rig.limits.update(max_connections_per_network=2)
     listener = Listener(tls="starttls", upstream_port=dovecot.ports.imaps)
     proxy = await start_proxy(nursery, rig.write([listener]))
 
@@ -164,7 +165,7 @@ async def test_parallel_guesses_cannot_outrun_the_lockout(
     pki: TestPki,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    rig.limits.update(failure_delay=0, lockout_after=3, lockout_time=600)
+    rig.limits.update(failure_delay=0, lockout_after=3)
     proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
 
     async def guess(n: int) -> None:
@@ -292,3 +293,73 @@ async def test_commands_injected_behind_starttls_are_never_executed(
     last_line = transcript.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
     assert begin_tls not in transcript or last_line.startswith(begin_tls), transcript
     assert re.search(r"(pipelined|sent) data (behind|right after) (STLS|STARTTLS)", caplog.text)
+
+
+async def test_a_network_is_a_prefix_not_an_address(
+    nursery: trio.Nursery, rig: ProxyRig, dovecot: Dovecot, pki: TestPki
+) -> None:
+    """Issue: 300 connections from one IPv6 /64 were all served. With ipv4_prefix = 24 the
+    loopback addresses 127.0.0.2 and 127.0.0.3 are one network, as a /64's are by default."""
+    rig.limits.update(max_connections_per_network=2, ipv4_prefix=24)
+    listener = Listener(tls="starttls", upstream_port=dovecot.ports.imaps)
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def connect(source: str) -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), 30, (source, 0))
+        return sock, sock.recv(4096)
+
+    held = [await in_thread(functools.partial(connect, f"127.0.0.{n}")) for n in (2, 3)]
+    try:
+        refused, reply = await in_thread(lambda: connect("127.0.0.4"))
+        refused.close()
+        assert reply.startswith(b"* BYE [UNAVAILABLE] Too many connections")
+        other, greeting = await in_thread(lambda: connect("127.0.1.1"))  # another /24
+        other.close()
+        assert greeting.startswith(b"* OK")
+    finally:
+        for sock, _ in held:
+            sock.close()
+
+
+async def counting_upstream(
+    accepted: list[trio.SocketStream], *, task_status: trio.TaskStatus[int]
+) -> None:
+    """A TCP server that accepts and holds connections without a word, counting them."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def hold(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(hold, listeners, handler_nursery=nursery)
+
+
+async def test_silent_clients_hold_few_upstream_connections(
+    nursery: trio.Nursery, rig: ProxyRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue: every accepted connection opened an upstream TLS connection before the client
+    had said anything. Beyond max_early_upstreams, the upstream waits for the client."""
+    accepted: list[trio.SocketStream] = []
+    port = await nursery.start(counting_upstream, accepted)
+    rig.limits.update(max_early_upstreams=2)
+    listener = Listener(tls="none", upstream_port=port, upstream_tls="starttls")
+    proxy = await start_proxy(nursery, rig.write([listener]))
+
+    def connect() -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), 30)
+        return sock, sock.recv(4096)
+
+    silent = [await in_thread(connect) for _ in range(5)]
+    try:
+        assert all(greeting.startswith(b"* OK") for _, greeting in silent)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(accepted) == 2
+        silent[4][0].sendall(b"a1 NOOP\r\n")  # a client that speaks gets its upstream
+        with trio.fail_after(10):
+            while len(accepted) < 3:  # noqa: ASYNC110 (the proxy reports nothing to wait on)
+                await trio.sleep(0.01)
+    finally:
+        for sock, _ in silent:
+            sock.close()

@@ -565,3 +565,40 @@ def test_control_characters_in_logins_and_mailboxes_are_refused(
         f"{path}: users.\"Reports\\n@contoso.com\".mailbox: 'a\\x07@contoso.com' contains "
         "control characters",
     ]
+
+
+@pytest.mark.parametrize(
+    ("limits", "problem"),
+    [
+        (
+            "trusted_lockout_after = 5",
+            "trusted_lockout_after: must be at least lockout_after (10): networks a login "
+            "works from get the higher ceiling",
+        ),
+        ("ipv4_prefix = 33", "ipv4_prefix: must be a whole number from 8 to 32"),
+        ("ipv6_prefix = 8", "ipv6_prefix: must be a whole number from 16 to 128"),
+        ("failure_window = 0", "failure_window: must be a positive number of seconds"),
+        ("max_early_upstreams = 1.5", "max_early_upstreams: must be a whole number of at least 0"),
+    ],
+)
+def test_throttle_and_network_limits_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: str, problem: str
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    path = write(tmp_path, good_config(tmp_path) + f"\n[limits]\n{limits}\n")
+    assert problems(path) == [f"{path}: limits.{problem}"]
+
+
+def test_limits_of_earlier_versions_are_accepted_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    text = "\n[limits]\nlockout_time = 600\nmax_connections_per_address = 7\n"
+    config = load_config(write(tmp_path, good_config(tmp_path) + text))
+    assert config.limits.max_connections_per_network == 7
+    assert [w.split(": ")[1] for w in config.warnings if ": limits." in w] == [
+        "limits.lockout_time",
+        "limits.max_connections_per_address",
+    ]
+    default = load_config(write(tmp_path, good_config(tmp_path)))
+    assert default.limits.throttle_policy().network_of("2001:db8::1") == "2001:db8::/64"
