@@ -29,6 +29,7 @@ from broker.model import (
     App,
     Secret,
 )
+from proxy.files import UnsafeFile, check_directories, read_trusted
 from proxy.protocol.framing import has_control_characters
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.smtp import is_hostname
@@ -308,21 +309,18 @@ class _Reader:
         return float(value)
 
     def path(self, data: Mapping[str, object], key: str, name: str) -> Path | None:
-        """An optional plain path string, relative to the config file's folder."""
+        """An optional plain path string, relative to the config file's folder, naming a
+        file the proxy may trust (see :mod:`proxy.files`)."""
         value = data.get(name)
         if value is None:
             return None
         if not isinstance(value, str) or not value:
             self.fail(f"{key}.{name}", "must be a path string")
             return None
-        resolved = self.base / value
-        if not resolved.is_file():
-            self.fail(f"{key}.{name}", f"no such file: {resolved}")
-            return None
-        return resolved
+        return self.trusted(f"{key}.{name}", self.base / value, private=False)
 
     def file_ref(self, data: Mapping[str, object], key: str, name: str) -> Path | None:
-        """``name = { file = "..." }`` naming an existing file."""
+        """``name = { file = "..." }`` naming a file that holds a private key."""
         value = data.get(name)
         if value is None:
             return None
@@ -333,11 +331,16 @@ class _Reader:
         ):
             self.fail(f"{key}.{name}", 'must be { file = "path" }')
             return None
-        resolved = self.base / value["file"]
-        if not resolved.is_file():
-            self.fail(f"{key}.{name}", f"no such file: {resolved}")
+        return self.trusted(f"{key}.{name}", self.base / value["file"], private=True)
+
+    def trusted(self, where: str, path: Path, *, private: bool) -> Path | None:
+        """``path`` if it is a file the proxy may trust, else ``None`` and a problem."""
+        try:
+            read_trusted(path, private=private)
+        except UnsafeFile as exc:
+            self.fail(where, str(exc))
             return None
-        return resolved
+        return path
 
     def secret(
         self, data: Mapping[str, object], key: str, name: str, *, strip: bool = True
@@ -372,13 +375,13 @@ class _Reader:
         if kind == "file":
             file = self.base / ref
             try:
-                text = file.read_text()
-                mode = file.stat().st_mode
-            except OSError as exc:
-                self.fail(where, f"cannot read {file}: {exc.strerror}")
+                text = read_trusted(file, private=True).decode()
+            except UnsafeFile as exc:
+                self.fail(where, str(exc))
                 return None
-            if mode & (stat.S_IRWXO):
-                self.fail(where, f"{file} is accessible to other users; chmod o-rwx it")
+            except UnicodeDecodeError:
+                self.fail(where, f"{file} is not UTF-8 text")
+                return None
             if strip:
                 text = text.strip()
             if not text:
@@ -654,13 +657,8 @@ def _read_cache(r: _Reader, data: Mapping[str, object]) -> CacheSettings:
         if path is not None:
             if not path.parent.is_dir():
                 r.fail("cache.path", f"directory {path.parent} does not exist")
-            elif path.exists():
-                mode = stat.S_IMODE(path.stat().st_mode)
-                if mode & 0o077:
-                    r.fail(
-                        "cache.path",
-                        f"{path} is accessible to other users (mode {mode:o}); chmod 600 it",
-                    )
+            else:
+                _check_cache_path(r, path)
         return CacheSettings(kind="file", path=path, key=key)
     url = r.string(raw, "cache", "url")
     if url is not None:
@@ -685,6 +683,33 @@ def _read_cache(r: _Reader, data: Mapping[str, object]) -> CacheSettings:
         lock_timeout=lock_timeout or 15.0,
         ca_file=r.path(raw, "cache", "ca_file"),
     )
+
+
+def _check_cache_path(r: _Reader, path: Path) -> None:
+    """The token cache file: in a directory only we (or root) may write, and, if it exists
+    already, a private regular file of the user the proxy runs as (who rewrites it)."""
+    try:
+        check_directories(path)
+        info = path.parent.stat()
+        writable = stat.S_IMODE(info.st_mode) & 0o022
+        if writable:
+            raise UnsafeFile(
+                f"directory {path.parent} is writable by other users (mode "
+                f"{stat.S_IMODE(info.st_mode):o}), so the cache could be swapped; chmod go-w "
+                f"{path.parent}"
+            )
+        if path.exists() or path.is_symlink():
+            if path.is_symlink():
+                raise UnsafeFile(f"{path} is a symbolic link; the cache must be a plain file")
+            read_trusted(path, private=True)
+            owner = path.stat().st_uid
+            if owner != os.geteuid():
+                raise UnsafeFile(
+                    f"{path} belongs to uid {owner}, not to the user the proxy runs as "
+                    f"(uid {os.geteuid()}), who rewrites it; delete it or chown it"
+                )
+    except UnsafeFile as exc:
+        r.fail("cache.path", str(exc))
 
 
 def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConfig]:
@@ -962,17 +987,18 @@ def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
     r = _Reader(path)
     try:
-        mode = path.stat().st_mode
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        data = tomllib.loads(read_trusted(path, private=False).decode())
+    except UnsafeFile as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    if mode & stat.S_IWOTH:
-        r.fail("(file)", "writable by every user; chmod o-w it")
-    if any(True for _ in _walk_inline_secrets(data)) and mode & stat.S_IROTH:
-        r.fail("(file)", "holds inline secrets and is readable by every user; chmod o-r it")
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    if any(True for _ in _walk_inline_secrets(data)):
+        try:
+            read_trusted(path, private=True)
+        except UnsafeFile as exc:
+            r.fail("(file)", f"holds inline secrets: {exc}")
     r.unknown_keys(data, "", {"apps", "listeners", "users", "limits", "cache"})
     apps = _read_apps(r, data)
     app_names = set(r.table(data, "apps", "apps"))

@@ -114,7 +114,8 @@ class FileTokenCache:
 
     def _read(self) -> dict[str, CachedToken]:
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Non-blocking: a FIFO put in its place must not hang the reader.
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -144,6 +145,8 @@ class FileTokenCache:
         return entries
 
     def _check_private(self, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise CacheError(f"token cache {self._path} is not a regular file; refusing it")
         if info.st_uid != os.geteuid():
             raise CacheError(
                 f"token cache {self._path} belongs to another user (uid {info.st_uid}); "
@@ -179,7 +182,9 @@ class FileTokenCache:
     def _flock(self, deadline: float) -> Iterator[None]:
         try:
             fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                self._lock_path,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                0o600,
             )
         except OSError as exc:
             raise CacheError(

@@ -172,6 +172,26 @@ async def test_file_cache_refuses_a_file_others_can_read(tmp_path: Path) -> None
     assert await cache.load(KEY) is not None
 
 
+async def test_file_cache_refuses_a_file_of_another_user(tmp_path: Path) -> None:
+    key = new_key()
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, key)
+    await cache.store(KEY, entry())
+    os.chown(path, 65534, 65534)  # the tests run as root; 65534 is "nobody"
+    with pytest.raises(ValueError, match=r"belongs to another user \(uid 65534\)"):
+        FileTokenCache(path, key)
+    with pytest.raises(CacheError, match="belongs to another user"):
+        await cache.load(KEY)
+
+
+async def test_file_cache_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    """A FIFO in the cache's place would block a plain open() for ever."""
+    path = tmp_path / "tokens"
+    os.mkfifo(path, 0o600)
+    with trio.fail_after(10), pytest.raises(ValueError, match="not a regular file"):
+        await trio.to_thread.run_sync(FileTokenCache, path, new_key(), abandon_on_cancel=True)
+
+
 def test_file_cache_needs_an_existing_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         FileTokenCache(tmp_path / "missing" / "tokens", new_key())

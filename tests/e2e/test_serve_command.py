@@ -103,3 +103,28 @@ def test_sighup_picks_up_a_renewed_certificate(
     after = served_certificate(rig, port)
     assert after != before
     assert login(rig, port, MAILBOX) == "OK"
+
+
+def test_a_reload_refuses_a_ca_file_others_could_have_changed(
+    tmp_path: Path, rig: ProxyRig, dovecot: Dovecot
+) -> None:
+    """The attack: a local user appends its own CA to a world-writable client_ca_file and
+    waits for the operator's next reload; its certificate would then log in."""
+    ca = tmp_path / "clients-ca.pem"
+    ca.write_bytes(rig.pki.ca_file.read_bytes())
+    ca.chmod(0o644)
+    listener = Listener(
+        upstream_port=dovecot.ports.imaps,
+        extra={"client_ca_file": f'"{ca}"', "client_certificates": '"optional"'},
+    )
+    config = rig.write([listener])
+    serve = ServeProcess(config, tmp_path / "serve.log")
+    try:
+        port = serve.port()
+        ca.chmod(0o666)
+        serve.process.send_signal(signal.SIGHUP)
+        serve.wait_for(lambda: "reload refused" in serve.text(), "the refusal")
+        assert f"client_ca_file: {ca} is writable by its group and other users" in serve.text()
+        assert login(rig, port, MAILBOX) == "OK"  # the running configuration stays
+    finally:
+        serve.close()

@@ -25,6 +25,7 @@ def write(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
 
 def good_config(tmp_path: Path) -> str:
     (tmp_path / "server.pem").write_text("placeholder")
+    (tmp_path / "server.pem").chmod(0o600)
     return f"""
 [apps.contoso]
 provider = "microsoft"
@@ -126,7 +127,9 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "from-a-file" not in repr(secret)
 
     secret_file.chmod(0o644)
-    assert any("accessible to other users" in p for p in problems(write(tmp_path, text)))
+    assert any(
+        "accessible to its group and other users" in p for p in problems(write(tmp_path, text))
+    )
 
     monkeypatch.delenv("XO_TEST_SECRET", raising=False)
     assert any(
@@ -138,13 +141,20 @@ def test_inline_secret_warns_and_needs_a_private_file(tmp_path: Path) -> None:
     text = good_config(tmp_path).replace('{ env = "XO_TEST_SECRET" }', '{ value = "abc" }')
     config = load_config(write(tmp_path, text))
     assert any("inline" in w for w in config.warnings)
-    assert any("readable by every user" in p for p in problems(write(tmp_path, text, 0o644)))
+    assert problems(write(tmp_path, text, 0o640)) == [
+        f"{tmp_path / 'config.toml'}: (file): holds inline secrets: {tmp_path / 'config.toml'} "
+        f"is accessible to its group (mode 640) and holds a secret; chmod 600 "
+        f"{tmp_path / 'config.toml'}"
+    ]
 
 
 def test_world_writable_config_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XO_TEST_SECRET", "x")
-    found = problems(write(tmp_path, good_config(tmp_path), 0o666))
-    assert any("writable by every user" in p for p in found)
+    path = tmp_path / "config.toml"
+    for mode, who in ((0o666, "its group and other users"), (0o620, "its group")):
+        assert problems(write(tmp_path, good_config(tmp_path), mode)) == [
+            f"{path}: {path} is writable by {who} (mode {mode:o}); chmod go-w {path}"
+        ]
 
 
 def test_plaintext_listener_needs_loopback_or_opt_in(
