@@ -208,6 +208,7 @@ class Authenticator:
         # A stand-in hash for logins with nothing to check: verifying it costs what verifying
         # a real one does (the cost is in the parameters; the bytes are random).
         self._dummy_hash = _random_phc(dummy_parameters)
+        self._dummy_parameters = dummy_parameters
         #: Hashes a failed password check costs, whoever the user: the most any user has.
         self._rounds = max(
             (len(u.password_hashes) for u in self._users_for_rounds(users)), default=1
@@ -346,8 +347,7 @@ class Authenticator:
                 await trio.lowlevel.checkpoint()
                 return True
             del self._verified[key]
-        padding = (self._dummy_hash,) * max(self._rounds - len(hashes), 0)
-        candidates = (*hashes, *padding)
+        candidates = self._candidates(hashes)
 
         def remember() -> None:
             if self._cache_ttl > 0 and hashes:
@@ -364,6 +364,19 @@ class Authenticator:
             gate=gate,
             on_match=remember,
         )
+
+    def _candidates(self, hashes: tuple[str, ...]) -> tuple[str, ...]:
+        """The hashes a check of ``hashes`` computes, in order, until one matches: each of
+        the user's own, followed by the dummy where it costs less than the dummy (a cheap
+        old hash must not answer a wrong password faster than an unknown user is told),
+        then dummies up to the most hashes any user has."""
+        candidates: list[str] = []
+        for phc in hashes:
+            candidates.append(phc)
+            if parameters_of(phc) != self._dummy_parameters:
+                candidates.append(self._dummy_hash)
+        candidates += [self._dummy_hash] * max(self._rounds - len(hashes), 0)
+        return tuple(candidates)
 
     @staticmethod
     def _users_for_rounds(

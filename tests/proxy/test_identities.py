@@ -354,3 +354,40 @@ async def test_the_gate_can_refuse_before_any_hash_is_computed(
             Credentials("reports@contoso.com", "right"), Protocol.IMAP, gate=lambda: "locked out"
         )
     assert computed == []
+
+
+async def test_a_cheap_old_hash_is_padded_to_the_dummys_cost(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue: a user whose hash was cheaper than the dummy answered a wrong password in
+    3 ms, an unknown user in 320 ms, telling the two apart."""
+    import proxy.identities as identities
+
+    real = identities._verify
+    costs: list[HashParameters | None] = []
+
+    def recording(password: str, phc: str) -> bool:
+        costs.append(parameters_of(phc))
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", recording)
+    dearer = HashParameters(memory_cost=128, iterations=2, lanes=1)
+    auth = Authenticator(
+        {
+            "cheap": user("cheap", "pw"),
+            "dear": dataclasses.replace(
+                user("dear"), password_hashes=(hash_password("pw", dearer),)
+            ),
+        },
+        hashes=pool,
+        dummy_parameters=dearer,
+    )
+    for login in ("cheap", "dear", "nobody"):
+        costs.clear()
+        with pytest.raises(BadCredentials):
+            await auth.authenticate(Credentials(login, "wrong"), Protocol.IMAP)
+        assert dearer in costs, login  # every failure costs a hash at the dummy's cost
+        assert costs.count(dearer) == 1, login
+    costs.clear()
+    await auth.authenticate(Credentials("cheap", "pw"), Protocol.IMAP)
+    assert costs == [CHEAP]  # a success stops at its match
