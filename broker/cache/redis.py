@@ -17,7 +17,9 @@ again, asks the IdP only if it is still stale, and stores the new token before r
 others poll for the lock and then find that token. The lock expires ``lock_timeout`` seconds
 after its holder last renewed it; a holder renews it every third of that while it works, so a
 slow IdP does not let a second instance in, while a crashed instance blocks the others for at
-most ``lock_timeout``.
+most ``lock_timeout``. Nobody waits longer than that for the lock: a lock that was written
+without expiry (by another program, or in a crash at a bad moment) would otherwise stop every
+token for ever; the waiter logs it and asks the IdP without the lock.
 
 **Availability first.** If Redis is unreachable, :meth:`load` and :meth:`store` raise
 :class:`~broker.cache.CacheError` (the source logs it and carries on with its own memory) and
@@ -155,9 +157,26 @@ class RedisTokenCache:
             thread_local=False,  # acquire, renew and release run in different threads
         )
         try:
-            await self._acquire(lock)
+            # A holder renews the lock every third of lock_timeout while it works, and a
+            # crashed one's lock expires after lock_timeout: a wait longer than that means a
+            # lock nobody will release (one written without expiry, say). Give up on it.
+            with trio.move_on_after(self._lock_timeout) as waiting:
+                await self._acquire(lock)
         except CacheError as exc:
             log.warning("%s; asking the identity provider without the shared lock", exc)
+            yield
+            return
+        if waiting.cancelled_caught:
+            log.warning(
+                "redis %s: the token lock %s was not released within lock_timeout (%gs): a "
+                "lock without expiry, or a holder that stopped renewing it; asking the "
+                "identity provider without it (`redis-cli PTTL %s` says -1 for a lock that "
+                "never expires: delete it)",
+                self._where,
+                lock.name,
+                self._lock_timeout,
+                lock.name,
+            )
             yield
             return
         # The body's exception is caught and re-raised outside the nursery, so that it

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from broker import build_source
-from broker.cache import CacheSettings
+from broker.cache import CacheKey, CacheSettings
 from broker.cache.file import FileTokenCache
 from broker.cache.redis import RedisTokenCache
 from broker.clock import wall_clock
@@ -308,3 +308,30 @@ async def test_due_shared_token_serves_logins_while_the_idp_fails(tmp_path: Path
     clock.now += 300 - 59
     with pytest.raises(TemporaryTokenError):
         await restarted.token("contoso")
+
+
+async def test_a_lock_without_expiry_delays_a_token_only_lock_timeout(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue: a lock key without expiry (any Redis writer, or a crash at a bad moment) made
+    every login wait token_timeout and fail, for ever."""
+    import redis
+
+    key = new_key()
+    cache = RedisTokenCache(redis_server.url, key, lock_timeout=0.5)
+    source = CachingTokenSource(
+        {"contoso": fake_app()}, providers={"contoso": FakeProvider(wall_clock)}, cache=cache
+    )
+    client = redis.Redis.from_url(redis_server.url)
+    lock = f"xoauth2-proxy:lock:{CacheKey.for_app(fake_app()).digest}"
+    try:
+        client.set(lock, b"someone else's token")  # no expiry: nobody will ever release it
+        assert client.pttl(lock) == -1
+        with trio.fail_after(10):
+            token = await source.token("contoso")
+    finally:
+        client.close()
+        source.close()
+        cache.close()
+    assert token.value == "token-1"
+    assert f"the token lock {lock} was not released within lock_timeout (0.5s)" in caplog.text
