@@ -17,9 +17,9 @@ again, asks the IdP only if it is still stale, and stores the new token before r
 others poll for the lock and then find that token. The lock expires ``lock_timeout`` seconds
 after its holder last renewed it; a holder renews it every third of that while it works, so a
 slow IdP does not let a second instance in, while a crashed instance blocks the others for at
-most ``lock_timeout``. Nobody waits longer than that for the lock: a lock that was written
-without expiry (by another program, or in a crash at a bad moment) would otherwise stop every
-token for ever; the waiter logs it and asks the IdP without the lock.
+most ``lock_timeout``. A lock that was written without expiry (by another program, or in a
+crash at a bad moment) would stop every token for ever: a waiter gives up on such a lock
+after ``lock_timeout``, logs it and asks the IdP without the lock.
 
 **Availability first.** If Redis is unreachable, :meth:`load` and :meth:`store` raise
 :class:`~broker.cache.CacheError` (the source logs it and carries on with its own memory) and
@@ -157,25 +157,19 @@ class RedisTokenCache:
             thread_local=False,  # acquire, renew and release run in different threads
         )
         try:
-            # A holder renews the lock every third of lock_timeout while it works, and a
-            # crashed one's lock expires after lock_timeout: a wait longer than that means a
-            # lock nobody will release (one written without expiry, say). Give up on it.
-            with trio.move_on_after(self._lock_timeout) as waiting:
-                await self._acquire(lock)
+            acquired = await self._acquire(lock)
         except CacheError as exc:
             log.warning("%s; asking the identity provider without the shared lock", exc)
             yield
             return
-        if waiting.cancelled_caught:
+        if not acquired:
             log.warning(
-                "redis %s: the token lock %s was not released within lock_timeout (%gs): a "
-                "lock without expiry, or a holder that stopped renewing it; asking the "
-                "identity provider without it (`redis-cli PTTL %s` says -1 for a lock that "
-                "never expires: delete it)",
+                "redis %s: the token lock %s has no expiry and was not released within "
+                "lock_timeout (%gs): nobody will release it; asking the identity provider "
+                "without it (delete the key to let the instances share requests again)",
                 self._where,
                 lock.name,
                 self._lock_timeout,
-                lock.name,
             )
             yield
             return
@@ -201,11 +195,27 @@ class RedisTokenCache:
         if failure is not None:
             raise failure
 
-    async def _acquire(self, lock: Lock) -> None:
+    async def _acquire(self, lock: Lock) -> bool:
+        """Wait for the lock; ``False`` if it is stuck.
+
+        A holder renews the lock while it works (its fetch has a deadline of its own), and
+        a crashed holder's lock expires: either way the lock frees up. A lock without
+        expiry, written by another program or in a crash at a bad moment, never does: after
+        ``lock_timeout`` of waiting for one, give up on it.
+        """
         pause = POLL_FIRST
+        started = trio.current_time()
+        name = str(lock.name)
         while not await self._try_acquire(lock):
+            waited = trio.current_time() - started
+            if (
+                waited >= self._lock_timeout
+                and await self._call(lambda: self._client.pttl(name)) == -1
+            ):
+                return False
             await trio.sleep(pause)
             pause = min(pause * 2, POLL_MAX)
+        return True
 
     async def _try_acquire(self, lock: Lock) -> bool:
         """One ``SET NX`` attempt in a worker thread that a cancelled caller abandons.
