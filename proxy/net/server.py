@@ -21,7 +21,12 @@ from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
-from proxy.net.tls import client_side_context, describe_tls_error, upstream_context
+from proxy.net.tls import (
+    client_side_context,
+    describe_tls_error,
+    peer_certificate,
+    upstream_context,
+)
 from proxy.net.tlssocket import wrap_tls
 from proxy.protocol import replies
 from proxy.protocol.imap import ImapAuth
@@ -341,6 +346,7 @@ class ProxyServer:
                     )
                     log.info("%s: client TLS handshake %s", conn_id, text)
                     return
+            certificate = peer_certificate(client)  # once, while the handshake is fresh
             machine, timeout_reply = auth_machine(listener, app_keys=self._app_keys)
             session = Session(
                 conn_id=conn_id,
@@ -352,6 +358,7 @@ class ProxyServer:
                 client_context=context,
                 upstream_context=self._upstream_contexts[listener],
                 timeout_reply=timeout_reply,
+                client_certificate=certificate,
             )
             del machine  # the session's alone: it lets go of it once logged in
             await session.run()

@@ -36,8 +36,8 @@ from proxy.config import Protocol as MailProtocol
 from proxy.hashpool import Busy
 from proxy.identities import BadCredentials, LockedOut
 from proxy.net.relay import relay
-from proxy.net.tls import describe_tls_error
-from proxy.net.tlssocket import TlsSocketStream, wrap_tls
+from proxy.net.tls import describe_tls_error, peer_certificate
+from proxy.net.tlssocket import wrap_tls
 from proxy.protocol.actions import (
     Action,
     BeginRelay,
@@ -149,6 +149,8 @@ class AuditResult(enum.Enum):
     FAILURE = "failure"
     #: Not decided: the identity provider or the app's permissions failed; try again later.
     TEMPORARY_FAILURE = "temporary-failure"
+    #: Not decided: the client left (or the proxy stopped) while its credentials were checked.
+    ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,7 @@ class Session:
         client_context: ssl.SSLContext | None,
         upstream_context: ssl.SSLContext,
         timeout_reply: bytes,
+        client_certificate: bytes | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.peer = peer
@@ -254,6 +257,13 @@ class Session:
         self._client_spoke = False
         self._early_slot = False
         self._connect_deferred = False
+        #: The client's TLS certificate (DER), read once right after its handshake (the
+        #: listener's for implicit TLS, ours after STARTTLS): a connection broken later
+        #: must not turn the login's certificate check into an internal error.
+        self.client_certificate = client_certificate
+        #: An attempt whose credentials are being checked: (login, kind), audited as
+        #: abandoned if the client goes away before it is decided.
+        self._deciding: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.conn_id} on {self.listener.name}>"
@@ -351,6 +361,15 @@ class Session:
                 nursery.cancel_scope.cancel()
                 self._release_early_slot()
                 self._finish_attempt(AuditResult.FAILURE)
+                if self._deciding is not None:
+                    login, kind = self._deciding
+                    self._deciding = None
+                    self._audit(
+                        login,
+                        AuditResult.ABANDONED,
+                        "the connection ended before the answer",
+                        kind=kind,
+                    )
         return outcome if isinstance(outcome, BeginRelay) else None
 
     async def _execute(
@@ -380,6 +399,9 @@ class Session:
                     await self._start_tls(nursery, side, preface)
                 case RequestToken(credentials=credentials):
                     self._token_pending = True
+                    # Known as under way from now: audited even if the client leaves before
+                    # the task has started.
+                    self._deciding = (credentials.login, CREDENTIAL_KINDS[type(credentials)])
                     nursery.start_soon(self._obtain_token, credentials)
                 case BeginRelay(to_server=to_server, to_client=to_client):
                     self._finish_attempt(AuditResult.SUCCESS, "logged in upstream")
@@ -557,14 +579,17 @@ class Session:
                 return
             self._log.info("%s: %s: TLS handshake %s", self.conn_id, what, text)
             raise _Stop from exc
+        if side is Side.CLIENT:
+            self.client_certificate = peer_certificate(tls)
         await nursery.start(self._reader, side, tls)
         self._pending.appendleft(TlsEstablished(side))
 
     async def _obtain_token(self, credentials: AnyCredentials) -> None:
         if self._attempt is not None:  # the client tries again after an upstream refusal
             self._finish_attempt(AuditResult.FAILURE)
-        decision = await self._decide(credentials)
         kind = CREDENTIAL_KINDS[type(credentials)]
+        decision = await self._decide(credentials)
+        self._deciding = None
         if isinstance(decision, _Refused):
             self._audit(credentials.login, decision.result, decision.reason, decision.mailbox, kind)
             await self._tx.send(TokenRefused(decision.refusal))
@@ -575,7 +600,7 @@ class Session:
 
     async def _decide(self, credentials: AnyCredentials) -> _Accepted | _Refused:
         """The login's steps: the throttle, the credentials, the token, its claims."""
-        certificate = self._client_certificate()
+        certificate = self.client_certificate
         key = self.services.authenticator.throttle_key(credentials, certificate)
         refused = await self._throttle(credentials.login, key)
         if refused is not None:
@@ -729,15 +754,6 @@ class Session:
     def _progress(self) -> None:
         """The client has our attention again: its next command has line_timeout."""
         self._line_deadline = trio.current_time() + self.services.limits.line_timeout
-
-    def _client_certificate(self) -> bytes | None:
-        """The client's TLS certificate (DER), verified by the handshake, if it sent one."""
-        der: bytes | None = None
-        if isinstance(self.client, TlsSocketStream):
-            der = self.client.socket.getpeercert(binary_form=True)
-        elif isinstance(self.client, trio.SSLStream):
-            der = self.client.getpeercert(binary_form=True)
-        return der
 
     def _finish_attempt(self, result: AuditResult, reason: str = "") -> None:
         attempt, self._attempt = self._attempt, None

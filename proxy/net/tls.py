@@ -5,12 +5,15 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING
 
+import trio
+
 from proxy.config import ClientCertificates
+from proxy.net.tlssocket import TlsSocketStream
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["client_side_context", "describe_tls_error", "upstream_context"]
+__all__ = ["client_side_context", "describe_tls_error", "peer_certificate", "upstream_context"]
 
 
 def client_side_context(
@@ -68,3 +71,18 @@ def describe_tls_error(exc: BaseException) -> str:
             return f"TLS error: {cause.reason or cause}"
         cause = cause.__cause__ or cause.__context__
     return f"TLS handshake failed: {exc}"
+
+
+def peer_certificate(stream: trio.abc.Stream) -> bytes | None:
+    """The certificate (DER) the peer presented in ``stream``'s finished handshake, already
+    verified by it; ``None`` if it presented none or ``stream`` is not TLS. Read it right
+    after the handshake: once the connection breaks, the TLS object may no longer say."""
+    der: object = None
+    try:
+        if isinstance(stream, TlsSocketStream):
+            der = stream.socket.getpeercert(binary_form=True)
+        elif isinstance(stream, trio.SSLStream):
+            der = stream.getpeercert(binary_form=True)
+    except ValueError:  # the handshake did not finish
+        return None
+    return der if isinstance(der, bytes) else None
