@@ -30,13 +30,19 @@ from broker.model import (
     Secret,
 )
 from proxy.files import UnsafeFile, check_directories, read_trusted
+from proxy.names import (
+    fold_case,
+    has_format_characters,
+    is_plain_address,
+    match_mailbox,
+)
 from proxy.protocol.framing import has_control_characters
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.smtp import is_hostname
 from proxy.throttle import ThrottlePolicy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
 
 __all__ = [
@@ -129,30 +135,13 @@ class UserConfig:
         return bool(self.certificate_fingerprints or self.certificate_subjects)
 
     def may_open(self, mailbox: str) -> bool:
-        """Is ``mailbox`` allowed by this identity's mailbox policy (case-insensitive)?"""
-        return _allows(self.mailboxes or (self.mailbox,), mailbox)
+        """Is ``mailbox`` allowed by this identity's mailbox policy?"""
+        return self.mailbox_for(mailbox) is not None
 
-
-def _allows(patterns: Iterable[str], mailbox: str) -> bool:
-    """Does one of ``patterns`` (addresses, or with ``*``) match ``mailbox``, ignoring case?"""
-    wanted = mailbox.casefold()
-    return any(_pattern_matches(p.casefold(), wanted) for p in patterns)
-
-
-def _pattern_matches(pattern: str, text: str) -> bool:
-    """``*`` matches any run of characters; everything else matches itself."""
-    parts = pattern.split("*")
-    if len(parts) == 1:
-        return pattern == text
-    if not (text.startswith(parts[0]) and text.endswith(parts[-1])):
-        return False
-    position, end = len(parts[0]), len(text) - len(parts[-1])
-    for part in parts[1:-1]:
-        found = text.find(part, position, end)
-        if found < 0:
-            return False
-        position = found + len(part)
-    return position <= end
+    def mailbox_for(self, wanted: str) -> str | None:
+        """The mailbox to open for a client that asked for ``wanted``, or ``None`` if the
+        policy does not allow it (see :func:`proxy.names.match_mailbox`)."""
+        return match_mailbox(self.mailboxes or (self.mailbox,), wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +216,7 @@ class Config:
 
     def user(self, login: str) -> UserConfig | None:
         """Find a user by login name, ignoring case."""
-        return self.users.get(login.casefold())
+        return self.users.get(fold_case(login))
 
 
 class ConfigError(Exception):
@@ -810,14 +799,24 @@ def _read_users(
             r.fail(key, "must be a table")
             continue
         r.unknown_keys(raw, key, USER_KEYS)
-        # No client can send them, and they would break log lines and generated scripts.
+        # No client can send them, and they would break log lines and generated scripts,
+        # or (format characters) make a name display as another.
         if has_control_characters(login):
             r.fail(key, "the login name contains control characters")
+        elif has_format_characters(login):
+            r.fail(key, "the login name contains invisible formatting characters (Unicode Cf)")
         for field_name in ("mailbox", "mailboxes"):
             values = raw.get(field_name)
             for value in values if isinstance(values, list) else [values]:
-                if isinstance(value, str) and has_control_characters(value):
+                if not isinstance(value, str):
+                    continue
+                if has_control_characters(value):
                     r.fail(f"{key}.{field_name}", f"{value!r} contains control characters")
+                elif not is_plain_address(value.replace("*", "x")) or has_format_characters(value):
+                    r.fail(
+                        f"{key}.{field_name}",
+                        f"{value!r} is not a plain address (local@domain; * in patterns)",
+                    )
         hashes_raw = raw.get("password_hash", [])
         hashes = [hashes_raw] if isinstance(hashes_raw, str) else hashes_raw
         if not isinstance(hashes, list) or not all(isinstance(h, str) and h for h in hashes):
@@ -871,9 +870,9 @@ def _read_users(
                     protocols.add(Protocol(p))
                 else:
                     r.fail(f"{key}.protocols", f"unknown protocol {p!r}")
-        if "mailbox" in raw and mailbox and patterns and not _allows(patterns, mailbox):
+        if "mailbox" in raw and mailbox and patterns and match_mailbox(patterns, mailbox) is None:
             r.fail(f"{key}.mailbox", f"{mailbox!r} is not in the user's mailboxes")
-        folded = login.casefold()
+        folded = fold_case(login)
         if folded in users:
             r.fail(key, "the same login name, ignoring case, appears twice")
         if app and mailbox and protocols:

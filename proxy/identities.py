@@ -38,6 +38,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography import x509
 
 from proxy.hashpool import Refused
+from proxy.names import fold_case, has_format_characters
 from proxy.protocol.sasl import BearerCredentials, ExternalCredentials
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ class Authenticator:
         if isinstance(users, Mapping):
             table = users
             self._lookup: Callable[[str], UserConfig | None] = lambda login: table.get(
-                login.casefold()
+                fold_case(login)
             )
             for user in table.values():
                 self._by_certificate.update(dict.fromkeys(user.certificate_fingerprints, user))
@@ -238,6 +239,11 @@ class Authenticator:
         re-checks its failed-login limits there, which parallel attempts would otherwise
         all pass before the first failure is counted.
         """
+        if has_format_characters(credentials.login):
+            await trio.lowlevel.checkpoint()
+            raise BadCredentials(
+                "the login name contains invisible formatting characters (Unicode Cf)"
+            )
         if isinstance(credentials, ExternalCredentials):
             await trio.lowlevel.checkpoint()
             owner = self._certificate_owner(certificate)
@@ -263,7 +269,7 @@ class Authenticator:
             raise BadCredentials("wrong password" if hashes else "the user has no password")
         assert user is not None
         wanted = credentials.authzid
-        if wanted.casefold() == user.login.casefold():
+        if fold_case(wanted) == fold_case(user.login):
             wanted = ""
         return self._identity(user, protocol, wanted, "password", certificate)
 
@@ -276,8 +282,8 @@ class Authenticator:
             return f"certificate:{hashlib.sha256(certificate or b'').hexdigest()}"
         if isinstance(credentials, BearerCredentials):
             owner = self._by_app_key.get(hashlib.sha256(credentials.key.encode()).hexdigest())
-            return f"app-key:{owner.login.casefold() if owner is not None else '(unknown key)'}"
-        return f"password:{credentials.login.casefold()}"
+            return f"app-key:{fold_case(owner.login) if owner is not None else '(unknown key)'}"
+        return f"password:{fold_case(credentials.login)}"
 
     def _identity(
         self,
@@ -294,9 +300,14 @@ class Authenticator:
             owner = self._certificate_owner(certificate)
             if owner is not user:
                 raise BadCredentials("the client certificate belongs to another user")
-        mailbox = wanted_mailbox or user.mailbox
-        if not user.may_open(mailbox):
-            raise BadCredentials(f"mailbox {mailbox!r} is not in user {user.login!r}'s mailboxes")
+        wanted = wanted_mailbox or user.mailbox
+        if has_format_characters(wanted):
+            raise BadCredentials(
+                f"mailbox {wanted!r} contains invisible formatting characters (Unicode Cf)"
+            )
+        mailbox = user.mailbox_for(wanted)
+        if mailbox is None:
+            raise BadCredentials(f"mailbox {wanted!r} is not in user {user.login!r}'s mailboxes")
         return Identity(login=user.login, mailbox=mailbox, app=user.app, kind=kind)
 
     def _certificate_owner(self, certificate: bytes | None) -> UserConfig:
@@ -332,7 +343,7 @@ class Authenticator:
     ) -> bool:
         """Check ``password``; a failure always costs :attr:`_rounds` hash computations."""
         hashes = user.password_hashes if user is not None else ()
-        name = user.login if user is not None else login.casefold()
+        name = user.login if user is not None else fold_case(login)
         # Identifies this attempt: the remembered verification, and the one computation that
         # identical attempts in parallel share.
         key = hmac.new(

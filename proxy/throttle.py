@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from proxy.names import fold_case
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -216,6 +218,6 @@ class _Keys:
     __slots__ = ("login", "network", "pair")
 
     def __init__(self, login: str, address: str, policy: ThrottlePolicy) -> None:
-        self.login = login.casefold()
+        self.login = fold_case(login)
         self.network = policy.network_of(address)
         self.pair = f"{self.login}\x00{self.network}"

@@ -780,7 +780,9 @@ class Session:
                     "result": result.value,
                     "reason": reason,
                 },
-                ensure_ascii=False,
+                # Escaped: a name of bidi overrides or zero-width characters must not
+                # display as another in a log viewer.
+                ensure_ascii=True,
             ),
         )
 

@@ -43,6 +43,7 @@ from broker.errors import BrokerError
 from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
 from proxy.identities import Authenticator
+from proxy.names import fold_case
 from proxy.net.server import auth_machine
 from proxy.net.session import (
     REQUIRED_ROLES,
@@ -286,7 +287,7 @@ async def _login(
     services = Services(
         # An app key needs no password hash: the pool is never started.
         authenticator=Authenticator(
-            {user.login.casefold(): stand_in}, hashes=HashPool(1), cache_ttl=0
+            {fold_case(user.login): stand_in}, hashes=HashPool(1), cache_ttl=0
         ),
         tokens=tokens,
         limits=config.limits,

@@ -91,3 +91,26 @@ async def test_every_attempt_is_audited_once_without_secrets(
     text = "\n".join(record.getMessage() for record in caplog.records)
     for secret in (PASSWORD, "wrong-" + PASSWORD, CLIENT_SECRET):
         assert secret not in text
+
+
+async def test_audit_lines_are_ascii_and_spoofed_names_are_refused(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    dovecot: Dovecot,
+    pki: TestPki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue: a login of U+202E and reversed text was written raw and showed as another
+    user's name in a log viewer."""
+    rig.limits.update(failure_delay=0)
+    proxy = await start_proxy(nursery, rig.write([Listener(upstream_port=dovecot.ports.imaps)]))
+    spoof = "\u202e" + MAILBOX[::-1]
+    reply = await in_thread(lambda: login(pki, proxy.port, PASSWORD, user=spoof))
+    assert reply.startswith(b"a1 NO [AUTHENTICATIONFAILED]")
+    (record,) = [r for r in caplog.records if r.name == "xoauth2_proxy.audit"]
+    raw = record.getMessage()
+    assert raw.isascii()
+    assert "\\u202e" in raw
+    line = json.loads(raw)
+    assert line["login"] == spoof
+    assert line["reason"] == "the login name contains invisible formatting characters (Unicode Cf)"

@@ -612,3 +612,28 @@ def test_limits_of_earlier_versions_are_accepted_with_a_warning(
     ]
     default = load_config(write(tmp_path, good_config(tmp_path)))
     assert default.limits.throttle_policy().network_of("2001:db8::1") == "2001:db8::/64"
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        (
+            '[users."rep\\u202eorts@contoso.com"]\npassword_hash = "HASH"\napp = "contoso"\n'
+            'mailbox = "reports@contoso.com"',
+            'users."rep\u202eorts@contoso.com": the login name contains invisible formatting '
+            "characters (Unicode Cf)",
+        ),
+        (
+            '[users."erp"]\npassword_hash = "HASH"\napp = "contoso"\n'
+            'mailbox = "erp@contoso.com"\nmailboxes = ["erp@contoso.com", "erp-* x@contoso.com"]',
+            "users.\"erp\".mailboxes: 'erp-* x@contoso.com' is not a plain address "
+            "(local@domain; * in patterns)",
+        ),
+    ],
+)
+def test_names_that_could_pass_for_others_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, problem: str
+) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    path = write(tmp_path, good_config(tmp_path) + "\n" + table.replace("HASH", HASH) + "\n")
+    assert problems(path) == [f"{path}: {problem}"]

@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from proxy.cli import main
-from proxy.config import load_config
+from proxy.config import Protocol, load_config
 from proxy.identities import HashParameters, hash_password
 from proxy.ops.exchange import powershell
 
@@ -124,18 +124,13 @@ def test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_configuration_values_cannot_become_powershell(tmp_path: Path) -> None:
     """Addresses and names come from the configuration: a typographic quote cannot end a
-    string, a line break cannot end a comment (the configuration refuses one, and the
+    string, a line break cannot end a comment (the configuration refuses both, and the
     script does not rely on that), and a default mailbox outside the user's policy is
     granted nothing."""
     path = config_file(tmp_path)
     path.write_text(
         path.read_text()
         + f"""
-[users."quoted"]
-password_hash = "{HASH}"
-app = "contoso"
-mailbox = "x\u2019; Remove-Mailbox ceo; \u2019@contoso.com"
-
 [users."narrow"]
 password_hash = "{HASH}"
 app = "contoso"
@@ -144,7 +139,15 @@ mailboxes = ["narrow-*@contoso.com"]
     )
     config = load_config(path)
     evil = dataclasses.replace(config.users["erp"], login="evil\nGet-Mailbox | Remove-Mailbox")
-    script = powershell(dataclasses.replace(config, users={**config.users, "evil": evil}))
+    quoted = dataclasses.replace(
+        config.users["erp"],
+        login="quoted",
+        mailbox="x\u2019; Remove-Mailbox ceo; \u2019@contoso.com",
+        mailboxes=(),
+        protocols=frozenset(Protocol),
+    )
+    users = {**config.users, "evil": evil, "quoted": quoted}
+    script = powershell(dataclasses.replace(config, users=users))
     commands = [line for line in script.splitlines() if line and not line.startswith("#")]
     assert (
         "Set-CASMailbox -Identity 'x\u2019\u2019; Remove-Mailbox ceo; \u2019\u2019@contoso.com' "

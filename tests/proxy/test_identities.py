@@ -293,14 +293,25 @@ async def test_app_key_swaps_in_for_the_mailbox_it_names(pool: HashPool) -> None
         ("*@reports.contoso.com", "a@reports.contoso.com", True),
         ("*@reports.contoso.com", "a@REPORTS.contoso.com", True),
         ("*@reports.contoso.com", "a@x.reports.contoso.com", False),
-        ("*@reports.contoso.com", "@reports.contoso.com", True),
+        ("*@reports.contoso.com", "@reports.contoso.com", False),  # no local part
         ("*@reports.contoso.com", "a@reports.contoso.com.evil", False),
         ("scan-*@contoso.com", "scan-1@contoso.com", True),
         ("scan-*@contoso.com", "scan@contoso.com", False),
-        ("a*b*c", "abc", True),
-        ("a*b*c", "ac", False),
-        ("a*bc*c", "abc", False),
+        ("a*b*c@x.com", "abc@x.com", True),
+        ("a*b*c@x.com", "ac@x.com", False),
+        ("a*bc*c@x.com", "abc@x.com", False),
         ("exact@contoso.com", "exact@contoso.com", True),
+        ("exact@contoso.com", "EXACT@Contoso.COM", True),
+        # Issue: * matched @, \, spaces and itself; U+017F folded to s.
+        ("erp-*@contoso.com", "erp-x@contoso.com\\ceo@contoso.com", False),
+        ("erp-*@contoso.com", "erp-x\\ceo@contoso.com", False),
+        ("erp-*@contoso.com", "erp-a b@contoso.com", False),
+        ("erp-*@contoso.com", "erp-*@contoso.com", False),
+        ("erp-*@contoso.com", "erp-x@evil.com@contoso.com", False),
+        ("*@contoso.com", "ceo@evil.com", False),
+        ("reports@contoso.com", "reports@conto\u017fo.com", False),
+        ("reports@contoso.com", "reports@contoso.com\u200b", False),
+        ("*@contoso.com", "rep\u202eorts@contoso.com", False),
     ],
 )
 def test_mailbox_patterns(pattern: str, mailbox: str, allowed: bool) -> None:
@@ -391,3 +402,24 @@ async def test_a_cheap_old_hash_is_padded_to_the_dummys_cost(
     costs.clear()
     await auth.authenticate(Credentials("cheap", "pw"), Protocol.IMAP)
     assert costs == [CHEAP]  # a success stops at its match
+
+
+def test_the_mailbox_sent_upstream_is_the_configured_spelling_or_a_pattern_match() -> None:
+    policy = identity_user(mailboxes=("Reports@Contoso.com", "erp-*@contoso.com"))
+    assert policy.mailbox_for("reports@CONTOSO.COM") == "Reports@Contoso.com"
+    assert policy.mailbox_for("ERP-7@contoso.com") == "ERP-7@contoso.com"
+    assert policy.mailbox_for("reports@conto\u017fo.com") is None
+
+
+async def test_invisible_formatting_characters_are_refused(pool: HashPool) -> None:
+    """Issue: a login of U+202E and reversed text showed as another user's name in a log
+    viewer; zero-width characters passed the same way."""
+    auth = authenticator(pool, user("reports@contoso.com"))
+    for login in ("reports@contoso.com\u200b", "\u202emoc.osotnoc@stroper"):
+        with pytest.raises(BadCredentials, match="invisible formatting characters"):
+            await auth.authenticate(Credentials(login, "right"), Protocol.IMAP)
+    with pytest.raises(BadCredentials, match="invisible formatting characters"):
+        await auth.authenticate(
+            Credentials("reports@contoso.com", "right", authzid="reports@contoso.com\u2060"),
+            Protocol.IMAP,
+        )
