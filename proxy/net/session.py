@@ -596,7 +596,9 @@ class Session:
             identity.mailbox,
             identity.app,
         )
-        return _Accepted(TokenIssued(mailbox=identity.mailbox, token=token), identity.login)
+        provider = self.services.app_providers.get(identity.app, "")
+        issued = TokenIssued(mailbox=identity.mailbox, token=token, provider=provider)
+        return _Accepted(issued, identity.login)
 
     async def _throttle(self, login: str, key: str) -> _Refused | None:
         """Refuse a locked-out login without checking it; wait out a failure delay."""

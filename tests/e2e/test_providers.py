@@ -616,3 +616,40 @@ async def test_the_login_path_checks_tokens_it_did_not_fetch(
     assert "method=XOAUTH2" not in dovecot.log_text()[since:]
     assert base64.b64encode(value.encode()).decode() not in caplog.text
     assert value not in caplog.text
+
+
+async def test_doctor_speaks_the_providers_language(
+    tmp_path: Path, pki: TestPki, authz: AuthorizationServer, generic_dovecot: Dovecot
+) -> None:
+    from broker import build_source
+    from broker.cache.memory import MemoryTokenCache
+    from proxy.ops import doctor
+
+    private_file(tmp_path / "secret", SECRET)
+    config = load_config(
+        write_config(
+            tmp_path,
+            pki,
+            generic_dovecot,
+            f"""[apps.mail]
+provider = "oauth2"
+issuer = "{authz.issuer}"
+client_id = "mail-proxy"
+client_secret = {{ file = "secret" }}
+resource = "{MAIL_RESOURCE}"
+scope = "mail"
+ca_file = "{authz.ca_file}"
+""",
+        )
+    )
+    source = build_source(config.apps, cache=MemoryTokenCache())
+    try:
+        findings = await doctor.diagnose(config, source, MAILBOX)
+    finally:
+        source.close()
+    report = doctor.render(findings)
+    assert all(f.status is doctor.Status.OK for f in findings), report
+    assert "the token's iss, aud, scope are as expected" in report
+    assert "logged in as reports@contoso.com; EXAMINE INBOX: OK" in report
+    for microsoft in ("role", "Entra", "Exchange", "tenant"):
+        assert microsoft not in report
