@@ -605,11 +605,30 @@ async def test_no_secret_in_logs_or_errors(
     key_lines = [line for line in key_text.splitlines() if not line.startswith("-----")][:5]
     texts: list[str] = []
     tokens: list[str] = []
+    certificate = client_certificate(server, "tls-client.example.com")
+    leaf = x509.load_pem_x509_certificates(certificate.reveal().encode())[0]
+    server.register_client("tls-client", tls_subject=leaf.subject.rfc4514_string())
+    certificate_key = [
+        line for line in certificate.reveal().split("-----END")[0].splitlines() if "---" not in line
+    ][:5]
     apps = {
         "basic": oauth2_app(server),
         "post": oauth2_app(server, auth_method="client_secret_post"),
         "wrong": oauth2_app(server, client_secret=Secret(SECRET[::-1])),
         "gmail": google_app(server, client_key),
+        "hs256": oauth2_app(server, auth_method="client_secret_jwt"),
+        "hs-wrong": oauth2_app(
+            server, auth_method="client_secret_jwt", client_secret=Secret(SECRET[::-1])
+        ),
+        "tls": oauth2_app(
+            server,
+            client_id="tls-client",
+            client_secret=None,
+            auth_method="tls_client_auth",
+            client_certificate=certificate,
+            scope="mail",
+        ),
+        "mismatch": oauth2_app(server, expect_audience=("imap://elsewhere.example.com",)),
     }
     source = CachingTokenSource(apps)
     for name in apps:
@@ -628,8 +647,8 @@ async def test_no_secret_in_logs_or_errors(
     texts += [repr(source), *(repr(a) for a in apps.values())]
     texts += [r.getMessage() for r in caplog.records]
     source.close()
-    assert len(tokens) == 3
-    secrets = [SECRET, SECRET[::-1], *key_lines, *tokens]
+    assert len(tokens) == 5
+    secrets = [SECRET, SECRET[::-1], *key_lines, *certificate_key, *tokens]
     for text in texts:
         for secret in secrets:
             assert secret not in text
