@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-__all__ = ["BrokerError", "PermanentTokenError", "TemporaryTokenError"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from broker.claims import Mismatch
+
+__all__ = ["BrokerError", "PermanentTokenError", "TemporaryTokenError", "token_mismatch"]
 
 
 class BrokerError(Exception):
@@ -43,3 +48,15 @@ class TemporaryTokenError(BrokerError):
         super().__init__(message, code=code, fix=fix)
         #: Seconds the provider asked us to wait (HTTP Retry-After), if it said.
         self.retry_after = retry_after
+
+
+def token_mismatch(where: str, problems: Sequence[Mismatch]) -> PermanentTokenError:
+    """The error for a token that is not what was asked for: each claim, its value, what was
+    expected, and the fixes (the token is never used)."""
+    what = "; ".join(str(p) for p in problems)
+    fixes = " ".join(dict.fromkeys(p.fix for p in problems))
+    return PermanentTokenError(
+        f"{where}: the identity provider issued a token the mail server would refuse: {what}",
+        code="TOKEN_" + "_".join(p.claim.upper() for p in problems),
+        fix=fixes,
+    )

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "AUTH_METHODS",
     "DEFAULT_AUTHORITY",
     "DEFAULT_SCOPE",
     "GOOGLE_SCOPE",
@@ -23,6 +24,16 @@ DEFAULT_SCOPE: Final = "https://outlook.office365.com/.default"
 #: Full IMAP/POP3/SMTP access to Gmail, the scope XOAUTH2 needs.
 GOOGLE_SCOPE: Final = "https://mail.google.com/"
 GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
+#: How an ``oauth2`` client authenticates (RFC 6749 2.3.1, RFC 7523 2.2, OpenID Connect
+#: Core 9, RFC 8705 2).
+AUTH_METHODS: Final = (
+    "client_secret_basic",
+    "client_secret_post",
+    "client_secret_jwt",
+    "private_key_jwt",
+    "tls_client_auth",
+    "self_signed_tls_client_auth",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +94,28 @@ class App:
     ca_file: Path | None = None
     #: Token endpoint (``google``, ``oauth2``; Microsoft's comes from ``authority``).
     token_url: str = ""
-    #: ``oauth2``: client_secret_basic, client_secret_post or private_key_jwt.
+    #: ``oauth2``: one of :data:`AUTH_METHODS`.
     auth_method: str = ""
     #: PEM private key signing JWT assertions (``google``; ``oauth2`` private_key_jwt).
     private_key: Secret | None = None
     #: ``kid`` header of those assertions, if the server wants one.
     key_id: str = ""
+    #: ``oauth2``: the authorization server's issuer identifier. Its metadata (RFC 8414, or
+    #: OpenID Connect Discovery) names the token endpoint, and tokens must come from it.
+    issuer: str = ""
+    #: ``oauth2``: RFC 8707 resource indicators asked for (the tokens' audiences).
+    resources: tuple[str, ...] = ()
+    #: ``oauth2`` client assertions' ``aud``: ``issuer``, ``token_endpoint`` or a literal
+    #: value; empty: the issuer with discovery, else the token endpoint.
+    assertion_audience: str = ""
+    #: ``oauth2``: audiences every token must have (``None``: the resources asked for).
+    expect_audience: tuple[str, ...] | None = None
+    #: ``oauth2``: scopes every token must have (``None``: the scopes asked for).
+    expect_scope: tuple[str, ...] | None = None
+    #: ``oauth2`` tls_client_auth / self_signed_tls_client_auth: PEM key and certificate.
+    client_certificate: Secret | None = None
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scope asked for, as a tuple of scope tokens."""
+        return tuple(self.scope.split())

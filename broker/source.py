@@ -73,6 +73,7 @@ import trio
 
 from broker.cache import CachedToken, CacheError, CacheKey
 from broker.cache.memory import MemoryTokenCache
+from broker.claims import expectations_for
 from broker.clock import wall_clock
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from broker.cache import TokenCache
+    from broker.claims import Expectations
     from broker.clock import Clock
     from broker.model import AccessToken, App
 
@@ -111,13 +113,27 @@ class TokenSource(Protocol):
         """
         ...
 
+    async def expectations(self, app: str) -> Expectations:
+        """What every token of ``app`` must say (:func:`broker.claims.check_token`).
+
+        What the configuration leaves open -- a Microsoft tenant named by its domain, whose
+        ID tokens carry -- is learned from the identity provider once; until that succeeds,
+        broker errors. ``KeyError`` for an unknown app.
+        """
+        ...
+
 
 @runtime_checkable
 class Provider(Protocol):
     """Obtains a new token for one app from its identity provider (always asks; no cache)."""
 
     async def fetch(self) -> AccessToken:
-        """Raise :class:`~broker.errors.BrokerError` subclasses on failure."""
+        """Raise :class:`~broker.errors.BrokerError` subclasses on failure.
+
+        A provider checks each token against what it asked for before returning it; one
+        that can say more than the configuration about what tokens must carry (a tenant's
+        ID) offers ``async def expectations() -> Expectations``.
+        """
         ...
 
 
@@ -300,6 +316,15 @@ class CachingTokenSource:
             if current is not None and self._valid(current, self._clock()):
                 return current.token
             raise
+
+    async def expectations(self, app: str) -> Expectations:
+        self._apps[app]  # KeyError for an unknown app
+        resolve = getattr(self._providers[app], "expectations", None)
+        if callable(resolve):
+            expected: Expectations = await resolve()
+            return expected
+        await trio.lowlevel.checkpoint()
+        return expectations_for(self._apps[app])
 
     def _state(self, app: str, mailbox: str | None) -> _State:
         key = self._app_keys[app]
@@ -512,15 +537,18 @@ class CachingTokenSource:
             signature = error.code or str(error)
             if state.reported != signature:
                 state.reported = signature
-                log.error(
-                    "%s%s\n  fix: %s\n  (logins get this error without asking again for "
-                    "%g s; the next attempt in the background is in %g s)",
-                    error,
-                    code,
-                    error.fix or "see the message",
-                    hold,
-                    retry,
-                )
+                if self._running:
+                    log.error(
+                        "%s%s\n  fix: %s\n  (logins get this error without asking again for "
+                        "%g s; the next attempt in the background is in %g s)",
+                        error,
+                        code,
+                        error.fix or "see the message",
+                        hold,
+                        retry,
+                    )
+                else:  # no background refresh (the token command): no promise of one
+                    log.error("%s%s\n  fix: %s", error, code, error.fix or "see the message")
             else:
                 log.debug("%s: still failing%s", state.key, code)
         else:

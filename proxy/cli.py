@@ -24,7 +24,7 @@ import trio
 from broker import build_source
 from broker.cache import open_cache
 from broker.cache.memory import MemoryTokenCache
-from broker.claims import NotAJwtError, decode_claims, describe
+from broker.claims import NotAJwtError, decode_claims, decode_header, describe, describe_opaque
 from broker.errors import BrokerError
 from proxy.config import Config, ConfigError, load_config
 from proxy.identities import hash_password
@@ -100,9 +100,63 @@ def _runtime_problems(config: Config) -> list[str]:
     return problems
 
 
+#: Seconds ``check`` waits for authorization servers' metadata, all apps together.
+DISCOVERY_DEADLINE = 10.0
+
+
+async def _discovery_problems(config: Config) -> tuple[list[str], list[str]]:
+    """Ask the metadata of every app configured with ``issuer`` (at once, within
+    :data:`DISCOVERY_DEADLINE`): problems (a wrong issuer, an auth_method the server does not
+    offer) and warnings (a server that cannot be reached now: a check that fails then would
+    keep the service from starting while the identity provider is down)."""
+    from broker.errors import PermanentTokenError
+    from broker.providers.oauth2 import OAuth2Provider
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    answered: set[str] = set()
+
+    async def one(name: str, provider: OAuth2Provider) -> None:
+        key = f"{config.path}: apps.{name}"
+        try:
+            metadata = await provider.metadata()
+        except PermanentTokenError as exc:
+            problems.append(f"{key}.issuer: {exc} (fix: {exc.fix})")
+        except BrokerError as exc:
+            warnings.append(f"{key}.issuer: cannot check the server's metadata now: {exc}")
+        else:
+            problem = provider.method_problem(metadata) if metadata is not None else None
+            if problem is not None:
+                problems.append(f"{key}.auth_method: {problem}")
+        answered.add(name)
+
+    providers = {
+        name: OAuth2Provider(app)
+        for name, app in config.apps.items()
+        if app.provider == "oauth2" and app.issuer
+    }
+    with trio.move_on_after(DISCOVERY_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            for name, provider in providers.items():
+                nursery.start_soon(one, name, provider)
+    for name in sorted(set(providers) - answered):
+        warnings.append(
+            f"{config.path}: apps.{name}.issuer: no metadata within {DISCOVERY_DEADLINE:g}s; "
+            "not checked"
+        )
+    return problems, warnings
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
+        return EXIT_CONFIG
+    problems, warnings = trio.run(_discovery_problems, config)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         return EXIT_CONFIG
     print(
         f"{config.path}: OK ({len(config.apps)} apps, {len(config.listeners)} listeners, "
@@ -168,6 +222,11 @@ def _cmd_token(args: argparse.Namespace) -> int:
     async def fetch() -> AccessToken:
         return await source.token(args.app, mailbox=args.mailbox)
 
+    # The broker logs a failure for the service's log; here it is printed once, below.
+    broker_log = logging.getLogger("xoauth2_proxy.broker")
+    level = broker_log.level
+    if args.log_level != "debug":
+        broker_log.setLevel(logging.CRITICAL)
     try:
         token = trio.run(fetch)
     except BrokerError as exc:
@@ -176,19 +235,21 @@ def _cmd_token(args: argparse.Namespace) -> int:
         print(f"no token for app {args.app}: {exc}{code}{fix}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
+        broker_log.setLevel(level)
         source.close()
     if not args.decode:
         print(token.value)
         return 0
     try:
-        claims = decode_claims(token.value)
-    except NotAJwtError:
-        print(
-            f"app {args.app}: the token is not a JWT (opaque to clients, as Google's are); "
-            f"it expires in {max(0, int(token.remaining(time.time())))} s"
+        rows = describe(
+            decode_claims(token.value),
+            time.time(),
+            header=decode_header(token.value),
+            provider=config.apps[args.app].provider,
         )
-        return 0
-    for label, value in describe(claims, time.time()):
+    except NotAJwtError:
+        rows = describe_opaque(token, time.time())
+    for label, value in rows:
         print(f"{label + ':':12}{value}")
     return 0
 
@@ -388,7 +449,8 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--decode",
         action="store_true",
-        help="print the token's claims (roles, aud, tid, appid, exp, time left) instead of it",
+        help="print what the token says instead of it (a JWT's issuer, subject, audience, "
+        "scope, roles, client, tenant, typ, expiry; an opaque token's scope and expiry)",
     )
     token.set_defaults(func=_cmd_token)
 

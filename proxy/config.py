@@ -18,10 +18,12 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
 from broker.cache import CACHE_KINDS, CacheSettings
 from broker.cache.sealing import KEY_HELP, parse_key
 from broker.model import (
+    AUTH_METHODS,
     DEFAULT_AUTHORITY,
     DEFAULT_SCOPE,
     GOOGLE_SCOPE,
@@ -64,7 +66,6 @@ class Protocol(enum.Enum):
 
 
 PROVIDERS: Final = ("microsoft", "google", "oauth2")
-AUTH_METHODS: Final = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 CLIENT_TLS: Final = {
     "implicit": ClientTls.IMPLICIT,
     "starttls": ClientTls.STARTTLS,
@@ -408,7 +409,20 @@ def _is_loopback(host: str) -> bool:
 PROVIDER_KEYS: Final = {
     "microsoft": {"tenant", "client_id", "client_secret", "certificate", "authority"},
     "google": {"service_account"},
-    "oauth2": {"token_url", "client_id", "auth_method", "client_secret", "private_key", "key_id"},
+    "oauth2": {
+        "issuer",
+        "token_url",
+        "client_id",
+        "auth_method",
+        "client_secret",
+        "private_key",
+        "key_id",
+        "client_certificate",
+        "assertion_audience",
+        "resource",
+        "expect_audience",
+        "expect_scope",
+    },
 }
 APP_KEYS: Final = {"provider", "scope", "ca_file"}.union(*PROVIDER_KEYS.values())
 LISTENER_KEYS: Final = {
@@ -579,32 +593,88 @@ def _read_google(
 def _read_oauth2(
     r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
 ) -> App | None:
-    token_url = r.string(raw, key, "token_url")
+    issuer = r.string(raw, key, "issuer") if "issuer" in raw else None
+    token_url = r.string(raw, key, "token_url") if "token_url" in raw else None
+    if "issuer" in raw and "token_url" in raw:
+        r.fail(key, "set issuer (the server's metadata names its token endpoint) or token_url")
+    elif "issuer" not in raw and "token_url" not in raw:
+        r.fail(
+            f"{key}.issuer",
+            "is required (or token_url, for a server without RFC 8414 / OpenID discovery)",
+        )
+    if issuer is not None and (
+        not issuer.startswith("https://") or urlsplit(issuer).query or urlsplit(issuer).fragment
+    ):
+        r.fail(f"{key}.issuer", "must be an https:// URL without query or fragment")
+        issuer = None
     if token_url is not None and not token_url.startswith("https://"):
         r.fail(f"{key}.token_url", "must be an https:// URL")
         token_url = None
     client_id = r.string(raw, key, "client_id")
-    scope = r.string(raw, key, "scope")
+    scope = r.string(raw, key, "scope") if "scope" in raw else ""
+    resources = r.strings(raw, key, "resource")
+    if resources is not None:
+        if not resources:
+            r.fail(f"{key}.resource", "must name at least one resource")
+        for resource in resources:
+            parts = urlsplit(resource)
+            if not parts.scheme or parts.fragment:
+                r.fail(
+                    f"{key}.resource",
+                    f"{resource!r} is not an absolute URI without a fragment (RFC 8707)",
+                )
+    if "scope" not in raw and not resources:
+        r.fail(
+            f"{key}.scope",
+            "is required: what the mail server's tokens must carry "
+            "(or resource, the audience they are for)",
+        )
     method = r.choice(raw, key, "auth_method", dict.fromkeys(AUTH_METHODS), AUTH_METHODS[0])
     secret = r.secret(raw, key, "client_secret")
     private_key = r.secret(raw, key, "private_key", strip=False)
+    certificate = r.secret(raw, key, "client_certificate", strip=False)
     key_id = raw.get("key_id", "")
     if not isinstance(key_id, str):
         r.fail(f"{key}.key_id", "must be a string")
         key_id = ""
-    if method == "private_key_jwt":
-        if private_key is None and "private_key" not in raw:
-            r.fail(f"{key}.private_key", 'is required with auth_method = "private_key_jwt"')
-        if "client_secret" in raw:
-            r.fail(f"{key}.client_secret", 'does not apply with auth_method = "private_key_jwt"')
-        if private_key is not None and "PRIVATE KEY" not in private_key.reveal():
-            r.fail(f"{key}.private_key", "must be a PEM file holding a private key")
-    elif method is not None:
-        if secret is None and "client_secret" not in raw:
-            r.fail(f"{key}.client_secret", f'is required with auth_method = "{method}"')
-        if "private_key" in raw:
-            r.fail(f"{key}.private_key", 'only applies with auth_method = "private_key_jwt"')
-    if not (token_url and client_id and scope and method):
+    needs = {
+        "client_secret": method
+        in ("client_secret_basic", "client_secret_post", "client_secret_jwt"),
+        "private_key": method == "private_key_jwt",
+        "client_certificate": method in ("tls_client_auth", "self_signed_tls_client_auth"),
+    }
+    for setting, needed in needs.items():
+        if needed and setting not in raw:
+            r.fail(f"{key}.{setting}", f'is required with auth_method = "{method}"')
+        elif not needed and setting in raw and method is not None:
+            r.fail(f"{key}.{setting}", f'does not apply with auth_method = "{method}"')
+    if "key_id" in raw and method != "private_key_jwt":
+        r.fail(f"{key}.key_id", 'only applies with auth_method = "private_key_jwt"')
+    if private_key is not None and "PRIVATE KEY" not in private_key.reveal():
+        r.fail(f"{key}.private_key", "must be a PEM file holding a private key")
+    if certificate is not None and not (
+        "PRIVATE KEY" in certificate.reveal() and "CERTIFICATE" in certificate.reveal()
+    ):
+        r.fail(
+            f"{key}.client_certificate",
+            "must be a PEM file holding the private key and the certificate",
+        )
+    if method == "client_secret_jwt" and secret is not None and len(secret.reveal()) < 32:
+        r.fail(
+            f"{key}.client_secret",
+            "is too short for client_secret_jwt: HS256 needs at least 32 bytes (RFC 7518)",
+        )
+    audience = r.string(raw, key, "assertion_audience") if "assertion_audience" in raw else ""
+    if audience and method not in ("client_secret_jwt", "private_key_jwt"):
+        r.fail(
+            f"{key}.assertion_audience",
+            'only applies with auth_method = "private_key_jwt" or "client_secret_jwt"',
+        )
+    if audience == "issuer" and "issuer" not in raw:
+        r.fail(f"{key}.assertion_audience", '"issuer" needs issuer')
+    expect_audience = r.strings(raw, key, "expect_audience")
+    expect_scope = r.strings(raw, key, "expect_scope")
+    if not ((token_url or issuer) and client_id and scope is not None and method):
         return None
     return App(
         name=name,
@@ -614,7 +684,13 @@ def _read_oauth2(
         private_key=private_key,
         key_id=key_id,
         auth_method=method,
-        token_url=token_url,
+        token_url=token_url or "",
+        issuer=issuer or "",
+        resources=tuple(resources or ()),
+        assertion_audience=audience or "",
+        expect_audience=tuple(expect_audience) if expect_audience is not None else None,
+        expect_scope=tuple(expect_scope) if expect_scope is not None else None,
+        client_certificate=certificate,
         authority="",
         scope=scope,
         ca_file=ca_file,

@@ -1,18 +1,37 @@
 #!/bin/sh
 # Install the Debian packages the test suite and the sandbox run for real: Dovecot (IMAP,
 # POP3, submission) as the upstream, Redis, the command-line mail clients run by the
-# end-to-end tests, and systemd-analyze to check deploy/'s unit file.
+# end-to-end tests, and systemd-analyze to check deploy/'s unit file; then the npm packages
+# the tests run with node (see install_npm_packages).
 # Run as root. The packages' own services are kept from starting on the standard ports.
 set -eu
 
 PACKAGES="dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
 fetchmail msmtp curl systemd"
 
+# -- npm packages the tests run (a separate concern from the Debian packages above) -----------
+# The npm package oidc-provider, a real third-party OAuth 2.0 authorization server, run with
+# node by the end-to-end tests (tests/support/oidc_provider.py); versions pinned by the
+# committed package-lock.json.
+install_npm_packages() {
+    if ! command -v node >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+    fi
+    npm ci --prefix "$(dirname "$0")/support/oidc-provider" --no-audit --no-fund --silent
+}
+
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
-[ -z "$missing" ] && exit 0
+if [ -z "$missing" ]; then
+    install_npm_packages
+    exit 0
+fi
 
 # Installing dovecot-core would start the system service on ports 143 and 993.
 policy=/usr/sbin/policy-rc.d
@@ -28,3 +47,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing
+
+install_npm_packages

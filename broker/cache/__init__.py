@@ -13,7 +13,8 @@ it, shared with whoever else should see the same tokens:
 
 All three implement :class:`TokenCache`. Keys (:class:`CacheKey`) name the app, *who* the
 token is for (a fingerprint of provider, authority, tenant and client, so that a changed app
-registration never gets an old token), the scope and, for per-mailbox providers, the mailbox.
+registration never gets an old token; for other servers also the issuer and the resources
+asked for), the scope and, for per-mailbox providers, the mailbox.
 Values (:class:`CachedToken`) carry when the token was obtained, so a reader can tell its
 lifetime. Encrypted caches seal every value with AES-256-GCM (:mod:`broker.cache.sealing`).
 """
@@ -62,6 +63,8 @@ class CacheKey:
     @classmethod
     def for_app(cls, app: App, mailbox: str | None = None) -> CacheKey:
         parts = [app.provider, app.authority, app.tenant, app.client_id, app.token_url]
+        if app.issuer or app.resources:  # only then: older keys stay valid
+            parts += [app.issuer, " ".join(app.resources)]
         identity = hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
         return cls(app.name, identity, app.scope, mailbox.lower() if mailbox else None)
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import ssl
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import httpx
@@ -29,14 +32,21 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
     from pathlib import Path
 
+    from broker.model import Secret
+
 __all__ = [
     "CONNECT_TIMEOUT",
     "IO_TIMEOUT",
+    "MAX_RESPONSE",
     "MAX_RETRY_AFTER",
     "OAuthError",
+    "ResponseTooLarge",
     "TokenEndpoint",
+    "TokenResponse",
     "exception_chain",
     "find_cause",
+    "oauth_fix",
+    "read_limited",
     "retry_after",
     "root_message",
     "tls_context",
@@ -52,24 +62,51 @@ IO_TIMEOUT: Final = 15.0
 MAX_RETRY_AFTER: Final = 3600.0
 #: Used when a token response has no ``expires_in`` (RFC 6749 only recommends it).
 FALLBACK_LIFETIME: Final = 300
+#: Largest answer read from an identity provider (token responses, metadata): bytes.
+MAX_RESPONSE: Final = 1 << 20
 
-#: RFC 6749 section 5.2 error codes, with what the operator should check.
+#: RFC 6749 section 5.2 and RFC 8707 error codes, with what the operator should check.
 RFC6749_FIXES: Final[dict[str, str]] = {
     "invalid_client": (
-        "The authorization server did not accept the client: check client_id, the secret or "
-        "private key, and auth_method (client_secret_basic, client_secret_post or "
-        "private_key_jwt: use the one the client is registered with)."
+        "The authorization server did not accept the client: check client_id, the secret, "
+        "private key or client certificate, and auth_method (use the one the client is "
+        "registered with; for JWT assertions also assertion_audience)."
     ),
     "unauthorized_client": (
         "The client may not use the client-credentials grant: enable it (service account / "
         "machine-to-machine) for this client on the authorization server."
     ),
-    "invalid_scope": "The scope is unknown or not granted to this client: check scope.",
+    "invalid_scope": (
+        "The scope is unknown or not granted to this client: check scope, and that the "
+        "authorization server lets this client ask for it."
+    ),
+    "invalid_target": (
+        "The authorization server does not know the resource, or this client may not ask "
+        "for it (RFC 8707): check resource, and that the mail server is registered as a "
+        "resource (API) this client may use."
+    ),
     "invalid_grant": "The authorization server rejected the grant: check the client's setup.",
     "unsupported_grant_type": (
-        "The authorization server does not offer the client-credentials grant at token_url."
+        "The authorization server does not offer the client-credentials grant to this "
+        "client: enable it for the client (service account / machine-to-machine)."
     ),
-    "invalid_request": "The authorization server rejected the request: check token_url.",
+    "invalid_request": (
+        "The authorization server found the request malformed or lacking something (its "
+        "description above says what): check the settings this app sends -- scope, "
+        "resource (servers without RFC 8707 may refuse it) and auth_method."
+    ),
+}
+#: What an HTTP status says when the answer carries no (known) OAuth error code.
+STATUS_FIXES: Final[dict[int, str]] = {
+    400: "The authorization server refused the request: see its description above; check "
+    "scope, resource and auth_method.",
+    401: "The authorization server did not accept the client's credentials: check "
+    "client_id, the credential and auth_method.",
+    403: "The authorization server (or a firewall in front of it) forbids this client or "
+    "this host: check that the client is enabled and whether the server restricts source "
+    "addresses.",
+    404: "Nothing answers at that URL: check {endpoint}.",
+    405: "That URL is not a token endpoint (it does not take POST): check {endpoint}.",
 }
 _TEMPORARY_ERRORS: Final = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 
@@ -84,11 +121,27 @@ class OAuthError(Exception):
         super().__init__(f"{self.error}: {self.description}" if self.description else self.error)
 
 
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """The system trust store plus ``ca_file``."""
+def tls_context(ca_file: Path | None, client_certificate: Secret | None = None) -> ssl.SSLContext:
+    """The system trust store plus ``ca_file``; with ``client_certificate`` (a PEM holding
+    a private key and its certificate chain), presented to servers that ask (RFC 8705).
+    ``ValueError`` naming only the secret's origin if that PEM cannot be used."""
     context = ssl.create_default_context()
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
+    if client_certificate is not None:
+        # ssl loads certificates from files only: a private directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="xoauth2-proxy-") as directory:
+            path = os.path.join(directory, "client.pem")
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as out:
+                out.write(client_certificate.reveal())
+            try:
+                context.load_cert_chain(path)
+            except (ssl.SSLError, OSError):
+                raise ValueError(
+                    f"client_certificate ({client_certificate.origin}) must be a PEM holding "
+                    "an unencrypted private key and its certificate"
+                ) from None
     return context
 
 
@@ -108,12 +161,23 @@ def retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """A successful token response: the token, and whether the response said which scope
+    it granted (RFC 6749 lets it omit ``scope`` when it is the one asked for)."""
+
+    token: AccessToken
+    scope_stated: bool
+
+
 class TokenEndpoint:
     """One OAuth 2.0 token endpoint, as seen by one app.
 
-    ``where`` names the app in messages; ``secrets`` are scrubbed from them; ``classify``
-    may turn an :class:`OAuthError` into a more specific broker error (``None``: use the
-    RFC 6749 defaults).
+    ``url`` is the endpoint (or ``""``, when each :meth:`request` names it); ``endpoint``
+    is the setting that leads there, for fixes (``token_url``, ``issuer``); ``where`` names
+    the app in messages; ``secrets`` are scrubbed from them; ``classify`` may turn an
+    :class:`OAuthError` into a more specific broker error (``None``: the RFC 6749 defaults);
+    ``client_certificate`` is presented in the TLS handshake (RFC 8705).
     """
 
     def __init__(
@@ -121,42 +185,71 @@ class TokenEndpoint:
         url: str,
         *,
         where: str,
+        endpoint: str = "token_url",
         ca_file: Path | None = None,
+        client_certificate: Secret | None = None,
         secrets: tuple[str, ...] = (),
         classify: Callable[[OAuthError], BrokerError | None] | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         io_timeout: float = IO_TIMEOUT,
     ) -> None:
-        if not url.startswith("https://"):
+        if url and not url.startswith("https://"):
             raise ValueError(f"{where}: token_url must be an https:// URL, not {url!r}")
         self.url = url
         self._where = where
+        self._endpoint = endpoint
         self._secrets = tuple(s for s in secrets if s)
         self._classify = classify
-        self._context = tls_context(ca_file)
+        self._context = tls_context(ca_file, client_certificate)
         self._timeout = httpx.Timeout(io_timeout, connect=connect_timeout)
 
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The TLS settings towards the identity provider (trust, client certificate)."""
+        return self._context
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        return self._timeout
+
     async def request(
-        self, form: Mapping[str, str], *, headers: Mapping[str, str] | None = None, scope: str = ""
-    ) -> AccessToken:
-        """POST ``form``; the token, or a classified error. Cancellation is safe."""
+        self,
+        form: Mapping[str, str | list[str]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        scope: str = "",
+        url: str = "",
+    ) -> TokenResponse:
+        """POST ``form`` (a list value repeats its field) to ``url`` (default: the
+        endpoint's); the token, or a classified error. Cancellation is safe."""
+        target = url or self.url
         started = time.time()
         try:
             # A client per request: one request an hour gains nothing from a pool, and
             # nothing is left open for the garbage collector to warn about.
-            async with httpx.AsyncClient(
-                verify=self._context, timeout=self._timeout, follow_redirects=False
-            ) as client:
-                response = await client.post(self.url, data=dict(form), headers=headers)
+            async with (
+                httpx.AsyncClient(
+                    verify=self._context, timeout=self._timeout, follow_redirects=False
+                ) as client,
+                client.stream("POST", target, data=dict(form), headers=headers) as response,
+            ):
+                content = await read_limited(response)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        return self._parse(response, started, scope)
+            raise self._transport_error(exc, target) from None
+        except ResponseTooLarge:
+            raise PermanentTokenError(
+                f"{self._where}: {target} answered with more than {MAX_RESPONSE} bytes",
+                fix=f"Check {self._endpoint}: it must lead to the token endpoint.",
+            ) from None
+        return self._parse(response, content, started, scope, target)
 
-    def _parse(self, response: httpx.Response, started: float, scope: str) -> AccessToken:
+    def _parse(
+        self, response: httpx.Response, content: bytes, started: float, scope: str, url: str
+    ) -> TokenResponse:
         status = response.status_code
         if status == 429 or status >= 500:
             wait = retry_after(response.headers.get("Retry-After"))
-            detail = _json(response)
+            detail = _json(content)
             what = f", {detail.get('error')}" if detail and detail.get("error") else ""
             kind = "throttled the request" if status == 429 else "failed"
             raise TemporaryTokenError(
@@ -169,13 +262,16 @@ class TokenEndpoint:
                 "authorization server's status.",
                 retry_after=wait,
             )
-        body = _json(response)
+        body = _json(content)
         if body is None:
             raise PermanentTokenError(
-                f"{self._where}: {self.url} answered HTTP {status} with something that is not "
+                f"{self._where}: {url} answered HTTP {status} with something that is not "
                 "an OAuth 2.0 JSON response",
                 code=f"HTTP {status}",
-                fix="Check token_url: it must be the authorization server's token endpoint.",
+                fix=STATUS_FIXES.get(status, "").format(endpoint=self._endpoint)
+                if status in (401, 403, 404, 405)
+                else f"Check {self._endpoint}: it must lead to the authorization server's "
+                "token endpoint.",
             )
         if status != 200 or "access_token" not in body:
             raise self._oauth_error(OAuthError(status, body))
@@ -195,9 +291,9 @@ class TokenEndpoint:
         if expires_in <= 0:
             expires_in = FALLBACK_LIFETIME
         granted = body.get("scope")
-        return AccessToken(
-            value, started + float(expires_in), granted if isinstance(granted, str) else scope
-        )
+        if not isinstance(granted, str):
+            return TokenResponse(AccessToken(value, started + float(expires_in), scope), False)
+        return TokenResponse(AccessToken(value, started + float(expires_in), granted), True)
 
     def _oauth_error(self, error: OAuthError) -> BrokerError:
         if self._classify is not None:
@@ -214,20 +310,21 @@ class TokenEndpoint:
             return TemporaryTokenError(
                 message, code=error.error, fix="Nothing to change: the broker retries."
             )
+        wrong_url = error.status in (404, 405)  # whatever the body's error says
         return PermanentTokenError(
             message,
-            code=error.error or f"HTTP {error.status}",
-            fix=RFC6749_FIXES.get(error.error, "Check the client's registration and token_url."),
+            code=f"HTTP {error.status}" if wrong_url or not error.error else error.error,
+            fix=oauth_fix(error.error, error.status, endpoint=self._endpoint),
         )
 
-    def _transport_error(self, exc: httpx.HTTPError) -> BrokerError:
+    def _transport_error(self, exc: httpx.HTTPError, url: str) -> BrokerError:
         return transport_error(
             exc,
             where=self._where,
             peer="the authorization server",
             trust_fix="Trust its CA: install it in the system store or set ca_file to a PEM "
             "file holding it. If an HTTPS proxy intercepts traffic, trust its CA.",
-            network_fix=f"Check DNS, routing, firewalls and proxies (HTTPS_PROXY) to {self.url}.",
+            network_fix=f"Check DNS, routing, firewalls and proxies (HTTPS_PROXY) to {url}.",
             scrub=self._scrub,
         )
 
@@ -237,9 +334,41 @@ class TokenEndpoint:
         return text
 
 
-def _json(response: httpx.Response) -> dict[str, object] | None:
+def oauth_fix(error: str, status: int, *, endpoint: str = "token_url") -> str:
+    """The fix for an RFC 6749 error answer, from its code and its HTTP status.
+
+    A known code decides, except where the status says more: an ``invalid_request`` with
+    401 is about the client's credentials, and a 404 or 405 means the URL is wrong whatever
+    the body says. ``endpoint`` is the setting that led to the URL.
+    """
+    if status in (404, 405):
+        return STATUS_FIXES[status].format(endpoint=endpoint)
+    if status == 401 and error in ("", "invalid_request"):
+        return STATUS_FIXES[401]
+    fix = RFC6749_FIXES.get(error) or STATUS_FIXES.get(status)
+    return fix or f"Check the client's registration on the authorization server and {endpoint}."
+
+
+class ResponseTooLarge(Exception):
+    """An answer longer than :data:`MAX_RESPONSE`."""
+
+
+async def read_limited(response: httpx.Response, limit: int = MAX_RESPONSE) -> bytes:
+    """The body of a streamed ``response``: at most ``limit`` bytes, else
+    :class:`ResponseTooLarge`."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(content: bytes) -> dict[str, object] | None:
     try:
-        parsed = json.loads(response.content)
+        parsed = json.loads(content)
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from joserfc.jwk import ECKey, RSAKey
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -24,7 +24,7 @@ class SigningKey:
     every signature and warns (AuthlibDeprecationWarning, joserfc's SecurityWarning).
     """
 
-    def __init__(self, key: RSAKey | ECKey, algorithm: str) -> None:
+    def __init__(self, key: RSAKey | ECKey | OKPKey, algorithm: str) -> None:
         self.key = key
         self.algorithm = algorithm
 
@@ -52,7 +52,9 @@ def load_private_key(app: App, secret: Secret, what: str) -> PrivateKeyTypes:
         ) from None
 
 
-def pkcs8_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+def pkcs8_pem(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+) -> bytes:
     """``key`` as an unencrypted PKCS #8 PEM."""
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -62,7 +64,8 @@ def pkcs8_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
-    """RSA (RS256) or EC P-256/384/521 (ES256/384/512) key from a PEM; ``ValueError``."""
+    """RSA (RS256), EC P-256/384/521 (ES256/384/512) or Ed25519 (``Ed25519``, RFC 9864's
+    name for EdDSA with that curve) key from a PEM; ``ValueError``."""
     key = load_private_key(app, secret, what)
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 2048:
@@ -70,7 +73,9 @@ def load_signing_key(app: App, secret: Secret, what: str) -> SigningKey:
         return SigningKey(RSAKey.import_key(pkcs8_pem(key)), "RS256")
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_ALGORITHMS:
         return SigningKey(ECKey.import_key(pkcs8_pem(key)), _EC_ALGORITHMS[key.curve.name])
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return SigningKey(OKPKey.import_key(pkcs8_pem(key)), "Ed25519")
     raise ValueError(
         f"app {app.name!r}: {what} ({secret.origin}) has a {type(key).__name__}; "
-        "use an RSA (2048 bits or more) or an EC P-256/P-384/P-521 key"
+        "use an RSA (2048 bits or more), an EC P-256/P-384/P-521 or an Ed25519 key"
     )

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Final
 
 from authlib.oauth2.rfc7523 import JWTBearerGrant  # type: ignore[import-untyped]
 
-from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
+from broker.claims import check_token, expectations_for
+from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError, token_mismatch
 from broker.providers._http import CONNECT_TIMEOUT, IO_TIMEOUT, OAuthError, TokenEndpoint
 from broker.providers._keys import load_signing_key
 
@@ -59,6 +60,7 @@ class GoogleProvider:
             raise ValueError(f"app {app.name!r}: the service account needs token_uri and e-mail")
         self._app = app
         self._key = load_signing_key(app, app.private_key, "the service account key")
+        self._expected = expectations_for(app)
         self._endpoint = TokenEndpoint(
             app.token_url,
             where=f"app {app.name!r} (service account {app.client_id})",
@@ -89,7 +91,7 @@ class GoogleProvider:
             header=header,
         )
         try:
-            return await self._endpoint.request(
+            response = await self._endpoint.request(
                 {"grant_type": GRANT_TYPE, "assertion": str(assertion)}, scope=app.scope
             )
         except BrokerError as exc:
@@ -97,6 +99,11 @@ class GoogleProvider:
                 # The same refusal for every mailbox would be a setup problem; name this one.
                 raise type(exc)(f"{exc} (mailbox {mailbox})", code=exc.code, fix=exc.fix) from None
             raise
+        token = response.token
+        problems = check_token(self._expected, token, scope_stated=response.scope_stated)
+        if problems:
+            raise token_mismatch(f"app {app.name!r} (service account {app.client_id})", problems)
+        return token
 
     def _classify(self, error: OAuthError) -> BrokerError | None:
         where = f"app {self._app.name!r} (service account {self._app.client_id})"

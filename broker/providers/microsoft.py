@@ -60,7 +60,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
+from broker.claims import check_token, expectations_for, is_tenant_id
+from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError, token_mismatch
 from broker.model import AccessToken
 from broker.providers._http import CONNECT_TIMEOUT, IO_TIMEOUT, exception_chain, tls_context
 from broker.providers._http import MAX_RETRY_AFTER as MAX_RETRY_AFTER
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from types import TracebackType
 
+    from broker.claims import Expectations
     from broker.model import App
 
 __all__ = ["MicrosoftProvider", "classify_entra_error"]
@@ -181,6 +183,8 @@ class MicrosoftProvider:
         )
         self._lock = threading.Lock()
         self._msal: msal.ConfidentialClientApplication | None = None
+        #: What tokens must say, once the tenant's ID is known.
+        self._expected: Expectations | None = None
 
     def __repr__(self) -> str:
         return f"MicrosoftProvider(app={self._app.name!r}, tenant={self._app.tenant!r})"
@@ -199,6 +203,14 @@ class MicrosoftProvider:
     def close(self) -> None:
         """Close the HTTP connection pool. A fetch still running in a thread then fails."""
         self._http.close()
+
+    async def expectations(self) -> Expectations:
+        """What every token must say: ``tid`` the tenant's ID (learned from Entra's tenant
+        discovery once, when the tenant is a domain), ``aud`` the resource of the scope."""
+        if self._expected is not None:
+            await trio.lowlevel.checkpoint()
+            return self._expected
+        return await trio.to_thread.run_sync(self._expectations_blocking, abandon_on_cancel=True)
 
     async def fetch(self) -> AccessToken:
         """Request a new token from Entra (always a network request: see the module doc).
@@ -245,11 +257,37 @@ class MicrosoftProvider:
         expires_in = result.get("expires_in")
         if not isinstance(expires_in, int | float) or expires_in <= 0:
             expires_in = _FALLBACK_LIFETIME
-        return AccessToken(
+        token = AccessToken(
             value=str(result["access_token"]),
             expires_at=started + float(expires_in),
             scope=self._app.scope,
         )
+        problems = check_token(self._expectations_blocking(), token)
+        if problems:
+            raise token_mismatch(self._where(), problems)
+        return token
+
+    def _expectations_blocking(self) -> Expectations:
+        if self._expected is not None:
+            return self._expected
+        tenant_id = ""
+        if not is_tenant_id(self._app.tenant):
+            try:
+                tenant_id = str(self._client().authority.tenant)
+            except _HttpStatusError as exc:
+                raise self._status_error(exc) from None
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from None
+            if not is_tenant_id(tenant_id):
+                raise PermanentTokenError(
+                    f"{self._where()}: the tenant's ID is not known: the authority's metadata "
+                    f"names the tenant {tenant_id!r}, not a directory ID",
+                    code="TENANT_ID",
+                    fix="Set tenant to the directory (tenant) ID, a GUID, shown on the "
+                    "Overview page of Microsoft Entra ID.",
+                )
+        self._expected = expectations_for(self._app, tenant_id=tenant_id.lower())
+        return self._expected
 
     def _client(self) -> msal.ConfidentialClientApplication:
         with self._lock:

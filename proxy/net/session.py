@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol, assert_never
 
 import trio
 
-from broker.claims import token_roles
+from broker.claims import check_token, token_roles
 from broker.errors import BrokerError
 from proxy.config import Protocol as MailProtocol
 from proxy.hashpool import Busy
@@ -611,7 +611,7 @@ class Session:
         token = await self._fetch_token(credentials.login, identity)
         if isinstance(token, _Refused):
             return token
-        refused = self._check_claims(credentials.login, identity, token)
+        refused = await self._check_claims(credentials.login, identity, token)
         if refused is not None:
             return refused
         self._log.info(
@@ -621,7 +621,9 @@ class Session:
             identity.mailbox,
             identity.app,
         )
-        return _Accepted(TokenIssued(mailbox=identity.mailbox, token=token), identity.login)
+        provider = self.services.app_providers.get(identity.app, "")
+        issued = TokenIssued(mailbox=identity.mailbox, token=token, provider=provider)
+        return _Accepted(issued, identity.login)
 
     async def _throttle(self, login: str, key: str) -> _Refused | None:
         """Refuse a locked-out login without checking it; wait out a failure delay."""
@@ -721,9 +723,57 @@ class Session:
                 identity.mailbox,
             )
 
-    def _check_claims(self, login: str, identity: Identity, token: AccessToken) -> _Refused | None:
-        """A Microsoft token must carry the protocol's role, or the upstream would refuse it."""
-        if self.services.app_providers.get(identity.app) != "microsoft":
+    async def _check_claims(
+        self, login: str, identity: Identity, token: AccessToken
+    ) -> _Refused | None:
+        """The token must be what the app asks for, or the upstream would refuse it: its
+        issuer, audience, scope and tenant (:func:`broker.claims.check_token`), and for a
+        Microsoft app the protocol's role. A token that is not is never sent."""
+        app = identity.app
+        timeout = self.services.limits.token_timeout
+        try:
+            with trio.fail_after(timeout):
+                expected = await self.services.tokens.expectations(app)
+        except (BrokerError, trio.TooSlowError) as exc:
+            why = str(exc) if isinstance(exc, BrokerError) else f"no answer within {timeout:g}s"
+            fix = f" Fix: {exc.fix}" if isinstance(exc, BrokerError) and exc.fix else ""
+            self._log.error(
+                "%s: login %r: cannot learn what the tokens of app %r must say, so the token "
+                "is not used: %s.%s",
+                self.conn_id,
+                login,
+                app,
+                why,
+                fix,
+            )
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                "token not checked",
+                identity.mailbox,
+            )
+        problems = check_token(expected, token)
+        for problem in problems:
+            self._log.error(
+                "%s: login %r: the token of app %r is refused before use: its %s is %s, "
+                "expected %s. Fix: %s",
+                self.conn_id,
+                login,
+                app,
+                problem.claim,
+                problem.value,
+                problem.expected,
+                problem.fix,
+            )
+        if problems:
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                f"token {problems[0].claim} is {problems[0].value}, "
+                f"expected {problems[0].expected}",
+                identity.mailbox,
+            )
+        if self.services.app_providers.get(app) != "microsoft":
             return None
         protocol = self.listener.protocol
         role = REQUIRED_ROLES[protocol]
@@ -734,13 +784,14 @@ class Session:
         if role in roles:
             return None
         self._log.error(
-            "%s: login %r: the token of app %r lacks the %s role, so %s would refuse "
-            "it. An administrator must add the application permission %s to the app "
-            "registration and grant admin consent.",
+            "%s: login %r: the token of app %r lacks the %s role (its roles: %s), so %s "
+            "would refuse it. An administrator must add the application permission %s to the "
+            "app registration and grant admin consent.",
             self.conn_id,
             login,
-            identity.app,
+            app,
             role,
+            ", ".join(sorted(roles)) or "none",
             protocol.value.upper(),
             role,
         )

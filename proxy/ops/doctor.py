@@ -4,7 +4,8 @@ works and what to fix.
 For one user:
 
 1. the user, its mailbox and its mailbox policy;
-2. the app's token: the identity provider accepts the secret or certificate;
+2. the app's token: the identity provider accepts the secret, key or certificate, and the
+   token is what the app asks for (issuer, audience, scope; for Microsoft the tenant);
 3. for Microsoft apps, the token's roles: each protocol the user may use needs its role;
 4. for each listener the user may use, a real login through the proxy's own session
    code: connection to the upstream, TLS with certificate and host name checks, STARTTLS
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from broker.claims import NotAJwtError, decode_claims, roles_of
+from broker.claims import NotAJwtError, check_token, decode_claims, roles_of
 from broker.errors import BrokerError
 from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
@@ -62,6 +63,7 @@ from proxy.throttle import LoginThrottle
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from broker.model import AccessToken
     from broker.source import TokenSource
     from proxy.config import Config, ListenerConfig, UserConfig
 
@@ -198,9 +200,51 @@ async def _token(
             f"{_minutes(token.remaining(time.time()))})",
         )
     ]
+    findings += await _expected_claims(tokens, app_name, subject, token)
     if app.provider == "microsoft":
         findings += _microsoft_claims(subject, token.value, {lis.protocol for lis in listeners})
     return findings, True
+
+
+async def _expected_claims(
+    tokens: TokenSource, app_name: str, subject: str, token: AccessToken
+) -> list[Finding]:
+    """Is the token what the app asks for: issuer, audience, scope, tenant?"""
+    try:
+        expected = await tokens.expectations(app_name)
+    except BrokerError as exc:
+        return [
+            Finding(
+                Status.FAILED,
+                subject,
+                f"cannot learn what its tokens must say ({exc.kind} error): {exc}",
+                fix=exc.fix,
+            )
+        ]
+    problems = check_token(expected, token)
+    if not problems:
+        checked = [
+            name
+            for name, wanted in (
+                ("iss", expected.issuer),
+                ("aud", expected.audiences),
+                ("scope", expected.scopes),
+                ("tid", expected.tenant_id),
+            )
+            if wanted
+        ]
+        if not checked:
+            return []
+        return [Finding(Status.OK, subject, f"the token's {', '.join(checked)} are as expected")]
+    return [
+        Finding(
+            Status.FAILED,
+            subject,
+            f"the token's {p.claim} is {p.value}, expected {p.expected}: logins are refused",
+            fix=p.fix,
+        )
+        for p in problems
+    ]
 
 
 def _microsoft_claims(subject: str, token: str, protocols: set[Protocol]) -> Iterator[Finding]:

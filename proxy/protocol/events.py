@@ -26,6 +26,7 @@ __all__ = [
     "TlsEstablished",
     "TokenIssued",
     "TokenRefused",
+    "rejection_causes",
 ]
 
 
@@ -90,6 +91,24 @@ class TokenIssued:
 
     mailbox: str
     token: AccessToken = field(repr=False)
+    #: Who issued it (the app's provider): the likely causes of a refusal depend on it.
+    provider: str = "microsoft"
+
+
+def rejection_causes(provider: str) -> str:
+    """Why a mail server may refuse a token of ``provider`` other than Microsoft's (whose
+    causes each protocol names itself: roles, service principals, Exchange settings)."""
+    if provider == "google":
+        return (
+            "Likely causes: domain-wide delegation does not grant the service account "
+            "https://mail.google.com/ for this user, or IMAP/POP is off for the user "
+            "(Google Admin console: Apps > Google Workspace > Gmail > End User Access)."
+        )
+    return (
+        "Likely causes: the token does not fit what this server checks -- its issuer, "
+        "audience, scope or header typ (`xoauth2-proxy token --decode APP` shows them; the "
+        "server's log says which) -- or the client may not open this mailbox there."
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,6 +161,7 @@ from proxy.protocol.events import (
     TlsEstablished,
     TokenIssued,
     TokenRefused,
+    rejection_causes,
 )
 from proxy.protocol.framing import LineBuffer, literal_at_end, printable
 from proxy.protocol.modes import ClientTls, UpstreamTls
@@ -708,6 +709,8 @@ class _Attempt:
     response: bytes = field(default=b"", repr=False)
     #: The upstream's error challenge, decoded for the operator.
     challenge: str = ""
+    #: Who issued the token (its refusal's likely causes depend on it).
+    provider: str = "microsoft"
 
 
 class _Fault(enum.Enum):
@@ -846,10 +849,11 @@ class ImapAuth:
                 self._upstream_lost(_UI.PEER_CLOSED, "closed the connection")
             case TlsEstablished(side=side):
                 self._on_tls(side)
-            case TokenIssued(mailbox=mailbox, token=token):
+            case TokenIssued(mailbox=mailbox, token=token, provider=provider):
                 self._client_move(_CI.TOKEN_ISSUED)
                 attempt = self._current_attempt()
                 attempt.mailbox = mailbox
+                attempt.provider = provider
                 attempt.response = xoauth2_response(mailbox, token.value)
             case TokenRefused(refusal=refusal):
                 if self._client is not _C.AWAITING_TOKEN:
@@ -1412,13 +1416,17 @@ class ImapAuth:
             self._note(Severity.WARNING, f"{who}: upstream temporarily unavailable: {said}")
             reply = replies.IMAP_UNAVAILABLE
         else:
+            causes = (
+                "Likely causes: the token's audience or roles do not fit this server "
+                "(Microsoft 365 needs the IMAP.AccessAsApp application permission with admin "
+                "consent), or the app may not open this mailbox (Exchange: the service "
+                "principal is not registered or lacks Add-MailboxPermission FullAccess)."
+                if attempt.provider == "microsoft"
+                else rejection_causes(attempt.provider)
+            )
             self._note(
                 Severity.WARNING,
-                f"{who}: the upstream rejected the token: {said}{challenge}. Likely causes: "
-                "the token's audience or roles do not fit this server (Microsoft 365 needs "
-                "the IMAP.AccessAsApp application permission with admin consent), or the "
-                "app may not open this mailbox (Exchange: the service principal is not "
-                "registered or lacks Add-MailboxPermission FullAccess).",
+                f"{who}: the upstream rejected the token: {said}{challenge}. {causes}",
             )
             reply = replies.IMAP_AUTH_FAILED
         self._login_failed(attempt.tag, reply)

@@ -194,6 +194,7 @@ from proxy.protocol.events import (
     TlsEstablished,
     TokenIssued,
     TokenRefused,
+    rejection_causes,
 )
 from proxy.protocol.framing import LineBuffer, printable
 from proxy.protocol.modes import ClientTls, UpstreamTls
@@ -603,6 +604,8 @@ class _Attempt:
     response: bytes = field(default=b"", repr=False)
     #: The upstream's error challenge, decoded for the operator.
     challenge: str = ""
+    #: Who issued the token (its refusal's likely causes depend on it).
+    provider: str = "microsoft"
 
 
 class _Fault(enum.Enum):
@@ -741,10 +744,11 @@ class Pop3Auth:
                 self._upstream_lost(_UI.PEER_CLOSED, "closed the connection")
             case TlsEstablished(side=side):
                 self._on_tls(side)
-            case TokenIssued(mailbox=mailbox, token=token):
+            case TokenIssued(mailbox=mailbox, token=token, provider=provider):
                 self._client_move(_CI.TOKEN_ISSUED)
                 attempt = self._current_attempt()
                 attempt.mailbox = mailbox
+                attempt.provider = provider
                 attempt.response = xoauth2_response(mailbox, token.value)
             case TokenRefused(refusal=refusal):
                 if self._client is not _C.AWAITING_TOKEN:
@@ -1255,14 +1259,18 @@ class Pop3Auth:
             )
             answer = replies.POP3_UNAVAILABLE
         else:
+            causes = (
+                "Likely causes: the token's audience or roles do not fit this server "
+                "(Microsoft 365 needs the POP.AccessAsApp application permission with admin "
+                "consent), the app may not open this mailbox (Exchange: the service "
+                "principal is not registered or lacks Add-MailboxPermission FullAccess), or "
+                "POP3 is disabled for the mailbox (Set-CASMailbox -PopEnabled $true)."
+                if attempt.provider == "microsoft"
+                else rejection_causes(attempt.provider)
+            )
             self._note(
                 Severity.WARNING,
-                f"{who}: the upstream rejected the token: {said}{challenge}. Likely causes: "
-                "the token's audience or roles do not fit this server (Microsoft 365 needs "
-                "the POP.AccessAsApp application permission with admin consent), the app "
-                "may not open this mailbox (Exchange: the service principal is not "
-                "registered or lacks Add-MailboxPermission FullAccess), or POP3 is "
-                "disabled for the mailbox (Set-CASMailbox -PopEnabled $true).",
+                f"{who}: the upstream rejected the token: {said}{challenge}. {causes}",
             )
             answer = replies.POP3_AUTH_FAILED
         self._login_failed(answer)

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 
 import jwt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.claims import NotAJwtError, decode_claims, describe, token_roles
+from broker.claims import (
+    NotAJwtError,
+    check_token,
+    decode_claims,
+    describe,
+    describe_opaque,
+    expectations_for,
+    is_tenant_id,
+    token_roles,
+)
+from broker.model import GOOGLE_SCOPE, AccessToken, App
 
 NOW = 1_800_000_000
 
@@ -75,15 +86,53 @@ def test_roundtrip(claims: dict[str, object]) -> None:
     assert decode_claims(make_token(claims)) == claims
 
 
-def test_describe() -> None:
-    rows = dict(describe(CLAIMS, now=NOW))
-    assert list(rows) == ["roles", "aud", "tid", "appid", "exp", "expires in"]
+def test_describe_microsoft() -> None:
+    rows = dict(describe(CLAIMS, now=NOW, header={"typ": "JWT"}, provider="microsoft"))
+    assert list(rows) == ["aud", "roles", "appid", "tid", "typ", "exp", "expires in"]
     assert rows["roles"] == "IMAP.AccessAsApp, SMTP.SendAsApp"
     assert rows["aud"] == "https://outlook.office365.com"
     assert rows["tid"] == CLAIMS["tid"]
     assert rows["appid"] == CLAIMS["appid"]
+    assert rows["typ"] == "JWT"
     assert rows["exp"] == f"2027-01-15 09:02:05 UTC ({NOW + 3725})"
     assert rows["expires in"] == "1 h 02 min"
+
+
+def test_describe_generic_speaks_no_microsoft() -> None:
+    claims = {
+        "iss": "https://sso.example.com/realms/mail",
+        "sub": "service-account-mail-proxy",
+        "aud": ["imap://mail.example.com", "account"],
+        "scope": "mail profile",
+        "azp": "mail-proxy",
+        "client_id": "mail-proxy",
+        "exp": NOW + 60,
+    }
+    rows = describe(claims, now=NOW, header={"typ": "at+jwt"}, provider="oauth2")
+    assert dict(rows) == {
+        "iss": "https://sso.example.com/realms/mail",
+        "sub": "service-account-mail-proxy",
+        "aud": "imap://mail.example.com, account",
+        "scope": "mail profile",
+        "client_id": "mail-proxy",
+        "azp": "mail-proxy",
+        "typ": "at+jwt",
+        "exp": f"2027-01-15 08:01:00 UTC ({NOW + 60})",
+        "expires in": "1 min 00 s",
+    }
+    text = repr(rows)
+    for word in ("roles", "tid", "application permissions"):
+        assert word not in text
+    okta = dict(describe({"scp": ["mail.read", "mail.send"], "exp": NOW}, now=NOW))
+    assert okta["scp"] == "mail.read mail.send"
+
+
+def test_describe_opaque() -> None:
+    rows = dict(describe_opaque(AccessToken("ya29.opaque", NOW + 120.5, GOOGLE_SCOPE), NOW))
+    assert rows["scope"] == GOOGLE_SCOPE
+    assert rows["expires in"] == "2 min 00 s"
+    assert "opaque" in rows["format"]
+    assert "ya29" not in repr(rows)
 
 
 @pytest.mark.parametrize(
@@ -95,8 +144,138 @@ def test_describe_time_left(offset: int, text: str) -> None:
 
 
 def test_describe_missing_claims() -> None:
-    rows = dict(describe({}, now=NOW))
+    rows = dict(describe({}, now=NOW, provider="microsoft"))
     assert rows["roles"].startswith("(none")
-    assert rows["aud"] == rows["tid"] == rows["appid"] == rows["exp"] == "(missing)"
+    assert rows["aud"] == rows["tid"] == rows["exp"] == "(missing)"
     assert rows["expires in"] == "unknown"
     assert json.dumps(rows)  # plain strings only
+    generic = dict(describe({}, now=NOW))
+    assert "tid" not in generic
+    assert "roles" not in generic
+
+
+# -- checking tokens against what was asked for ----------------------------------------------
+
+ISSUER = "https://sso.example.com/realms/mail"
+TENANT_ID = "0b0e7c5f-1111-2222-3333-444455556666"
+
+
+def token(claims: dict[str, object] | None, scope: str = "mail") -> AccessToken:
+    value = "opaque-Zx81" if claims is None else make_token(claims)
+    return AccessToken(value, NOW + 3600, scope)
+
+
+def generic(**changes: object) -> App:
+    app = App(
+        name="kc",
+        provider="oauth2",
+        client_id="mail-proxy",
+        issuer=ISSUER,
+        scope="mail",
+        resources=("imap://mail.example.com",),
+    )
+    return replace(app, **changes)  # type: ignore[arg-type]
+
+
+GOOD = {"iss": ISSUER, "aud": ["imap://mail.example.com"], "scope": "mail", "exp": NOW}
+
+
+def test_a_good_generic_token_passes() -> None:
+    assert check_token(expectations_for(generic()), token(GOOD)) == []
+
+
+@pytest.mark.parametrize(
+    ("claims", "claim", "value"),
+    [
+        ({**GOOD, "iss": "https://evil.example.com"}, "iss", "https://evil.example.com"),
+        ({**GOOD, "iss": None}, "iss", "(missing)"),
+        ({**GOOD, "aud": "account"}, "aud", "account"),
+        ({**GOOD, "aud": None}, "aud", "(missing)"),
+        ({**GOOD, "scope": "profile"}, "scope", "profile"),
+        ({k: v for k, v in GOOD.items() if k != "scope"}, "scope", "(missing)"),
+        ({**GOOD, "scope": ""}, "scope", "(empty)"),
+    ],
+)
+def test_generic_mismatches(claims: dict[str, object], claim: str, value: str) -> None:
+    claims = {k: v for k, v in claims.items() if v is not None}
+    (found,) = check_token(expectations_for(generic()), token(claims))
+    assert (found.claim, found.value) == (claim, value)
+    assert found.fix
+    assert "Entra" not in found.fix
+    assert "eyJ" not in str(found)
+
+
+def test_response_scope_must_hold_the_scope() -> None:
+    (found,) = check_token(expectations_for(generic()), token(GOOD, scope="other"))
+    assert (found.claim, found.value) == ("scope", "other")
+
+
+def test_opaque_tokens() -> None:
+    app = generic()
+    (found,) = check_token(expectations_for(app), token(None))
+    assert found.claim == "token"
+    assert "aud" in found.expected
+    without_audience = expectations_for(replace(app, expect_audience=()))
+    assert check_token(without_audience, token(None)) == []
+    # A server that says nothing about the scope of an opaque token may have dropped it.
+    (unstated,) = check_token(without_audience, token(None), scope_stated=False)
+    assert unstated.claim == "scope"
+    assert "expect_scope = []" in unstated.fix
+    no_checks = expectations_for(replace(app, expect_audience=(), expect_scope=()))
+    assert check_token(no_checks, token(None), scope_stated=False) == []
+
+
+def test_expectations_default_to_what_was_asked() -> None:
+    expected = expectations_for(generic(scope="mail send"))
+    assert expected.audiences == ("imap://mail.example.com",)
+    assert expected.scopes == ("mail", "send")
+    assert expected.issuer == ISSUER
+    chosen = expectations_for(generic(expect_audience=("dovecot",), expect_scope=("imap",)))
+    assert (chosen.audiences, chosen.scopes) == (("dovecot",), ("imap",))
+
+
+def microsoft(tenant: str = TENANT_ID) -> App:
+    return App(name="contoso", provider="microsoft", client_id="c", tenant=tenant)
+
+
+MS: dict[str, object] = {
+    "aud": "https://outlook.office365.com",
+    "tid": TENANT_ID,
+    "roles": ["IMAP.AccessAsApp"],
+}
+
+
+def test_microsoft_tokens() -> None:
+    expected = expectations_for(microsoft())
+    assert expected.tenant_id == TENANT_ID
+    assert check_token(expected, token(MS, scope="")) == []
+    assert check_token(expected, token({**MS, "tid": TENANT_ID.upper()}, scope="")) == []
+    assert check_token(expected, token({**MS, "aud": "https://outlook.office365.com/"})) == []
+    other = "99990000-1111-2222-3333-444455556666"
+    (found,) = check_token(expected, token({**MS, "tid": other}))
+    assert (found.claim, found.value, found.expected) == ("tid", other, TENANT_ID)
+    assert "tenant" in found.fix
+    (found,) = check_token(expected, token({**MS, "aud": "https://graph.microsoft.com"}))
+    assert found.claim == "aud"
+    assert "outlook.office365.com/.default" in found.fix
+    (found,) = check_token(expected, token(None))
+    assert found.claim == "token"
+
+
+def test_microsoft_tenant_domain_needs_resolving() -> None:
+    assert expectations_for(microsoft("contoso.onmicrosoft.com")).tenant_id == ""
+    resolved = expectations_for(microsoft("contoso.onmicrosoft.com"), tenant_id=TENANT_ID)
+    assert resolved.tenant_id == TENANT_ID
+    assert is_tenant_id(TENANT_ID)
+    assert not is_tenant_id("contoso.onmicrosoft.com")
+    assert not is_tenant_id(TENANT_ID.replace("-", ""))
+
+
+def test_google_checks_the_response_scope() -> None:
+    app = App(name="g", provider="google", client_id="sa@x", scope=GOOGLE_SCOPE)
+    expected = expectations_for(app)
+    assert check_token(expected, token(None, scope=GOOGLE_SCOPE)) == []
+    assert check_token(expected, token(None, scope=GOOGLE_SCOPE), scope_stated=False) == []
+    (found,) = check_token(expected, token(None, scope="https://www.googleapis.com/auth/gmail"))
+    assert found.claim == "scope"
+    assert "Domain Wide Delegation" in found.fix

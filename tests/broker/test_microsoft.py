@@ -329,3 +329,32 @@ async def test_expired_certificate_is_reported_without_asking(
     assert "expired on" in str(error)
     assert "Create a new certificate" in error.fix
     assert idp.token_requests == 0
+
+
+# -- what tokens must say ---------------------------------------------------------------------
+
+
+async def test_a_domain_tenant_is_resolved_to_its_id_once(
+    idp: EntraEmulator, provider: MicrosoftProvider, secret_app: App
+) -> None:
+    assert secret_app.tenant == idp.tenant  # a domain, not the directory ID
+    expected = await provider.expectations()
+    assert expected.tenant_id == idp.tenant_id
+    assert expected.audiences == ("https://outlook.office365.com",)
+    assert await provider.expectations() is expected
+    assert idp.token_requests == 0  # learned from tenant discovery, not from a token
+
+
+async def test_a_token_from_another_tenant_is_refused(
+    idp: EntraEmulator, provider: MicrosoftProvider, cert_app: App
+) -> None:
+    other = "99990000-1111-2222-3333-444455556666"
+    idp.token_tenant_id = other
+    for candidate in (provider, MicrosoftProvider(cert_app)):  # domain, then GUID tenant
+        with pytest.raises(PermanentTokenError) as caught:
+            await candidate.fetch()
+        assert caught.value.code == "TOKEN_TID"
+        assert f"tid is {other}, expected {idp.tenant_id}" in str(caught.value)
+        assert "check tenant" in caught.value.fix
+    idp.token_tenant_id = None
+    await provider.fetch()

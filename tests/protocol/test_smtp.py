@@ -1717,6 +1717,28 @@ def test_token_rejection_note_names_the_likely_causes() -> None:
     assert actions[1:] == [SendToClient(replies.SMTP_AUTH_FAILED + b"\r\n")]
 
 
+@pytest.mark.parametrize(
+    ("provider", "named", "not_named"),
+    [
+        ("oauth2", "issuer, audience, scope", "Exchange"),
+        ("google", "domain-wide delegation", "Exchange"),
+    ],
+)
+def test_token_rejection_causes_speak_the_providers_language(
+    provider: str, named: str, not_named: str
+) -> None:
+    auth = play(GREETED + "C: AUTH PLAIN $PLAIN\n<< request-token alice secret\n")
+    auth.handle(TokenIssued(MAILBOX, TOKEN, provider=provider))
+    auth.handle(ServerDataReceived(b"334 \r\n"))
+    actions = auth.handle(ServerDataReceived(b"535 5.7.8 Authentication failed\r\n"))
+    note = actions[0]
+    assert isinstance(note, Note)
+    assert named in note.text
+    for word in (not_named, "SendAsApp", "service principal", "FullAccess"):
+        assert word not in note.text
+    assert actions[1:] == [SendToClient(replies.SMTP_AUTH_FAILED + b"\r\n")]
+
+
 @three_ways
 def test_upstream_temporary_failure_is_454(mode: Mode) -> None:
     play(

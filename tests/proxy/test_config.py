@@ -314,7 +314,7 @@ def test_oauth2_problems(tmp_path: Path) -> None:
 provider = "oauth2"
 token_url = "http://idp.example/token"
 client_id = "mail-proxy"
-auth_method = "client_secret_jwt"
+auth_method = "mtls"
 tenant = "x"
 
 [apps.jwt]
@@ -335,6 +335,108 @@ client_secret = { value = "s" }
         f"{key}.contoso.tenant: does not apply to provider 'oauth2'",
         f'{key}.jwt.private_key: is required with auth_method = "private_key_jwt"',
         f'{key}.jwt.client_secret: does not apply with auth_method = "private_key_jwt"',
+    ]
+    for start in expected:
+        assert any(p.startswith(start) for p in found), (start, found)
+
+
+def test_oauth2_discovery_resources_and_expectations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KC_SECRET", "k" * 40)
+    write_secret(
+        tmp_path,
+        "client.pem",
+        "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"
+        "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+    )
+    text = with_apps(
+        tmp_path,
+        """[apps.contoso]
+provider = "oauth2"
+issuer = "https://sso.example.com/realms/mail"
+client_id = "mail-proxy"
+auth_method = "client_secret_jwt"
+client_secret = { env = "KC_SECRET" }
+assertion_audience = "token_endpoint"
+resource = ["imap://mail.example.com", "smtp://mail.example.com"]
+expect_audience = "dovecot"
+expect_scope = []
+
+[apps.tls]
+provider = "oauth2"
+issuer = "https://dev-1.okta.example/oauth2/default"
+client_id = "0oa1"
+auth_method = "tls_client_auth"
+client_certificate = { file = "client.pem" }
+scope = "mail.read"
+""",
+    )
+    config = load_config(write(tmp_path, text))
+    app, tls = config.apps["contoso"], config.apps["tls"]
+    assert app.issuer == "https://sso.example.com/realms/mail"
+    assert app.token_url == ""
+    assert app.scope == ""
+    assert app.resources == ("imap://mail.example.com", "smtp://mail.example.com")
+    assert app.assertion_audience == "token_endpoint"
+    assert app.expect_audience == ("dovecot",)
+    assert app.expect_scope == ()
+    assert tls.client_certificate is not None
+    assert tls.expect_audience is None  # default: the resources asked for
+    assert tls.expect_scope is None
+
+
+def test_oauth2_new_problems(tmp_path: Path) -> None:
+    text = with_apps(
+        tmp_path,
+        """[apps.both]
+provider = "oauth2"
+issuer = "https://idp.example"
+token_url = "https://idp.example/token"
+client_id = "c"
+scope = "mail"
+client_secret = { value = "s" }
+
+[apps.neither]
+provider = "oauth2"
+client_id = "c"
+client_secret = { value = "s" }
+
+[apps.bad]
+provider = "oauth2"
+issuer = "https://idp.example/?realm=x"
+client_id = "c"
+resource = ["mail", "imap://mail#frag"]
+auth_method = "client_secret_jwt"
+client_secret = { value = "short" }
+assertion_audience = "issuer"
+client_certificate = { value = "x" }
+
+[apps.tls]
+provider = "oauth2"
+token_url = "https://idp.example/token"
+client_id = "c"
+scope = "mail"
+auth_method = "self_signed_tls_client_auth"
+assertion_audience = "issuer"
+key_id = "k"
+""",
+    )
+    found = problems(write(tmp_path, text, 0o600))
+    key = f"{tmp_path / 'config.toml'}: apps"
+    expected = [
+        f"{key}.both: set issuer (the server's metadata names its token endpoint) or token_url",
+        f"{key}.neither.issuer: is required (or token_url",
+        f"{key}.neither.scope: is required",
+        f"{key}.bad.issuer: must be an https:// URL without query or fragment",
+        f"{key}.bad.resource: 'mail' is not an absolute URI",
+        f"{key}.bad.resource: 'imap://mail#frag' is not an absolute URI",
+        f"{key}.bad.client_secret: is too short for client_secret_jwt",
+        f'{key}.bad.client_certificate: does not apply with auth_method = "client_secret_jwt"',
+        f'{key}.tls.client_certificate: is required with auth_method = "self_signed_tls',
+        f"{key}.tls.assertion_audience: only applies with",
+        f'{key}.tls.assertion_audience: "issuer" needs issuer',
+        f"{key}.tls.key_id: only applies with",
     ]
     for start in expected:
         assert any(p.startswith(start) for p in found), (start, found)

@@ -20,6 +20,15 @@ Authentication is the chain DESIGN.md section 4 describes, and the only way in:
 
 Only XOAUTH2 and OAUTHBEARER are offered; there are no passwords at all.
 
+Instead of local validation, the oauth2 passdb can ask the authorization server about each
+token (``introspection_url``): ``introspection_mode = get`` appends the token to the URL
+(Google's tokeninfo), ``post`` sends it as ``token=`` (RFC 7662; the client credentials go in
+the URL's user information, which works with the oidc-provider package for a secret that
+needs no %-escapes; one with escapes failed), ``auth`` as a bearer header; the server's CA
+is ``tls_ca_cert_file``. With ``username_attribute`` the answer's field (``email`` for Google's
+per-mailbox tokens) must equal the login name -- or, with a literal ``username_format``, a fixed
+value such as the client ID.
+
 Facts about Debian 12's Dovecot 2.3.19.1+dfsg1-2.1+deb12u7, verified by hand or by
 tests/e2e/test_dovecot_rig.py, that shaped this module:
 
@@ -27,9 +36,9 @@ tests/e2e/test_dovecot_rig.py, that shaped this module:
   token has no ``azp`` claim (``appid`` is ignored) and ``kid`` is ``default`` without a
   ``kid`` header. In both segments ``%`` becomes ``%25`` and ``/`` becomes ``%2f``; nothing
   else is escaped (:func:`key_file_name`).
-- The header's ``typ`` must be exactly ``JWT`` (absent, ``jwt`` or ``at+jwt``: "Cannot find
-  'typ' field"); ``sub`` and ``exp`` are required, ``iat`` is not; ``nbf`` even 5 s ahead is
-  refused; ``aud`` may be a list that contains the ``client_id``.
+- The header's ``typ`` must be exactly ``JWT`` (absent, ``jwt`` or RFC 9068's ``at+jwt``:
+  "Cannot find 'typ' field"); ``sub`` and ``exp`` are required, ``iat`` is not; ``nbf`` even
+  5 s ahead is refused; ``aud`` may be a list that contains the ``client_id``.
 - Token failures are answered up to 0.5 s late even with ``auth_failure_delay = 0``: the
   auth process flushes delayed failures on a 500 ms timer. Only a passdb field ``nodelay``
   skips it, and a failing passdb's fields are rolled back, so it works here for unknown
@@ -172,13 +181,19 @@ class Dovecot:
         workdir: Path,
         *,
         pki: TestPki,
-        jwt_public_key_pem: bytes,
-        kid: str,
+        jwt_public_key_pem: bytes | None = None,
+        kid: str = "default",
         issuer: str | None = None,
-        audience: str = DEFAULT_AUDIENCE,
+        audience: str | None = DEFAULT_AUDIENCE,
         mailboxes: Sequence[str] = ("reports@contoso.com",),
         smtp_relay: tuple[str, int] | None = None,
         extra_config: str = "",
+        introspection_url: str | None = None,
+        introspection_mode: str = "get",
+        introspection_ca_file: Path | None = None,
+        username_attribute: str | None = None,
+        username_format: str | None = None,
+        oauth2_settings: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir).absolute()
         _check_path(self.workdir)
@@ -191,12 +206,27 @@ class Dovecot:
         self.key_file_name = key_file_name(kid)
         self.issuer = issuer
         self.audience = audience
+        if (jwt_public_key_pem is None) == (introspection_url is None):
+            raise ValueError("give jwt_public_key_pem (local validation) or introspection_url")
+        if introspection_mode not in ("get", "post", "auth"):
+            raise ValueError(f"unknown introspection_mode {introspection_mode!r}")
+        for value in (introspection_url, username_attribute, username_format):
+            if value is not None and not _SAFE_VALUE.fullmatch(value):
+                raise ValueError(f"must be printable ASCII without spaces: {value!r}")
+        self.introspection_url = introspection_url
+        self.introspection_mode = introspection_mode
+        self.introspection_ca_file = introspection_ca_file
+        self.username_attribute = username_attribute
+        self.username_format = username_format
+        self.oauth2_settings = tuple(oauth2_settings)
         self.mailboxes: tuple[str, ...] = tuple(_mailbox_name(m) for m in mailboxes)
         if not self.mailboxes:
             raise ValueError("at least one mailbox is needed")
         self.smtp_relay = smtp_relay
         self.extra_config = extra_config
-        self._public_key_pem = _spki_pem(jwt_public_key_pem)
+        self._public_key_pem = (
+            _spki_pem(jwt_public_key_pem) if jwt_public_key_pem is not None else None
+        )
 
         self.config_file = self.workdir / "dovecot.conf"
         self.log_file = self.workdir / "dovecot.log"
@@ -361,9 +391,10 @@ class Dovecot:
             os.chown(home, self._mail_uid, self._mail_gid)
 
         # Key file: <prefix>/<azp or "default">/<alg>/<kid>. Entra app tokens carry no azp.
-        key_dir = self.keys_dir / "default" / "RS256"
-        key_dir.mkdir(parents=True, exist_ok=True)
-        (key_dir / self.key_file_name).write_bytes(self._public_key_pem)
+        if self._public_key_pem is not None:
+            key_dir = self.keys_dir / "default" / "RS256"
+            key_dir.mkdir(parents=True, exist_ok=True)
+            (key_dir / self.key_file_name).write_bytes(self._public_key_pem)
 
         # passwd-file: user:password:uid:gid:gecos:home:shell:extra. No password: the oauth2
         # passdb already authenticated, and an empty password can never match on its own.
@@ -380,16 +411,33 @@ class Dovecot:
     def _write_config(self) -> None:
         ports = self.ports
         oauth2_conf = self.workdir / "dovecot-oauth2.conf.ext"
-        oauth2_lines = [
-            "introspection_mode = local",
-            f"local_validation_key_dict = fs:posix:prefix={self.keys_dir}/",
-            "username_attribute = sub",
-            f"username_format = {_USERNAME_FORMAT}",
+        if self.introspection_url is not None:
+            oauth2_lines = [
+                f"introspection_mode = {self.introspection_mode}",
+                f"introspection_url = {self.introspection_url}",
+                "force_introspection = yes",
+            ]
+            if self.introspection_ca_file is not None:
+                _check_path(self.introspection_ca_file)
+                oauth2_lines.append(f"tls_ca_cert_file = {self.introspection_ca_file}")
+        else:
+            oauth2_lines = [
+                "introspection_mode = local",
+                f"local_validation_key_dict = fs:posix:prefix={self.keys_dir}/",
+            ]
+        if self.username_attribute is not None:
+            # The token names the mailbox (or, with a literal format, the client).
+            oauth2_lines += [f"username_attribute = {self.username_attribute}"]
+            if self.username_format is not None:
+                oauth2_lines += [f"username_format = {self.username_format}"]
+        else:
+            oauth2_lines += ["username_attribute = sub", f"username_format = {_USERNAME_FORMAT}"]
+        if self.audience is not None:
             # `client_id` checks `aud`; `scope` would demand a scope claim app tokens lack.
-            f"client_id = {self.audience}",
-        ]
+            oauth2_lines.append(f"client_id = {self.audience}")
         if self.issuer is not None:
             oauth2_lines.append(f"issuers = {self.issuer}")
+        oauth2_lines += self.oauth2_settings
         oauth2_conf.write_text("\n".join(oauth2_lines) + "\n")
 
         protocols = "imap pop3" + (" submission" if self.smtp_relay is not None else "")

@@ -137,6 +137,8 @@ class EntraEmulator:
         self.trickle: float = 0.0
         #: Claims of every token issued, in order.
         self.issued: list[dict[str, Any]] = []
+        #: Overrides the tid of issued tokens (an app consented in another tenant).
+        self.token_tenant_id: str | None = None
         self._pki = TestPki(pki_dir / "entra")
         self.ca_file = self._pki.ca_file
         self._server_pem = self._pki.issue("entra-server", "127.0.0.1", "localhost")
@@ -586,7 +588,7 @@ class EntraEmulator:
             "roles": list(app.roles),
             "sid": str(uuid.uuid4()),
             "sub": app.object_id,
-            "tid": self.tenant_id,
+            "tid": self.token_tenant_id or self.tenant_id,
             "uti": _b64url(uuid.uuid4().bytes),
             "ver": "1.0",
             "wids": ["0997a1d0-0d1d-4acb-b408-d5ca73121e90"],
