@@ -30,28 +30,65 @@ erases failures, they age out of the window.
   the pair's own), the attempt waits ``base_delay * 2**(n - 1)`` seconds, at most
   ``max_delay``, before its password is checked.
 
-All state is in memory, per process, bounded: at most ``max_keys`` keys per table, the
+State is kept in memory, per process, bounded: at most ``max_keys`` keys per table, the
 least recently touched dropped first, each holding only the newest timestamps it needs.
-The clock is injected (``trio.current_time`` by default), so tests drive it with a
-MockClock. Nothing here sleeps; the caller does.
+With a :class:`SharedFailures` store (Redis, when the token cache is in Redis), failures
+and trust are also recorded there and counted across every instance behind a load
+balancer, so N instances do not give an attacker N times the guesses; while the store
+cannot be reached, each instance judges by its own counts, and says so in the log.
+The clocks are injected (``trio.current_time`` for the local tables, the wall clock for the
+shared store), so tests drive them. Nothing here sleeps; the caller does.
 """
 
 from __future__ import annotations
 
 import array
 import ipaddress
+import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from proxy.names import fold_case
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-__all__ = ["LoginThrottle", "ThrottlePolicy", "Verdict", "network_of"]
+__all__ = [
+    "LoginThrottle",
+    "SharedFailures",
+    "SharedUnavailable",
+    "ThrottlePolicy",
+    "Verdict",
+    "network_of",
+]
+
+log = logging.getLogger("xoauth2_proxy.throttle")
+
+
+class SharedUnavailable(Exception):
+    """The shared store did not answer; ``str()`` says why (safe to log)."""
+
+
+class SharedFailures(Protocol):
+    """Failure times and trust shared by every instance (wall-clock seconds)."""
+
+    async def counts(self, keys: Sequence[str], since: float) -> list[int]:
+        """Failures under each of ``keys`` after ``since``."""
+        ...
+
+    async def is_trusted(self, pair: str) -> bool: ...
+
+    async def record(self, keys: Sequence[tuple[str, int]], now: float, window: float) -> None:
+        """A failure at ``now`` under each key, keeping its newest ``keep`` times."""
+        ...
+
+    async def trust(self, pair: str, ttl: float) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +190,8 @@ class LoginThrottle:
         policy: ThrottlePolicy | None = None,
         *,
         clock: Callable[[], float] = trio.current_time,
+        shared: SharedFailures | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy or ThrottlePolicy()
         self._clock = clock
@@ -161,25 +200,98 @@ class LoginThrottle:
         self._pairs = _Table(self.policy.max_keys)
         #: pair key -> when the trust ends.
         self._trusted: OrderedDict[str, float] = OrderedDict()
+        self.shared = shared
+        self._wall = wall_clock
+        #: Why the shared store failed last, while it is failing (logged once per outage).
+        self._outage: str | None = None
 
     def __repr__(self) -> str:
         return (
             f"<LoginThrottle logins={len(self._logins)} networks={len(self._networks)} "
-            f"trusted={len(self._trusted)}>"
+            f"trusted={len(self._trusted)}{' shared' if self.shared else ''}>"
         )
 
-    def verdict(self, login: str, address: str) -> Verdict:
+    def local_verdict(self, login: str, address: str) -> Verdict:
         """How to treat an attempt for ``login`` (a key naming the credential's kind and
-        whom it claims to be) from ``address``, before checking it."""
-        policy, now, window = self.policy, self._clock(), self.policy.window
+        whom it claims to be) from ``address``, by this instance's own counts."""
+        now, window = self._clock(), self.policy.window
+        keys = _Keys(login, address, self.policy)
+        return self._judge(
+            logins=self._logins.count(keys.login, now, window),
+            networks=self._networks.count(keys.network, now, window),
+            pairs=self._pairs.count(keys.pair, now, window),
+            trusted=self._is_trusted(keys.pair, now),
+        )
+
+    async def verdict(self, login: str, address: str) -> Verdict:
+        """As :meth:`local_verdict`, by the counts of every instance when they are shared."""
+        if self.shared is None:
+            await trio.lowlevel.checkpoint()
+            return self.local_verdict(login, address)
+        keys = _Keys(login, address, self.policy)
+        try:
+            logins, networks, pairs = await self.shared.counts(
+                [keys.login, keys.network, keys.pair], self._wall() - self.policy.window
+            )
+            trusted = await self.shared.is_trusted(keys.pair)
+        except SharedUnavailable as exc:
+            self._shared_failed(exc)
+            return self.local_verdict(login, address)
+        self._shared_works()
+        now, window = self._clock(), self.policy.window
+        # This instance's own failures count even if the store lost them (a restart).
+        return self._judge(
+            logins=max(logins, self._logins.count(keys.login, now, window)),
+            networks=max(networks, self._networks.count(keys.network, now, window)),
+            pairs=max(pairs, self._pairs.count(keys.pair, now, window)),
+            trusted=trusted or self._is_trusted(keys.pair, now),
+        )
+
+    async def failed(self, login: str, address: str) -> None:
+        """Count a failed attempt (wrong password, unknown user, refused mailbox...)."""
+        policy, now = self.policy, self._clock()
         keys = _Keys(login, address, policy)
-        logins = self._logins.count(keys.login, now, window)
-        if self._is_trusted(keys.pair, now):
+        counted = [(keys.login, max(policy.trusted_lockout, policy.login_lockout))]
+        counted.append((keys.pair, policy.login_lockout))
+        if not self._is_trusted(keys.pair, now):
+            counted.append((keys.network, policy.network_lockout))
+        tables = {keys.login: self._logins, keys.pair: self._pairs, keys.network: self._networks}
+        for key, keep in counted:
+            tables[key].add(key, now, keep)
+        if self.shared is not None:
+            try:
+                await self.shared.record(counted, self._wall(), policy.window)
+            except SharedUnavailable as exc:
+                self._shared_failed(exc)
+            else:
+                self._shared_works()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def succeeded(self, login: str, address: str) -> None:
+        """Trust the pair for ``trust_ttl`` seconds (its failures stay until they age out)."""
+        pair = _Keys(login, address, self.policy).pair
+        self._trusted[pair] = self._clock() + self.policy.trust_ttl
+        self._trusted.move_to_end(pair)
+        while len(self._trusted) > self.policy.max_keys:
+            self._trusted.popitem(last=False)
+        if self.shared is not None:
+            try:
+                await self.shared.trust(pair, self.policy.trust_ttl)
+            except SharedUnavailable as exc:
+                self._shared_failed(exc)
+            else:
+                self._shared_works()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _judge(self, *, logins: int, networks: int, pairs: int, trusted: bool) -> Verdict:
+        policy = self.policy
+        if trusted:
             if logins >= policy.trusted_lockout:
                 return Verdict(locked=self._locked("login", logins))
-            failures = self._pairs.count(keys.pair, now, window)
+            failures = pairs
         else:
-            networks = self._networks.count(keys.network, now, window)
             if networks >= policy.network_lockout:
                 return Verdict(locked=self._locked("source network", networks))
             if logins >= policy.login_lockout:
@@ -189,22 +301,19 @@ class LoginThrottle:
             return Verdict()
         return Verdict(delay=min(policy.base_delay * 2 ** min(failures - 1, 62), policy.max_delay))
 
-    def failed(self, login: str, address: str) -> None:
-        """Count a failed attempt (wrong password, unknown user, refused mailbox...)."""
-        policy, now = self.policy, self._clock()
-        keys = _Keys(login, address, policy)
-        self._logins.add(keys.login, now, max(policy.trusted_lockout, policy.login_lockout))
-        self._pairs.add(keys.pair, now, policy.login_lockout)
-        if not self._is_trusted(keys.pair, now):
-            self._networks.add(keys.network, now, policy.network_lockout)
+    def _shared_failed(self, exc: SharedUnavailable) -> None:
+        if self._outage is None:
+            log.warning(
+                "failed-login counts: the shared store is unavailable (%s); this instance "
+                "counts its own until it is back",
+                exc,
+            )
+        self._outage = str(exc)
 
-    def succeeded(self, login: str, address: str) -> None:
-        """Trust the pair for ``trust_ttl`` seconds (its failures stay until they age out)."""
-        pair = _Keys(login, address, self.policy).pair
-        self._trusted[pair] = self._clock() + self.policy.trust_ttl
-        self._trusted.move_to_end(pair)
-        while len(self._trusted) > self.policy.max_keys:
-            self._trusted.popitem(last=False)
+    def _shared_works(self) -> None:
+        if self._outage is not None:
+            log.warning("failed-login counts: the shared store is back; counting together again")
+            self._outage = None
 
     def _is_trusted(self, pair: str, now: float) -> bool:
         until = self._trusted.get(pair)

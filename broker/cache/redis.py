@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from broker.cache import CacheKey
     from broker.model import Secret
 
-__all__ = ["RedisTokenCache"]
+__all__ = ["RedisTokenCache", "connect", "redact"]
 
 log = logging.getLogger("xoauth2_proxy.broker.cache")
 
@@ -95,25 +95,8 @@ class RedisTokenCache:
         self._sealer = Sealer(key)
         self._prefix = prefix
         self._lock_timeout = lock_timeout
-        self._where = _redact(url)
-        options: dict[str, object] = {
-            "socket_timeout": SOCKET_TIMEOUT,
-            "socket_connect_timeout": SOCKET_TIMEOUT,
-            "health_check_interval": 30,
-        }
-        if password is not None:
-            options["password"] = password.reveal()
-        if url.startswith("rediss://"):
-            # Explicit: redis-py before 6 verifies the certificate but not that it names the
-            # host (redis/redis-py#3626), so any certificate from a trusted CA would do.
-            options["ssl_cert_reqs"] = "required"
-            options["ssl_check_hostname"] = True
-            if ca_file is not None:
-                options["ssl_ca_certs"] = str(ca_file)
-        try:
-            self._client = redis.Redis.from_url(url, **options)
-        except ValueError as exc:
-            raise ValueError(f"redis url {self._where}: {exc}") from None
+        self._where = redact(url)
+        self._client = connect(url, password=password, ca_file=ca_file)
 
     def __repr__(self) -> str:
         return f"RedisTokenCache({self._where!r}, prefix={self._prefix!r})"
@@ -279,7 +262,35 @@ class RedisTokenCache:
             raise CacheError(f"redis {self._where}: {type(exc).__name__}: {exc}") from None
 
 
-def _redact(url: str) -> str:
+def connect(
+    url: str, *, password: Secret | None = None, ca_file: Path | None = None
+) -> redis.Redis:
+    """A redis-py client for ``url`` (lazy: it connects on first use), with bounded socket
+    waits, and for ``rediss://`` a certificate that must chain to the system store (plus
+    ``ca_file``) and name the host. ``ValueError`` for a URL it cannot use."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis url must start with redis://, rediss:// or unix://: {url!r}")
+    options: dict[str, object] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "health_check_interval": 30,
+    }
+    if password is not None:
+        options["password"] = password.reveal()
+    if url.startswith("rediss://"):
+        # Explicit: redis-py before 6 verifies the certificate but not that it names the
+        # host (redis/redis-py#3626), so any certificate from a trusted CA would do.
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+        if ca_file is not None:
+            options["ssl_ca_certs"] = str(ca_file)
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ValueError(f"redis url {redact(url)}: {exc}") from None
+
+
+def redact(url: str) -> str:
     """The URL without a password in its user part."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")

@@ -21,6 +21,7 @@ from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
+from proxy.net.shared_throttle import RedisFailures
 from proxy.net.tls import (
     client_side_context,
     describe_tls_error,
@@ -134,7 +135,10 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.grace = grace
-        self.throttle = LoginThrottle(config.limits.throttle_policy())
+        # With the token cache in Redis, failed logins are counted there too: instances
+        # behind one load balancer share the bound on guesses.
+        shared = RedisFailures.from_settings(config.cache) if config.cache.kind == "redis" else None
+        self.throttle = LoginThrottle(config.limits.throttle_policy(), shared=shared)
         #: One pool of password-hash workers for the life of the process, across reloads.
         self.hashes = HashPool(
             config.limits.hash_concurrency,
@@ -242,10 +246,14 @@ class ProxyServer:
             for listener, sockets in bound
             for s in sockets
         ]
-        async with trio.open_nursery() as workers:
-            await workers.start(self.hashes.run)
-            await self._serve_bound(bound, report, task_status)
-            workers.cancel_scope.cancel()  # every session has ended
+        try:
+            async with trio.open_nursery() as workers:
+                await workers.start(self.hashes.run)
+                await self._serve_bound(bound, report, task_status)
+                workers.cancel_scope.cancel()  # every session has ended
+        finally:
+            if self.throttle.shared is not None:
+                self.throttle.shared.close()
 
     async def _serve_bound(
         self,

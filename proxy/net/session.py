@@ -627,7 +627,7 @@ class Session:
 
     async def _throttle(self, login: str, key: str) -> _Refused | None:
         """Refuse a locked-out login without checking it; wait out a failure delay."""
-        verdict = self.services.throttle.verdict(key, self.peer)
+        verdict = await self.services.throttle.verdict(key, self.peer)
         if verdict.locked:
             self._log.warning(
                 "%s: login %r from %s refused without checking: %s",
@@ -657,7 +657,7 @@ class Session:
         def gate() -> str | None:
             # Asked again when the password check's turn comes: attempts made in parallel
             # all passed the first check before any of them failed.
-            return throttle.verdict(key, self.peer).locked
+            return throttle.local_verdict(key, self.peer).locked
 
         try:
             identity = await self.services.authenticator.authenticate(
@@ -679,10 +679,10 @@ class Session:
             return _Refused(Refusal.UNAVAILABLE, AuditResult.TEMPORARY_FAILURE, f"busy: {exc}")
         except BadCredentials as exc:
             if not isinstance(exc, LockedOut):
-                throttle.failed(key, self.peer)
+                await throttle.failed(key, self.peer)
             self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)
             return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, exc.reason)
-        throttle.succeeded(key, self.peer)
+        await throttle.succeeded(key, self.peer)
         return identity
 
     async def _fetch_token(self, login: str, identity: Identity) -> AccessToken | _Refused:

@@ -23,7 +23,7 @@ import trio.testing
 from broker.cache import CachedToken, CacheError, CacheKey, CacheSettings, open_cache
 from broker.cache.file import FileTokenCache
 from broker.cache.memory import MemoryTokenCache
-from broker.cache.redis import RedisTokenCache, _redact
+from broker.cache.redis import RedisTokenCache, redact
 from broker.cache.sealing import Sealer, SealError, parse_key
 from broker.clock import wall_clock
 from broker.model import AccessToken, Secret
@@ -555,9 +555,9 @@ async def test_rediss_checks_the_server_name(tmp_path: Path) -> None:
 def test_redis_url_checks_and_redaction() -> None:
     with pytest.raises(ValueError, match="must start with"):
         RedisTokenCache("http://localhost", new_key())
-    assert _redact("redis://:hunter2@db:6379/0") == "redis://:<redacted>@db:6379/0"
-    assert _redact("redis://user:hunter2@db/0") == "redis://user:<redacted>@db/0"
-    assert _redact("redis://db:6379/0") == "redis://db:6379/0"
+    assert redact("redis://:hunter2@db:6379/0") == "redis://:<redacted>@db:6379/0"
+    assert redact("redis://user:hunter2@db/0") == "redis://user:<redacted>@db/0"
+    assert redact("redis://db:6379/0") == "redis://db:6379/0"
     cache = RedisTokenCache("redis://:hunter2@db:6379/0", new_key())
     assert "hunter2" not in repr(cache)
     cache.close()

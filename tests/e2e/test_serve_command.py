@@ -12,6 +12,8 @@ import pytest
 
 from tests.e2e.conftest import MAILBOX, OTHER_MAILBOX, PASSWORD, Listener, ProxyRig
 from tests.e2e.helpers import ServeProcess
+from tests.e2e.test_caches import cache_key
+from tests.support.redis import RedisServer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -35,10 +37,10 @@ def serve(tmp_path: Path, rig_config: Path) -> Iterator[ServeProcess]:
     process.close()
 
 
-def login(rig: ProxyRig, port: int, user: str) -> str:
+def login(rig: ProxyRig, port: int, user: str, password: str = PASSWORD) -> str:
     context = ssl.create_default_context(cafile=str(rig.pki.ca_file))
     with imaplib.IMAP4_SSL("localhost", port, ssl_context=context, timeout=30) as imap:
-        status, _ = imap.login(user, PASSWORD)
+        status, _ = imap.login(user, password)
         imap.logout()
         return status
 
@@ -128,3 +130,29 @@ def test_a_reload_refuses_a_ca_file_others_could_have_changed(
         assert login(rig, port, MAILBOX) == "OK"  # the running configuration stays
     finally:
         serve.close()
+
+
+def test_two_instances_sharing_redis_share_the_lockout(
+    tmp_path: Path, rig: ProxyRig, dovecot: Dovecot
+) -> None:
+    """Behind a load balancer, N instances must not give an attacker N times the guesses."""
+    with RedisServer(tmp_path / "redis") as redis:
+        rig.limits.update(failure_delay=0, lockout_after=4)
+        rig.cache = {"kind": '"redis"', "url": f'"{redis.url}"', "key": cache_key(rig)}
+        config = rig.write([Listener(upstream_port=dovecot.ports.imaps)])
+        instances = [ServeProcess(config, tmp_path / f"serve{n}.log") for n in range(2)]
+        try:
+            ports = [instance.port() for instance in instances]
+            refusals = []
+            for n in range(8):  # the guesses alternate between the instances
+                with pytest.raises(imaplib.IMAP4.error):
+                    login(rig, ports[n % 2], MAILBOX, password=f"guess {n}")
+            for instance in instances:
+                refusals.append(instance.text().count("refused: wrong password"))
+            assert sum(refusals) == 4  # checked: lockout_after in all, not per instance
+            for port in ports:  # both refuse even the right password now
+                with pytest.raises(imaplib.IMAP4.error):
+                    login(rig, port, MAILBOX)
+        finally:
+            for instance in instances:
+                instance.close()

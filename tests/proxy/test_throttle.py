@@ -38,49 +38,52 @@ def throttle(clock: Clock) -> LoginThrottle:
     return LoginThrottle(POLICY, clock=clock)
 
 
-def test_no_failures_no_delay(throttle: LoginThrottle) -> None:
-    assert throttle.verdict(LOGIN, REAL) == Verdict()
+async def test_no_failures_no_delay(throttle: LoginThrottle) -> None:
+    assert throttle.local_verdict(LOGIN, REAL) == Verdict()
 
 
-def test_delay_doubles_up_to_the_cap() -> None:
+async def test_delay_doubles_up_to_the_cap() -> None:
     policy = ThrottlePolicy(login_lockout=100, trusted_lockout=100, network_lockout=100)
     throttle = LoginThrottle(policy, clock=Clock())
     delays = []
     for _ in range(7):
-        throttle.failed(LOGIN, ATTACKER)
-        delays.append(throttle.verdict(LOGIN, ATTACKER).delay)
+        await throttle.failed(LOGIN, ATTACKER)
+        delays.append(throttle.local_verdict(LOGIN, ATTACKER).delay)
     assert delays == [1, 2, 4, 8, 16, 16, 16]
 
 
-def test_login_lockout_spares_the_network_the_login_works_from(
+async def test_login_lockout_spares_the_network_the_login_works_from(
     throttle: LoginThrottle, clock: Clock
 ) -> None:
-    throttle.succeeded(LOGIN, REAL)  # the real program logged in from its network
+    await throttle.succeeded(LOGIN, REAL)  # the real program logged in from its network
     for _ in range(POLICY.login_lockout):
-        throttle.failed(LOGIN.upper(), ATTACKER)  # case does not matter
-    assert throttle.verdict(LOGIN, ATTACKER).locked == "login locked out after 5 failures in 3600s"
-    assert throttle.verdict(LOGIN, "203.0.113.7").locked is not None  # any other network too
-    assert throttle.verdict(LOGIN, REAL) == Verdict()  # no lockout, no delay
+        await throttle.failed(LOGIN.upper(), ATTACKER)  # case does not matter
+    assert (
+        throttle.local_verdict(LOGIN, ATTACKER).locked
+        == "login locked out after 5 failures in 3600s"
+    )
+    assert throttle.local_verdict(LOGIN, "203.0.113.7").locked is not None  # any other network too
+    assert throttle.local_verdict(LOGIN, REAL) == Verdict()  # no lockout, no delay
     clock.now += POLICY.window - 1
-    assert throttle.verdict(LOGIN, ATTACKER).locked is not None
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is not None
     clock.now += 1  # the failures have aged out of the window
-    assert throttle.verdict(LOGIN, ATTACKER) == Verdict()
+    assert throttle.local_verdict(LOGIN, ATTACKER) == Verdict()
 
 
-def test_the_window_slides(throttle: LoginThrottle, clock: Clock) -> None:
+async def test_the_window_slides(throttle: LoginThrottle, clock: Clock) -> None:
     for _ in range(POLICY.login_lockout):
-        throttle.failed(LOGIN, ATTACKER)
+        await throttle.failed(LOGIN, ATTACKER)
         clock.now += 600
     # The first failure is 3000 s old, the last 600 s: locked until the first ages out.
     clock.now += 599
-    assert throttle.verdict(LOGIN, ATTACKER).locked is not None
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is not None
     clock.now += 1
-    assert throttle.verdict(LOGIN, ATTACKER).locked is None
-    throttle.failed(LOGIN, ATTACKER)  # four left in the window, plus this one
-    assert throttle.verdict(LOGIN, ATTACKER).locked is not None
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is None
+    await throttle.failed(LOGIN, ATTACKER)  # four left in the window, plus this one
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is not None
 
 
-def test_a_guesser_beside_the_real_program_gets_the_trusted_ceiling_and_no_more(
+async def test_a_guesser_beside_the_real_program_gets_the_trusted_ceiling_and_no_more(
     throttle: LoginThrottle,
 ) -> None:
     """Issue: the real program's successes erased the pair's failures, and trusted pairs
@@ -88,39 +91,43 @@ def test_a_guesser_beside_the_real_program_gets_the_trusted_ceiling_and_no_more(
     checked = 0
     for n in range(100):
         if n % 4 == 0:
-            throttle.succeeded(LOGIN, REAL)  # the program logs in every 15 s
-        if throttle.verdict(LOGIN, REAL).locked is None:
+            await throttle.succeeded(LOGIN, REAL)  # the program logs in every 15 s
+        if throttle.local_verdict(LOGIN, REAL).locked is None:
             checked += 1
-            throttle.failed(LOGIN, REAL)  # the guesser, from the same address
+            await throttle.failed(LOGIN, REAL)  # the guesser, from the same address
     assert checked == POLICY.trusted_lockout
-    assert throttle.verdict(LOGIN, REAL).locked == "login locked out after 12 failures in 3600s"
+    assert (
+        throttle.local_verdict(LOGIN, REAL).locked == "login locked out after 12 failures in 3600s"
+    )
 
 
-def test_guesses_elsewhere_cannot_lock_out_the_trusted_network(throttle: LoginThrottle) -> None:
-    throttle.succeeded(LOGIN, REAL)
+async def test_guesses_elsewhere_cannot_lock_out_the_trusted_network(
+    throttle: LoginThrottle,
+) -> None:
+    await throttle.succeeded(LOGIN, REAL)
     for n in range(50):
         where = f"203.0.113.{n}"  # a botnet: a new network for each guess
-        if throttle.verdict(LOGIN, where).locked is None:
-            throttle.failed(LOGIN, where)
-    assert throttle.verdict(LOGIN, ATTACKER).locked is not None
-    assert throttle.verdict(LOGIN, REAL) == Verdict()
+        if throttle.local_verdict(LOGIN, where).locked is None:
+            await throttle.failed(LOGIN, where)
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is not None
+    assert throttle.local_verdict(LOGIN, REAL) == Verdict()
 
 
 @pytest.mark.parametrize("trusted_guesser", [False, True])
-def test_at_most_the_trusted_ceiling_per_window_whatever_the_position(
+async def test_at_most_the_trusted_ceiling_per_window_whatever_the_position(
     clock: Clock, trusted_guesser: bool
 ) -> None:
     """A guess each second for a day, from everywhere at once; the bound is per window."""
     throttle = LoginThrottle(POLICY, clock=clock)
-    throttle.succeeded(LOGIN, REAL)
+    await throttle.succeeded(LOGIN, REAL)
     positions = [REAL, ATTACKER, "2001:db8::1"] if trusted_guesser else [ATTACKER, "2001:db8::1"]
     checked: list[float] = []
     for second in range(24 * 3600):
         clock.now = 1000.0 + second
         where = positions[second % len(positions)]
-        if throttle.verdict(LOGIN, where).locked is None:
+        if throttle.local_verdict(LOGIN, where).locked is None:
             checked.append(clock.now)
-            throttle.failed(LOGIN, where)
+            await throttle.failed(LOGIN, where)
     ceiling = POLICY.trusted_lockout if trusted_guesser else POLICY.login_lockout
     for start in checked:
         in_window = [t for t in checked if start <= t < start + POLICY.window]
@@ -128,69 +135,71 @@ def test_at_most_the_trusted_ceiling_per_window_whatever_the_position(
     assert len(checked) == 24 * ceiling  # and the ceiling is reached in each window
 
 
-def test_network_lockout_covers_every_login_but_spares_trusted_pairs(
+async def test_network_lockout_covers_every_login_but_spares_trusted_pairs(
     throttle: LoginThrottle, clock: Clock
 ) -> None:
-    throttle.succeeded("password:scanner@contoso.com", ATTACKER)  # a real program behind NAT
+    await throttle.succeeded("password:scanner@contoso.com", ATTACKER)  # a real program behind NAT
     for n in range(POLICY.network_lockout):
-        throttle.failed(f"password:guess{n}@contoso.com", ATTACKER)  # password spraying
-    assert throttle.verdict("password:new@contoso.com", ATTACKER).locked == (
+        await throttle.failed(f"password:guess{n}@contoso.com", ATTACKER)  # password spraying
+    assert throttle.local_verdict("password:new@contoso.com", ATTACKER).locked == (
         "source network locked out after 8 failures in 3600s"
     )
-    assert throttle.verdict("password:scanner@contoso.com", ATTACKER) == Verdict()
-    assert throttle.verdict("password:new@contoso.com", REAL) == Verdict()
+    assert throttle.local_verdict("password:scanner@contoso.com", ATTACKER) == Verdict()
+    assert throttle.local_verdict("password:new@contoso.com", REAL) == Verdict()
     clock.now += POLICY.window
-    assert throttle.verdict("password:new@contoso.com", ATTACKER).locked is None
+    assert throttle.local_verdict("password:new@contoso.com", ATTACKER).locked is None
 
 
-def test_a_success_erases_nothing(throttle: LoginThrottle) -> None:
+async def test_a_success_erases_nothing(throttle: LoginThrottle) -> None:
     """Logging in to an account of one's own does not reset the network's count, nor does
     the real program's success reset the login's."""
     for n in range(POLICY.network_lockout - 1):
-        throttle.failed(f"password:guess{n}@contoso.com", ATTACKER)
-    throttle.succeeded("password:attacker@contoso.com", ATTACKER)
-    throttle.failed("password:guess-last@contoso.com", ATTACKER)
-    assert throttle.verdict("password:another@contoso.com", ATTACKER).locked is not None
+        await throttle.failed(f"password:guess{n}@contoso.com", ATTACKER)
+    await throttle.succeeded("password:attacker@contoso.com", ATTACKER)
+    await throttle.failed("password:guess-last@contoso.com", ATTACKER)
+    assert throttle.local_verdict("password:another@contoso.com", ATTACKER).locked is not None
     for _ in range(POLICY.login_lockout):
-        throttle.failed(LOGIN, "203.0.113.9")
-    throttle.succeeded(LOGIN, "203.0.113.9")  # it knew the password after all
-    assert throttle.verdict(LOGIN, ATTACKER).locked is not None
+        await throttle.failed(LOGIN, "203.0.113.9")
+    await throttle.succeeded(LOGIN, "203.0.113.9")  # it knew the password after all
+    assert throttle.local_verdict(LOGIN, ATTACKER).locked is not None
 
 
-def test_a_trusted_program_with_a_stale_password_does_not_lock_its_network(
+async def test_a_trusted_program_with_a_stale_password_does_not_lock_its_network(
     throttle: LoginThrottle,
 ) -> None:
-    throttle.succeeded(LOGIN, REAL)
+    await throttle.succeeded(LOGIN, REAL)
     for _ in range(POLICY.trusted_lockout):
-        throttle.failed(LOGIN, REAL)  # the password was rotated, the program not updated
-    assert throttle.verdict(LOGIN, REAL).locked is not None
-    assert throttle.verdict("password:other@contoso.com", REAL) == Verdict()
+        await throttle.failed(LOGIN, REAL)  # the password was rotated, the program not updated
+    assert throttle.local_verdict(LOGIN, REAL).locked is not None
+    assert throttle.local_verdict("password:other@contoso.com", REAL) == Verdict()
 
 
-def test_kinds_of_credential_never_share_a_count(throttle: LoginThrottle) -> None:
+async def test_kinds_of_credential_never_share_a_count(throttle: LoginThrottle) -> None:
     """Issue: ten LOGINs named "certificate <fingerprint>" locked out that certificate."""
     fingerprint = "ab" * 32
     for _ in range(POLICY.login_lockout):
-        throttle.failed(f"password:certificate {fingerprint[:32]}", ATTACKER)
-        throttle.failed(f"password:certificate:{fingerprint}", ATTACKER)
-    assert throttle.verdict(f"certificate:{fingerprint}", REAL) == Verdict()
+        await throttle.failed(f"password:certificate {fingerprint[:32]}", ATTACKER)
+        await throttle.failed(f"password:certificate:{fingerprint}", ATTACKER)
+    assert throttle.local_verdict(f"certificate:{fingerprint}", REAL) == Verdict()
 
 
-def test_delays_for_a_trusted_pair_count_only_its_own_failures(throttle: LoginThrottle) -> None:
-    throttle.succeeded(LOGIN, REAL)
+async def test_delays_for_a_trusted_pair_count_only_its_own_failures(
+    throttle: LoginThrottle,
+) -> None:
+    await throttle.succeeded(LOGIN, REAL)
     for _ in range(3):
-        throttle.failed(LOGIN, ATTACKER)
-    assert throttle.verdict(LOGIN, REAL) == Verdict()
-    throttle.failed(LOGIN, REAL)
-    assert throttle.verdict(LOGIN, REAL).delay == 1
+        await throttle.failed(LOGIN, ATTACKER)
+    assert throttle.local_verdict(LOGIN, REAL) == Verdict()
+    await throttle.failed(LOGIN, REAL)
+    assert throttle.local_verdict(LOGIN, REAL).delay == 1
 
 
-def test_trust_expires(throttle: LoginThrottle, clock: Clock) -> None:
-    throttle.succeeded(LOGIN, REAL)
+async def test_trust_expires(throttle: LoginThrottle, clock: Clock) -> None:
+    await throttle.succeeded(LOGIN, REAL)
     clock.now += POLICY.trust_ttl
     for _ in range(POLICY.login_lockout):
-        throttle.failed(LOGIN, ATTACKER)
-    assert throttle.verdict(LOGIN, REAL).locked is not None
+        await throttle.failed(LOGIN, ATTACKER)
+    assert throttle.local_verdict(LOGIN, REAL).locked is not None
 
 
 @pytest.mark.parametrize(
@@ -215,21 +224,21 @@ def test_network_prefixes_are_settings() -> None:
     assert ThrottlePolicy(ipv6_prefix=128).network_of("2001:db8::1") == "2001:db8::1"
 
 
-def test_walking_an_ipv6_prefix_does_not_escape(throttle: LoginThrottle) -> None:
+async def test_walking_an_ipv6_prefix_does_not_escape(throttle: LoginThrottle) -> None:
     for n in range(POLICY.network_lockout):
-        throttle.failed(f"password:guess{n}@contoso.com", f"2001:db8:1:2::{n + 1:x}")
-    assert throttle.verdict("password:x", "2001:db8:1:2:dead::beef").locked is not None
-    assert throttle.verdict("password:x", "2001:db8:1:3::1").locked is None
+        await throttle.failed(f"password:guess{n}@contoso.com", f"2001:db8:1:2::{n + 1:x}")
+    assert throttle.local_verdict("password:x", "2001:db8:1:2:dead::beef").locked is not None
+    assert throttle.local_verdict("password:x", "2001:db8:1:3::1").locked is None
 
 
-def test_memory_is_bounded(clock: Clock) -> None:
+async def test_memory_is_bounded(clock: Clock) -> None:
     throttle = LoginThrottle(ThrottlePolicy(max_keys=50), clock=clock)
     for n in range(1000):
-        throttle.failed(f"password:user{n}", f"10.0.{n // 256}.{n % 256}")
-        throttle.succeeded(f"password:user{n}", f"10.1.{n // 256}.{n % 256}")
+        await throttle.failed(f"password:user{n}", f"10.0.{n // 256}.{n % 256}")
+        await throttle.succeeded(f"password:user{n}", f"10.1.{n // 256}.{n % 256}")
     assert repr(throttle) == "<LoginThrottle logins=50 networks=50 trusted=50>"
     for _ in range(1000):  # one key never holds more times than its ceiling needs
-        throttle.failed(LOGIN, ATTACKER)
+        await throttle.failed(LOGIN, ATTACKER)
     assert len(throttle._logins._records[LOGIN]) == throttle.policy.trusted_lockout
 
 
