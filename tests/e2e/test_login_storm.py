@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
+from proxy.config import load_config
 from proxy.identities import DEFAULT_PARAMETERS
 from tests.e2e.conftest import MAILBOX, OTHER_MAILBOX, Listener, ProxyRig, start_proxy
 from tests.e2e.helpers import ServeProcess, in_thread, tls_context
@@ -233,3 +234,24 @@ def test_a_stop_signal_ends_serve_within_its_grace_while_hashes_and_token_fetche
         idp.latency = 0
         process.close()
     assert f"{signum.name} received: shutting down" in process.text()
+
+
+async def test_a_reload_keeps_the_one_hash_pool_and_its_queue(
+    nursery: trio.Nursery, storm_rig: ProxyRig, dovecot: Dovecot, pki: TestPki
+) -> None:
+    """Issue: a SIGHUP built a new hash limiter, so hashes of the old and the new
+    configuration could run at once, twice hash_concurrency."""
+    storm_rig.limits.update(hash_concurrency=1)
+    path = storm_rig.write([Listener(upstream_port=dovecot.ports.imaps)])
+    proxy = await start_proxy(nursery, path)
+    pool = proxy.server.hashes
+    storm_rig.limits.update(hash_concurrency=2, hash_queue=5)
+    storm_rig.write([Listener(upstream_port=dovecot.ports.imaps)])
+    assert proxy.server.reload(load_config(path), proxy.tokens)
+    assert proxy.server.hashes is pool
+    assert proxy.server.services.authenticator._hashes is pool
+    assert (pool.concurrency, pool.max_queue) == (1, 5)  # the queue's limits follow
+    context = tls_context(pki)
+    login = USERS[0]
+    reply = await in_thread(lambda: raw_login(context, proxy.port, login, password_of(login)))
+    assert reply.startswith(b"a1 OK")
