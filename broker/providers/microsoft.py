@@ -165,6 +165,9 @@ class MicrosoftProvider:
                 f"app {app.name!r}: tenant {app.tenant!r} cannot issue app-only tokens; "
                 "use the tenant's ID or domain"
             )
+        if not app.authority.startswith("https://"):
+            # The client secret or assertion would cross the network in the clear.
+            raise ValueError(f"app {app.name!r}: authority must be an https:// URL")
         self._app = app
         self._secrets: tuple[str, ...]
         self._credential: str | dict[str, str]

@@ -580,3 +580,26 @@ def test_open_cache(tmp_path: Path) -> None:
         open_cache(CacheSettings(kind="file", key=key))
     with pytest.raises(ValueError, match="needs url"):
         open_cache(CacheSettings(kind="redis", key=key))
+
+
+@needs_redis
+async def test_redis_with_a_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """AUTH with the configured password; without it, or with a wrong one, the cache says
+    so (the source then carries on without it), and the password never shows."""
+    password = "redis-pass-7f3a"
+    with RedisServer(tmp_path / "redis", password=password) as server:
+        key = new_key()
+        good = RedisTokenCache(server.url, key, password=Secret(password, origin="test"))
+        missing = RedisTokenCache(server.url, key)
+        wrong = RedisTokenCache(server.url, key, password=Secret("guess", origin="test"))
+        try:
+            await good.store(KEY, entry())
+            assert await good.load(KEY) is not None
+            with pytest.raises(CacheError, match="AuthenticationError"):
+                await missing.load(KEY)
+            with pytest.raises(CacheError, match="AuthenticationError") as refused:
+                await wrong.load(KEY)
+        finally:
+            for cache in (good, missing, wrong):
+                cache.close()
+    assert password not in repr(good) + str(refused.value) + caplog.text

@@ -248,9 +248,10 @@ async def test_untrusted_idp_certificate(idp: EntraEmulator, secret_app: App) ->
     assert idp.token_requests == 0
 
 
-async def test_https_only(secret_app: App) -> None:
-    error = await fetch_error(replace(secret_app, authority="http://127.0.0.1:9"))
-    assert type(error) is PermanentTokenError
+def test_https_only(secret_app: App) -> None:
+    """Refused before msal (which would try the URL) is ever given the secret."""
+    with pytest.raises(ValueError, match="authority must be an https:// URL"):
+        MicrosoftProvider(replace(secret_app, authority="http://127.0.0.1:9"))
 
 
 async def test_cancelled_fetch_returns_at_once(idp: EntraEmulator, secret_app: App) -> None:

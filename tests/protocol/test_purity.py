@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,14 @@ def test_protocol_package_imports_no_io_modules() -> None:
         f"for m in {modules!r}: importlib.import_module(m)\n"
         "print(','.join(sorted({'trio', 'socket', 'ssl', 'logging'} & set(sys.modules))))\n"
     )
+    # Without coverage measurement, which would import modules of its own first.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS")}
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     assert result.stdout.strip() == ""

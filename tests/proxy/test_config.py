@@ -739,3 +739,68 @@ def test_names_that_could_pass_for_others_are_refused(
     monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
     path = write(tmp_path, good_config(tmp_path) + "\n" + table.replace("HASH", HASH) + "\n")
     assert problems(path) == [f"{path}: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("listen", "allowed"),
+    [
+        ("127.0.0.1:1993", True),
+        ("127.1.2.3:1993", True),
+        ("[::1]:1993", True),
+        ("localhost:1993", True),
+        ("0.0.0.0:1993", False),
+        ("[::]:1993", False),
+        ("192.0.2.10:1993", False),
+        ("mail.example.com:1993", False),
+        ("localhost.example.com:1993", False),
+        ("127.0.0.1.example.com:1993", False),
+    ],
+)
+def test_plaintext_only_on_loopback_addresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listen: str, allowed: bool
+) -> None:
+    """A host name other than localhost may resolve anywhere: only loopback addresses and
+    localhost may listen without TLS unless the listener opts in."""
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    text = good_config(tmp_path).replace(
+        'tls = "implicit"\ncertificate = { file = "server.pem" }', 'tls = "none"'
+    )
+    path = write(tmp_path, text.replace("127.0.0.1:1993", listen))
+    if allowed:
+        assert load_config(path).listeners[0].tls is ClientTls.NONE
+    else:
+        assert problems(path) == [
+            f"{path}: listeners[0].tls: plaintext on a non-loopback address sends passwords "
+            "in the clear; use TLS, or set allow_plaintext = true"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("source", "setup", "problem"),
+    [
+        ('{ file = "secret" }', "missing", "cannot read {dir}/secret: No such file or directory"),
+        ('{ file = "secret" }', "empty", "{dir}/secret is empty"),
+        ('{ file = "secret" }', "blank", "{dir}/secret is empty"),
+        ('{ file = "secret" }', "binary", "{dir}/secret is not UTF-8 text"),
+        ('{ vault = "secret" }', "", "unknown secret source 'vault'; use env, file or value"),
+        ('{ file = "" }', "", "file must be a non-empty string"),
+        ('{ env = "XO_UNSET_FOR_TEST" }', "", "environment variable XO_UNSET_FOR_TEST is not set"),
+        ('{ env = "A", file = "b" }', "", "must be one of"),
+        ('"plain-text-secret"', "", "put the secret in"),
+    ],
+)
+def test_every_bad_secret_source_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, setup: str, problem: str
+) -> None:
+    monkeypatch.delenv("XO_UNSET_FOR_TEST", raising=False)
+    secret = tmp_path / "secret"
+    if setup in ("empty", "blank", "binary"):
+        secret.write_bytes({"empty": b"", "blank": b" \n\t\n", "binary": b"\xff\xfe"}[setup])
+        secret.chmod(0o600)
+    text = good_config(tmp_path).replace('{ env = "XO_TEST_SECRET" }', source)
+    path = write(tmp_path, text)
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: apps.contoso.client_secret: ")
+    assert problem.format(dir=tmp_path) in found[0]
+    assert "plain-text-secret" not in found[0]

@@ -103,7 +103,12 @@ async def test_protocol_not_allowed(pool: HashPool) -> None:
 async def test_rotation_accepts_every_listed_hash(pool: HashPool) -> None:
     auth = authenticator(pool, user("reports@contoso.com", "old", "new"))
     for password in ("old", "new"):
-        await auth.authenticate(Credentials("reports@contoso.com", password), Protocol.POP3)
+        identity = await auth.authenticate(
+            Credentials("reports@contoso.com", password), Protocol.POP3
+        )
+        assert identity.login == "reports@contoso.com"
+    with pytest.raises(BadCredentials, match="wrong password"):
+        await auth.authenticate(Credentials("reports@contoso.com", "older"), Protocol.POP3)
 
 
 async def test_verified_credentials_are_cached_until_ttl(
@@ -423,3 +428,32 @@ async def test_invisible_formatting_characters_are_refused(pool: HashPool) -> No
             Credentials("reports@contoso.com", "right", authzid="reports@contoso.com\u2060"),
             Protocol.IMAP,
         )
+
+
+async def test_an_unreadable_client_certificate_is_a_refusal(pool: HashPool) -> None:
+    """The TLS layer verified it, but it is not X.509 the proxy can read: no identity."""
+    auth = authenticator(pool, identity_user(certificate_subjects=frozenset({"CN=scanner"})))
+    with pytest.raises(BadCredentials, match="unreadable client certificate"):
+        await auth.authenticate(ExternalCredentials(), Protocol.IMAP, certificate=b"\x30\x03junk")
+
+
+async def test_the_verified_credential_cache_evicts_the_oldest(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.identities as identities
+
+    monkeypatch.setattr(identities, "_CACHE_SIZE", 2)
+    real = identities._verify
+    computed: list[str] = []
+
+    def counting(password: str, phc: str) -> bool:
+        computed.append(password)
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    auth = authenticator(pool, user("a", "pa"), user("b", "pb"), user("c", "pc"))
+    for login in ("a", "b", "a", "c", "a", "b"):
+        await auth.authenticate(Credentials(login, f"p{login}"), Protocol.IMAP)
+    # a, b computed; a cached; c computed (b evicted: a was used more recently); a cached;
+    # b computed again.
+    assert computed == ["pa", "pb", "pc", "pb"]

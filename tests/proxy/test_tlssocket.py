@@ -643,7 +643,9 @@ async def test_wait_send_all_might_not_block(
 ) -> None:
     c, s = await tls_pair(server_ctx, client_ctx)
     with trio.fail_after(1):
-        await c.wait_send_all_might_not_block()
+        await c.wait_send_all_might_not_block()  # an idle connection: at once
+    await c.send_all(b"ready")
+    assert await s.receive_some(100) == b"ready"
     await c.aclose()
     await s.aclose()
 

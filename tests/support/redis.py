@@ -39,9 +39,13 @@ class RedisTls:
 class RedisServer:
     """``redis-server`` on 127.0.0.1, in ``directory``; TLS only if ``tls`` is given."""
 
-    def __init__(self, directory: Path, *, tls: RedisTls | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, tls: RedisTls | None = None, password: str | None = None
+    ) -> None:
         self.directory = directory
         self.tls = tls
+        #: Clients must AUTH with it (``requirepass``), if set.
+        self.password = password
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -77,6 +81,7 @@ class RedisServer:
                     "--appendonly", "no",
                     "--daemonize", "no",
                     "--logfile", str(self.directory / "redis.log"),
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -97,10 +102,12 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """Send one command (RESP), return the raw reply: enough for tests' bookkeeping."""
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg.encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        parts: list[bytes] = []
+        for command in ([("AUTH", self.password)] if self.password else []) + [args]:
+            parts.append(f"*{len(command)}\r\n".encode())
+            for arg in command:
+                data = arg.encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
             conn = raw
             if self.tls is not None:
@@ -110,7 +117,12 @@ class RedisServer:
                 conn = context.wrap_socket(raw)
             with conn:
                 conn.sendall(b"".join(parts))
-                return conn.recv(65536)
+                reply = conn.recv(65536)
+                if self.password:  # the AUTH's +OK comes first
+                    while b"\r\n" not in reply:
+                        reply += conn.recv(65536)
+                    reply = reply.split(b"\r\n", 1)[1] or conn.recv(65536)
+                return reply
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + 10
