@@ -38,6 +38,7 @@ from proxy.protocol.events import (
     TokenRefused,
 )
 from proxy.protocol.imap import ImapAuth
+from proxy.protocol.login import ClientState, UpstreamState
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
 from proxy.protocol.pop3 import Pop3Auth
 from proxy.protocol.sasl import xoauth2_response
@@ -117,6 +118,10 @@ SERVER_PIECES = [
     b"* OK [ALERT] hey\r\n",
     b"\r\n",
 ]
+
+
+#: Where the chunking tests stop feeding: the client's bytes are no longer parsed.
+_STOPPED = frozenset({ClientState.AWAITING_TOKEN, ClientState.CLOSED, ClientState.ERROR})
 
 
 def chunks(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
@@ -222,14 +227,14 @@ class Driver:
 
     def plausible_client(self) -> st.SearchStrategy[bytes]:
         """What a well-behaved client might send in the machine's current state."""
-        match self.machine.client_state.name:
-            case "PLAINTEXT":
+        match self.machine.client_state:
+            case ClientState.PLAINTEXT:
                 pieces = [b"c1 STARTTLS\r\n", b"c2 CAPABILITY\r\n", CLIENT_PIECES[0]]
-            case "SASL_RESPONSE":
+            case ClientState.SASL_RESPONSE:
                 pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
-            case "ERROR_CHALLENGE":
+            case ClientState.ERROR_CHALLENGE:
                 pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
-            case "AWAITING_TOKEN" | "AUTHORIZING":
+            case ClientState.AWAITING_TOKEN | ClientState.AUTHORIZING:
                 pieces = [b"c3 SELECT INBOX\r\n", b"c4 IDLE\r\n"]
             case _:
                 pieces = [*CLIENT_PIECES[:9], *APP_PIECES]
@@ -239,21 +244,21 @@ class Driver:
         """What a real server might answer in the machine's current state."""
         tags = [line.split(b" ")[0] for line in self.sent_upstream if line[:1] == b"X"]
         tag = tags[-1] if tags else b"X1"
-        match self.machine.upstream_state.name:
-            case "GREETING":
+        match self.machine.upstream_state:
+            case UpstreamState.GREETING:
                 pieces = [SERVER_PIECES[0], SERVER_PIECES[1], SERVER_PIECES[2], b"* BYE busy\r\n"]
-            case "PLAIN_CAPABILITY" | "CAPABILITY":
+            case UpstreamState.PLAIN_CAPABILITIES | UpstreamState.CAPABILITIES:
                 pieces = [
                     SERVER_PIECES[3] + tag + b" OK done\r\n",
                     SERVER_PIECES[4] + tag + b" OK done\r\n",
                     tag + b" OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] done\r\n",
                     tag + b" NO no\r\n",
                 ]
-            case "STARTTLS":
+            case UpstreamState.STARTTLS:
                 pieces = [tag + b" OK go\r\n", tag + b" BAD no\r\n"]
-            case "AUTHENTICATE_SENT":
+            case UpstreamState.AUTH_SENT:
                 pieces = [b"+ \r\n", tag + b" NO no\r\n"]
-            case "TOKEN_SENT" | "ERROR_CHALLENGE":
+            case UpstreamState.TOKEN_SENT | UpstreamState.ERROR_CHALLENGE:
                 pieces = [
                     tag + b" OK [CAPABILITY IMAP4rev1 IDLE] in\r\n* 2 EXISTS\r\n",
                     b"* CAPABILITY IMAP4rev1 IDLE\r\n",
@@ -414,7 +419,7 @@ def test_chunking_never_changes_what_the_client_sees(
                         sent += action.data
                     else:
                         others.append(action)
-                if machine.client_state.name in ("AWAITING_TOKEN", "CLOSED", "ERROR"):
+                if machine.client_state in _STOPPED:
                     break
         except ProxyError as exc:
             return sent, others, type(exc).__name__
@@ -566,7 +571,7 @@ class Pop3Driver:
             client = st.one_of(client, client, chunks(POP3_CLIENT_PIECES))
             server = st.one_of(server, server, server, chunks(POP3_SERVER_PIECES))
         # A well-behaved client waits for the TLS handshake and never hangs up.
-        handshaking = self.machine.client_state.name == "TLS_NEGOTIATION"
+        handshaking = self.machine.client_state is ClientState.TLS_NEGOTIATION
         options: list[tuple[int, st.SearchStrategy[Event]]] = [
             (4 if self.noisy or not handshaking else 0, client.map(ClientDataReceived)),
             (1 if self.noisy else 0, st.just(ClientClosed())),
@@ -575,7 +580,7 @@ class Pop3Driver:
             options += [(6, st.just(ServerConnected())), (1, st.just(ServerUnavailable("no")))]
         if self.connected and Side.SERVER not in self.tls:
             # A ready upstream says nothing until asked; anything it says then ends it.
-            idle = self.machine.upstream_state.name == "READY"
+            idle = self.machine.upstream_state is UpstreamState.READY
             options += [
                 (1 if idle else 8, server.map(ServerDataReceived)),
                 (1, st.just(ServerClosed())),
@@ -594,20 +599,20 @@ class Pop3Driver:
 
     def plausible_client(self) -> st.SearchStrategy[bytes]:
         """What a well-behaved client might send in the machine's current state."""
-        match self.machine.client_state.name:
-            case "PLAINTEXT":
+        match self.machine.client_state:
+            case ClientState.PLAINTEXT:
                 pieces = [b"STLS\r\n", b"CAPA\r\n", b"USER alice\r\n"]
-            case "USER_GIVEN":
+            case ClientState.USER_GIVEN:
                 pieces = [POP3_PASS, b"CAPA\r\n", b"USER bob\r\n"]
-            case "SASL_RESPONSE":
+            case ClientState.SASL_RESPONSE:
                 pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
-            case "ERROR_CHALLENGE":
+            case ClientState.ERROR_CHALLENGE:
                 pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
-            case "LOGIN_USERNAME":
+            case ClientState.SASL_USERNAME:
                 pieces = [POP3_USER_B64 + b"\r\n", b"*\r\n"]
-            case "LOGIN_PASSWORD":
+            case ClientState.SASL_PASSWORD:
                 pieces = [POP3_PASSWORD_B64 + b"\r\n", b"*\r\n"]
-            case "AWAITING_TOKEN" | "AUTHORIZING":
+            case ClientState.AWAITING_TOKEN | ClientState.AUTHORIZING:
                 pieces = [b"STAT\r\n", b"RETR 1\r\n"]
             case _:
                 pieces = [*POP3_CLIENT_PIECES[:12], *POP3_APP_PIECES]
@@ -615,19 +620,19 @@ class Pop3Driver:
 
     def plausible_server(self) -> st.SearchStrategy[bytes]:
         """What a real server might answer in the machine's current state."""
-        match self.machine.upstream_state.name:
+        match self.machine.upstream_state:
             # Success is listed more often than failure, so that runs get far.
-            case "GREETING":
+            case UpstreamState.GREETING:
                 pieces = [POP3_SERVER_PIECES[0]] * 3 + [POP3_SERVER_PIECES[1]]
-            case "STLS":
+            case UpstreamState.STARTTLS:
                 pieces = [b"+OK Begin TLS negotiation now.\r\n"] * 3 + [b"-ERR Unknown.\r\n"]
-            case "CAPA":
+            case UpstreamState.CAPABILITIES:
+                # A whole answer, its status line alone, or what may follow that line.
                 pieces = [POP3_SERVER_PIECES[2]] * 4 + [*POP3_SERVER_PIECES[3:5], b"-ERR no\r\n"]
-            case "CAPA_LIST":
-                pieces = [b"TOP\r\n", b"SASL XOAUTH2\r\n.\r\n", b".\r\n"]
-            case "AUTH_SENT":
+                pieces += [b"TOP\r\n", b"SASL XOAUTH2\r\n.\r\n", b".\r\n"]
+            case UpstreamState.AUTH_SENT:
                 pieces = [b"+ \r\n", b"-ERR Unsupported mechanism\r\n"]
-            case "TOKEN_SENT" | "ERROR_CHALLENGE":
+            case UpstreamState.TOKEN_SENT | UpstreamState.ERROR_CHALLENGE:
                 pieces = [*POP3_SERVER_PIECES[11:15], CHALLENGE, b"+OK Logged in.\r\n+OK 1 2\r\n"]
             case _:
                 pieces = [b"-ERR Disconnected for inactivity.\r\n"]
@@ -757,7 +762,7 @@ def test_pop3_chunking_never_changes_what_the_client_sees(
                         sent += action.data
                     else:
                         others.append(action)
-                if machine.client_state.name in ("AWAITING_TOKEN", "CLOSED", "ERROR"):
+                if machine.client_state in _STOPPED:
                     break
         except ProxyError as exc:
             return sent, others, type(exc).__name__
@@ -893,12 +898,12 @@ class SmtpDriver:
         if self.noisy:
             client = st.one_of(client, client, chunks(SMTP_CLIENT_PIECES))
             server = st.one_of(server, server, server, chunks(SMTP_SERVER_PIECES))
-        state = self.machine.client_state.name
+        state = self.machine.client_state
         if self.noisy:
             weight = 4
-        elif state == "TLS_NEGOTIATION":
+        elif state is ClientState.TLS_NEGOTIATION:
             weight = 0  # a well-behaved client waits for the handshake,
-        elif state in ("EHLO_HELD", "AWAITING_TOKEN", "AUTHORIZING"):
+        elif state in (ClientState.HELD, ClientState.AWAITING_TOKEN, ClientState.AUTHORIZING):
             weight = 1  # and pipelines a little (not a whole budget) while it waits
         else:
             weight = 4
@@ -924,12 +929,12 @@ class SmtpDriver:
 
     def plausible_client(self) -> st.SearchStrategy[bytes]:
         """What a well-behaved client might send in the machine's current state."""
-        match self.machine.client_state.name:
-            case "PLAINTEXT":
+        match self.machine.client_state:
+            case ClientState.PLAINTEXT:
                 pieces = [b"EHLO client.test\r\n", b"STARTTLS\r\n", b"NOOP\r\n"]
-            case "CONNECTED":
+            case ClientState.CONNECTED:
                 pieces = [b"EHLO client.test\r\n", b"HELO client.test\r\n", b"NOOP\r\n"]
-            case "GREETED":
+            case ClientState.NOT_AUTHENTICATED:
                 pieces = [
                     *SMTP_CLIENT_PIECES[2:4],
                     SMTP_CLIENT_PIECES[5],
@@ -937,15 +942,15 @@ class SmtpDriver:
                     *SMTP_APP_PIECES[:3],
                     SMTP_APP_PIECES[5],
                 ]
-            case "SASL_RESPONSE":
+            case ClientState.SASL_RESPONSE:
                 pieces = [PLAIN + b"\r\n", b"*\r\n", XO + b"\r\n", OB + b"\r\n", b"\r\n"]
-            case "ERROR_CHALLENGE":
+            case ClientState.ERROR_CHALLENGE:
                 pieces = [b"\r\n", b"AQ==\r\n", b"*\r\n"]
-            case "SASL_USERNAME":
+            case ClientState.SASL_USERNAME:
                 pieces = [SMTP_USER_B64 + b"\r\n", b"*\r\n"]
-            case "SASL_PASSWORD":
+            case ClientState.SASL_PASSWORD:
                 pieces = [SMTP_PASSWORD_B64 + b"\r\n", b"*\r\n"]
-            case "EHLO_HELD" | "AWAITING_TOKEN" | "AUTHORIZING":
+            case ClientState.HELD | ClientState.AWAITING_TOKEN | ClientState.AUTHORIZING:
                 pieces = [b"NOOP\r\n", b"MAIL FROM:<alice@contoso.com>\r\n"]
             case _:
                 pieces = [*SMTP_CLIENT_PIECES[:12], *SMTP_APP_PIECES]
@@ -953,19 +958,19 @@ class SmtpDriver:
 
     def plausible_server(self) -> st.SearchStrategy[bytes]:
         """What a real server might answer in the machine's current state."""
-        match self.machine.upstream_state.name:
+        match self.machine.upstream_state:
             # Success is listed more often than failure, so that runs get far.
-            case "GREETING":
+            case UpstreamState.GREETING:
                 pieces = [SMTP_SERVER_PIECES[0]] * 3 + SMTP_SERVER_PIECES[1:4]
-            case "PLAIN_EHLO":
+            case UpstreamState.PLAIN_CAPABILITIES:
                 pieces = [SMTP_EHLO_STARTTLS] * 3 + [SMTP_EHLO_XOAUTH2, b"502 5.5.1 no\r\n"]
-            case "STARTTLS":
+            case UpstreamState.STARTTLS:
                 pieces = [SMTP_SERVER_PIECES[8]] * 3 + [b"454 4.7.0 not now\r\n"]
-            case "EHLO":
+            case UpstreamState.CAPABILITIES:
                 pieces = [SMTP_EHLO_XOAUTH2] * 3 + [SMTP_SERVER_PIECES[6], b"421 4.4.2 bye\r\n"]
-            case "AUTH_SENT":
+            case UpstreamState.AUTH_SENT:
                 pieces = [b"334 \r\n"] * 3 + [b"504 5.5.4 Unrecognized\r\n"]
-            case "TOKEN_SENT" | "ERROR_CHALLENGE":
+            case UpstreamState.TOKEN_SENT | UpstreamState.ERROR_CHALLENGE:
                 pieces = [
                     b"235 2.7.0 Logged in.\r\n",
                     b"235 2.7.0 Logged in.\r\n250 early\r\n",
@@ -1092,7 +1097,7 @@ def test_smtp_chunking_never_changes_what_the_client_sees(
                         sent += action.data
                     else:
                         others.append(action)
-                if machine.client_state.name in ("AWAITING_TOKEN", "CLOSED", "ERROR"):
+                if machine.client_state in _STOPPED:
                     break
         except ProxyError as exc:
             return sent, others, type(exc).__name__

@@ -37,15 +37,12 @@ from proxy.protocol.events import (
     TokenIssued,
     TokenRefused,
 )
+from proxy.protocol.login import ClientInput, ClientState, UpstreamInput, UpstreamState
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
 from proxy.protocol.pop3 import (
     CLIENT_TRANSITIONS,
     UPSTREAM_TRANSITIONS,
-    ClientInput,
-    ClientState,
     Pop3Auth,
-    UpstreamInput,
-    UpstreamState,
     state_diagrams,
 )
 from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
@@ -263,7 +260,7 @@ def test_pass_needs_user_right_before_it(mode: Mode) -> None:
         """,
         mode,
     )
-    assert auth.client_state is ClientState.AUTHORIZATION
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @three_ways
@@ -480,7 +477,7 @@ def test_login_password_needs_strict_base64(mode: Mode) -> None:
         """,
         mode,
     )
-    assert auth.client_state is ClientState.AUTHORIZATION
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @pytest.mark.parametrize("bad", ["AGFsaWNlAHNlY3JldA", "!!!!", "AGFsaWNl\tAHNlY3JldA=="])
@@ -953,7 +950,7 @@ def test_error_state_refuses_every_later_event() -> None:
     assert auth.upstream_state is UpstreamState.ERROR
     with pytest.raises(ClientProtocolError) as caught:
         auth.handle(ServerConnected())
-    assert caught.value.reply_hint == replies.POP3_LINE_TOO_LONG
+    assert caught.value.reply_hint == replies.POP3.line_too_long
 
 
 @pytest.mark.parametrize(
@@ -1740,7 +1737,7 @@ def test_auth_external_refused_without_a_challenge(mode: Mode) -> None:
         mode,
         app_machine(max_auth_failures=4),
     )
-    assert auth.client_state is ClientState.AUTHORIZATION
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @pytest.mark.parametrize(
@@ -1894,7 +1891,7 @@ def test_malformed_bearer_message_gets_the_error_challenge(
         mode,
         app_machine(),
     )
-    assert auth.client_state is ClientState.AUTHORIZATION
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @three_ways
@@ -2003,7 +2000,7 @@ def test_token_refused_for_bad_credentials(mode: Mode) -> None:
         """,
         mode,
     )
-    assert auth.client_state is ClientState.AUTHORIZATION
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @three_ways
@@ -2081,7 +2078,7 @@ def test_refusal_bytes_are_the_same_for_every_credential_problem() -> None:
         auth.handle(ClientDataReceived(login.encode()))
         answers.append(auth.handle(TokenRefused(Refusal.CREDENTIALS)))
     assert answers[0] == answers[1] == [SendToClient(b"-ERR [AUTH] Authentication failed.\r\n")]
-    assert replies.POP3_AUTH_FAILED == b"-ERR [AUTH] Authentication failed."
+    assert replies.POP3.auth_failed == b"-ERR [AUTH] Authentication failed."
 
 
 # === Driver contract, secrets, tables ======================================================
@@ -2226,7 +2223,7 @@ def test_app_key_only_in_the_token_request(login: str, outcome: str) -> None:
 def test_app_key_in_a_malformed_message_is_not_shown(message: str) -> None:
     actions, reprs = _all_actions(READY + f"C: AUTH XOAUTH2 {message}\nC:\n", app_machine())
     sent = b"".join(action.data for action in actions if isinstance(action, SendToClient))
-    assert sent.endswith(b"\r\n" + replies.POP3_AUTH_FAILED + b"\r\n")
+    assert sent.endswith(b"\r\n" + replies.POP3.auth_failed + b"\r\n")
     check_app_key_hidden(actions, reprs, upstream_login=False, sent=(message,))
 
 
@@ -2307,7 +2304,7 @@ def test_pop3_proxy_capabilities() -> None:
 
 def _check_table(
     table: TransitionTable[StateT, InputT],
-    states: type[StateT],
+    states: set[StateT],
     initial: set[StateT],
     terminal: set[StateT],
 ) -> None:
@@ -2319,7 +2316,7 @@ def _check_table(
             if source is state and target not in reachable:
                 reachable.add(target)
                 frontier.append(target)
-    assert reachable == set(states)
+    assert reachable == states
     for state in states:
         assert bool(table.allowed(state)) is (state not in terminal), state
 
@@ -2327,20 +2324,20 @@ def _check_table(
 def test_transition_tables_are_complete_and_drawable() -> None:
     _check_table(
         CLIENT_TRANSITIONS,
-        ClientState,
-        {ClientState.PLAINTEXT, ClientState.AUTHORIZATION},
+        set(CLIENT_TRANSITIONS.states()),
+        {ClientState.PLAINTEXT, ClientState.NOT_AUTHENTICATED},
         {ClientState.AUTHENTICATED, ClientState.CLOSED, ClientState.ERROR},
     )
     _check_table(
         UPSTREAM_TRANSITIONS,
-        UpstreamState,
+        set(UPSTREAM_TRANSITIONS.states()),
         {UpstreamState.DOWN},
         {UpstreamState.AUTHENTICATED, UpstreamState.ERROR},
     )
     assert CLIENT_TRANSITIONS.next_state(ClientState.TLS_NEGOTIATION, ClientInput.DATA) is None
     assert (
         CLIENT_TRANSITIONS.next_state(ClientState.USER_GIVEN, ClientInput.REJECTED)
-        is ClientState.AUTHORIZATION
+        is ClientState.NOT_AUTHENTICATED
     )
     assert (
         UPSTREAM_TRANSITIONS.next_state(UpstreamState.AUTH_SENT, UpstreamInput.GO_AHEAD)
@@ -2348,6 +2345,6 @@ def test_transition_tables_are_complete_and_drawable() -> None:
     )
     dot = state_diagrams()
     assert dot.count("digraph") == 2
-    for state in (*ClientState, *UpstreamState):
+    for state in (*CLIENT_TRANSITIONS.states(), *UPSTREAM_TRANSITIONS.states()):
         assert f'"{state.name}"' in dot
-    assert '"PLAINTEXT" -> "TLS_NEGOTIATION" [label="stls"];' in dot
+    assert '"PLAINTEXT" -> "TLS_NEGOTIATION" [label="starttls"];' in dot

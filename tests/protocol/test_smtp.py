@@ -35,16 +35,13 @@ from proxy.protocol.events import (
     TokenIssued,
     TokenRefused,
 )
+from proxy.protocol.login import ClientInput, ClientState, UpstreamInput, UpstreamState
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
 from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
 from proxy.protocol.smtp import (
     CLIENT_TRANSITIONS,
     UPSTREAM_TRANSITIONS,
-    ClientInput,
-    ClientState,
     SmtpAuth,
-    UpstreamInput,
-    UpstreamState,
     state_diagrams,
 )
 from tests.protocol.playbook import (
@@ -573,7 +570,7 @@ def test_auth_external_refused_without_a_challenge(mode: Mode) -> None:
         mode,
         app_machine(max_auth_failures=4),
     )
-    assert auth.client_state is ClientState.GREETED
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @pytest.mark.parametrize(
@@ -724,7 +721,7 @@ def test_malformed_bearer_message_gets_the_error_challenge(
         mode,
         app_machine(),
     )
-    assert auth.client_state is ClientState.GREETED
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @three_ways
@@ -842,8 +839,8 @@ def test_ehlo_sent_at_once_is_held_until_the_upstream_list_is_known(mode: Mode) 
 
 def test_held_ehlo_state() -> None:
     auth = play(START + "C: EHLO client.test\n>> server-connected\nU: 220 hi\nP: EHLO proxy.test")
-    assert auth.client_state is ClientState.EHLO_HELD
-    assert auth.upstream_state is UpstreamState.EHLO
+    assert auth.client_state is ClientState.HELD
+    assert auth.upstream_state is UpstreamState.CAPABILITIES
 
 
 @three_ways
@@ -1291,7 +1288,7 @@ def test_error_state_refuses_every_later_event() -> None:
     assert auth.upstream_state is UpstreamState.ERROR
     with pytest.raises(ClientProtocolError) as caught:
         auth.handle(ServerConnected())
-    assert caught.value.reply_hint == replies.SMTP_LINE_TOO_LONG + b"\r\n"
+    assert caught.value.reply_hint == replies.SMTP.line_too_long
 
 
 @pytest.mark.parametrize(
@@ -1714,7 +1711,7 @@ def test_token_rejection_note_names_the_likely_causes() -> None:
     assert isinstance(note, Note)
     for cause in ("SMTP.SendAsApp", "SmtpClientAuthenticationDisabled", "FullAccess", "SendAs"):
         assert cause in note.text
-    assert actions[1:] == [SendToClient(replies.SMTP_AUTH_FAILED + b"\r\n")]
+    assert actions[1:] == [SendToClient(replies.SMTP.auth_failed + b"\r\n")]
 
 
 @pytest.mark.parametrize(
@@ -1736,7 +1733,7 @@ def test_token_rejection_causes_speak_the_providers_language(
     assert named in note.text
     for word in (not_named, "SendAsApp", "service principal", "FullAccess"):
         assert word not in note.text
-    assert actions[1:] == [SendToClient(replies.SMTP_AUTH_FAILED + b"\r\n")]
+    assert actions[1:] == [SendToClient(replies.SMTP.auth_failed + b"\r\n")]
 
 
 @three_ways
@@ -1943,7 +1940,7 @@ def test_token_refused(mode: Mode) -> None:
         """,
         mode,
     )
-    assert auth.client_state is ClientState.GREETED
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
 
 
 @three_ways
@@ -1999,7 +1996,7 @@ def test_refusal_bytes_are_the_same_for_every_credential_problem() -> None:
         auth.start()
         auth.handle(ClientDataReceived(f"HELO x\r\nAUTH PLAIN {login}\r\n".encode()))
         answers.append(auth.handle(TokenRefused(Refusal.CREDENTIALS)))
-    assert answers[0] == answers[1] == [SendToClient(replies.SMTP_AUTH_FAILED + b"\r\n")]
+    assert answers[0] == answers[1] == [SendToClient(replies.SMTP.auth_failed + b"\r\n")]
 
 
 # === Driver contract, secrets, tables ======================================================
@@ -2140,7 +2137,7 @@ def test_app_key_only_in_the_token_request(login: str, outcome: str) -> None:
 def test_app_key_in_a_malformed_message_is_not_shown(message: str) -> None:
     actions, reprs = _all_actions(APP_GREETED + f"C: AUTH XOAUTH2 {message}\nC:\n", app_machine())
     sent = b"".join(action.data for action in actions if isinstance(action, SendToClient))
-    assert sent.endswith(b"\r\n" + replies.SMTP_AUTH_FAILED + b"\r\n")
+    assert sent.endswith(b"\r\n" + replies.SMTP.auth_failed + b"\r\n")
     check_app_key_hidden(actions, reprs, upstream_login=False, sent=(message,))
 
 
@@ -2196,7 +2193,7 @@ def test_relay_tail_keeps_everything_pipelined_behind_auth() -> None:
 
 def _check_table(
     table: TransitionTable[StateT, InputT],
-    states: type[StateT],
+    states: set[StateT],
     initial: set[StateT],
     terminal: set[StateT],
 ) -> None:
@@ -2208,7 +2205,7 @@ def _check_table(
             if source is state and target not in reachable:
                 reachable.add(target)
                 frontier.append(target)
-    assert reachable == set(states)
+    assert reachable == states
     for state in states:
         assert bool(table.allowed(state)) is (state not in terminal), state
 
@@ -2216,13 +2213,13 @@ def _check_table(
 def test_transition_tables_are_complete_and_drawable() -> None:
     _check_table(
         CLIENT_TRANSITIONS,
-        ClientState,
+        set(CLIENT_TRANSITIONS.states()),
         {ClientState.PLAINTEXT, ClientState.CONNECTED},
         {ClientState.AUTHENTICATED, ClientState.CLOSED, ClientState.ERROR},
     )
     _check_table(
         UPSTREAM_TRANSITIONS,
-        UpstreamState,
+        set(UPSTREAM_TRANSITIONS.states()),
         {UpstreamState.DOWN},
         {UpstreamState.AUTHENTICATED, UpstreamState.ERROR},
     )
@@ -2231,6 +2228,6 @@ def test_transition_tables_are_complete_and_drawable() -> None:
     assert UPSTREAM_TRANSITIONS.next_state(UpstreamState.AUTH_SENT, UpstreamInput.ACCEPTED) is None
     dot = state_diagrams()
     assert dot.count("digraph") == 2
-    for state in (*ClientState, *UpstreamState):
+    for state in (*CLIENT_TRANSITIONS.states(), *UPSTREAM_TRANSITIONS.states()):
         assert f'"{state.name}"' in dot
     assert '"PLAINTEXT" -> "TLS_NEGOTIATION" [label="starttls"];' in dot
