@@ -47,10 +47,12 @@ __all__ = [
     "MAILBOX",
     "PASSWORD",
     "POP3",
+    "POP3_READY",
     "SMTP",
     "VARS",
     "AnyAuth",
     "Dialect",
+    "app_settings",
     "assert_hidden",
     "b64",
     "collect",
@@ -130,6 +132,21 @@ class Dialect:
     rejected: str
     #: After ``>> token``'s login went upstream: a temporary refusal.
     refused_later: str
+    #: An upstream that takes the token only after its continuation request (IMAP without
+    #: SASL-IR), and what goes to it after ``>> token``; the same as above elsewhere.
+    two_step_ready: str
+    two_step_out: str
+    #: Refusals of the token (with the note they get: severity, then what it says), and
+    #: refusals of the login before the token went (all temporary for the client).
+    refusals: tuple[tuple[str, str], ...]
+    early_refusals: tuple[tuple[str, str], ...]
+    #: What the note of a rejected token names among the likely causes.
+    causes: tuple[str, ...]
+    #: What a ready upstream may not say (nobody asked).
+    unexpected: tuple[str, ...]
+    #: Logins in the protocol's own commands whose credentials cannot be anyone's (raw
+    #: bytes, as text cannot show them), what is answered before the refusal, and why.
+    impossible: tuple[tuple[bytes, str, str], ...]
     #: The upstream saying it goes away while idle, and how the notes quote it.
     goodbye: str
     goodbye_said: str
@@ -298,6 +315,21 @@ IMAP = Dialect(
     """),
     rejected="U: X1 NO [AUTHENTICATIONFAILED] Authentication failed.\n",
     refused_later="U: X1 NO [UNAVAILABLE] later\n",
+    two_step_ready=">> server-connected\nU: * OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready\n",
+    two_step_out="P: X1 AUTHENTICATE XOAUTH2\nU: +$SP\nP: $XOAUTH2\n",
+    refusals=(
+        ("X1 NO AUTHENTICATE failed.", "warning the upstream rejected the token: NO AUTHE"),
+        ("X1 NO [UNAVAILABLE] Try later.", "warning upstream temporarily unavailable: NO [UN"),
+        ("X1 BAD Unknown mechanism", "error refused the XOAUTH2 exchange itself: BAD Unknown"),
+    ),
+    early_refusals=(("X1 NO mechanism disabled", "error exchange itself: NO mechanism disabled"),),
+    causes=("IMAP.AccessAsApp", "admin consent", "Add-MailboxPermission FullAccess"),
+    unexpected=("garbage", "X7 OK what", "X1 OK", "+ go on", "X1 FROB x"),
+    impossible=(
+        (b'a1 LOGIN alice "\xff\xfe"\r\n', "", "password is not UTF-8"),
+        (b"a1 LOGIN {5+}\r\nal\x01ce secret\r\n", "", "user name contains control characters"),
+        (b'a1 LOGIN "" secret\r\n', "", "user name is empty"),
+    ),
     goodbye="U: * BYE Autologout; idle for too long\n",
     goodbye_said="said BYE: Autologout; idle for too long",
     no_xoauth2=_lines("""
@@ -348,19 +380,8 @@ _POP3_START = _lines("""
     << connect-upstream
 """)
 
-POP3 = Dialect(
-    name="pop3",
-    tags=False,
-    login_mechanism=True,
-    make=Pop3Auth,
-    #: Pipelined POP3 commands, and bytes behind the upstream's +OK.
-    trailers=Trailers(client=b"STAT\r\nRETR 1", partial=b"RETR 1", server=b"+OK 1 120\r\n+OK"),
-    auth_verb="AUTH",
-    prompt_marker="+",
-    start_template=_POP3_START,
-    starttls_start=_POP3_START,
-    # Dovecot's answers on an implicit-TLS (pop3s) port.
-    upstream_ready=_lines("""
+#: Dovecot's answers on an implicit-TLS (pop3s) port.
+POP3_READY = _lines("""
         >> server-connected
         U: +OK Dovecot (Debian) ready.
         P: CAPA
@@ -374,19 +395,59 @@ POP3 = Dialect(
         U: USER
         U: SASL XOAUTH2 OAUTHBEARER
         U: .
-    """),
-    hello="",
-    token_out=_lines("""
+    """)
+POP3_TOKEN_OUT = _lines("""
         P: AUTH XOAUTH2
         U: +$SP
         P: $XOAUTH2
-    """),
+    """)
+
+POP3 = Dialect(
+    name="pop3",
+    tags=False,
+    login_mechanism=True,
+    make=Pop3Auth,
+    #: Pipelined POP3 commands, and bytes behind the upstream's +OK.
+    trailers=Trailers(client=b"STAT\r\nRETR 1", partial=b"RETR 1", server=b"+OK 1 120\r\n+OK"),
+    auth_verb="AUTH",
+    prompt_marker="+",
+    start_template=_POP3_START,
+    starttls_start=_POP3_START,
+    upstream_ready=POP3_READY,
+    hello="",
+    token_out=POP3_TOKEN_OUT,
     accepted=_lines("""
         U: +OK Logged in.
         S: +OK Logged in.
     """),
     rejected="U: -ERR [AUTH] Authentication failed.\n",
     refused_later="U: -ERR [SYS/TEMP] later\n",
+    two_step_ready=POP3_READY,
+    two_step_out=POP3_TOKEN_OUT,
+    refusals=(
+        ("-ERR Authentication failure: bad password.", "warning the upstream rejected the token"),
+        *(
+            (line, f"warning upstream temporarily unavailable: {line}")
+            for line in (
+                "-ERR [SYS/TEMP] Internal error occurred.",
+                "-ERR [IN-USE] Mailbox is locked by another POP3 session.",
+                "-ERR [LOGIN-DELAY] Wait 900 seconds between logins.",
+                "-ERR [sys/temp] lower case",
+            )
+        ),
+        ("-ERR [SYS/PERM] Disabled.", "error the upstream reports a system error: -ERR [SYS/PERM]"),
+    ),
+    early_refusals=(("-ERR [AUTH] Unsupported mechanism.", "error exchange itself: -ERR [AUTH]"),),
+    causes=("POP.AccessAsApp", "admin consent", "FullAccess", "Set-CASMailbox -PopEnabled"),
+    unexpected=("garbage", "+OK what", "+ go on", ""),
+    impossible=tuple(
+        (raw, "S: +OK Send PASS.\n", why)
+        for raw, why in (
+            (b"USER alice\r\nPASS \xff\xfe\r\n", "password is not UTF-8"),
+            (b"USER al\x01ice\r\nPASS secret\r\n", "user name contains control characters"),
+            (b"USER \r\nPASS secret\r\n", "user name is empty"),
+        )
+    ),
     goodbye="U: -ERR Disconnected for inactivity.\n",
     goodbye_said="said -ERR Disconnected for inactivity.",
     no_xoauth2=_lines("""
@@ -450,6 +511,12 @@ _SMTP_START = _lines("""
     << connect-upstream
 """)
 
+SMTP_READY = (
+    ">> server-connected\nU: 220 localhost Dovecot (Debian) ready.\nP: EHLO proxy.test\n"
+    + DOVECOT_EHLO
+)
+SMTP_TOKEN_OUT = "P: AUTH XOAUTH2\nU: 334$SP\nP: $XOAUTH2\n"
+
 SMTP = Dialect(
     name="smtp",
     tags=False,
@@ -466,20 +533,30 @@ SMTP = Dialect(
     prompt_marker="334",
     start_template=_SMTP_START,
     starttls_start=_SMTP_START,
-    upstream_ready=">> server-connected\nU: 220 localhost Dovecot (Debian) ready.\n"
-    "P: EHLO proxy.test\n" + DOVECOT_EHLO,
+    upstream_ready=SMTP_READY,
     hello="C: HELO client.test\nS: 250 proxy.test\n",
-    token_out=_lines("""
-        P: AUTH XOAUTH2
-        U: 334$SP
-        P: $XOAUTH2
-    """),
+    token_out=SMTP_TOKEN_OUT,
     accepted=_lines("""
         U: 235 2.7.0 Logged in.
         S: 235 2.7.0 Authentication successful
     """),
     rejected="U: 535 5.7.8 Authentication failed.\n",
     refused_later="U: 454 4.7.0 later\n",
+    two_step_ready=SMTP_READY,
+    two_step_out=SMTP_TOKEN_OUT,
+    refusals=(
+        ("535 5.7.139 SmtpClientAuthentication is off", "warning the upstream rejected the token"),
+        ("454 4.7.0 Temporary failure", "warning upstream temporarily unavailable: 454 4.7.0"),
+        ("500 5.5.2 Line too long", "error the XOAUTH2 exchange itself: 500 5.5.2 Line too long"),
+    ),
+    early_refusals=(
+        ("504 5.5.4 Unrecognized authentication type", "error exchange itself: 504 5.5.4"),
+        ("535 5.7.8 no", "error exchange itself: 535 5.7.8 no"),
+        ("454 4.7.0 later", "warning upstream temporarily unavailable: 454 4.7.0 later"),
+    ),
+    causes=("SMTP.SendAsApp", "SmtpClientAuthenticationDisabled", "FullAccess", "SendAs"),
+    unexpected=("250 2.0.0 OK", "334 go on", "garbage"),
+    impossible=(),  # SMTP has no login command of its own
     goodbye="U: 421 4.4.2 localhost Disconnected for inactivity\n",
     goodbye_said="said 421 4.4.2 localhost Disconnected for inactivity",
     no_xoauth2=_lines("""
@@ -530,6 +607,14 @@ SMTP = Dialect(
 DIALECTS = (IMAP, POP3, SMTP)
 #: Those that offer the LOGIN mechanism.
 LOGIN_DIALECTS = (POP3, SMTP)
+#: Listener settings for app identities, with the mechanisms offered for them.
+APPS = [
+    (False, False, ""),
+    (True, False, " EXTERNAL"),
+    (False, True, " XOAUTH2 OAUTHBEARER"),
+    (True, True, " EXTERNAL XOAUTH2 OAUTHBEARER"),
+]
+app_settings = pytest.mark.parametrize(("external", "bearer", "apps"), APPS)
 #: Run a test once per protocol, with its :class:`Dialect` as ``d``.
 each_dialect = pytest.mark.parametrize("d", DIALECTS, ids=str)
 each_login_dialect = pytest.mark.parametrize("d", LOGIN_DIALECTS, ids=str)

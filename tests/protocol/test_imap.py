@@ -5,25 +5,15 @@ from __future__ import annotations
 import pytest
 
 from proxy.protocol import replies
-from proxy.protocol.events import (
-    ClientDataReceived,
-)
 from proxy.protocol.login import ClientState, UpstreamState
 from proxy.protocol.modes import ClientTls, UpstreamTls
 from proxy.protocol.sasl import Credentials
-from tests.protocol.dialects import IMAP, MAILBOX, assert_hidden, b64, collect
-from tests.protocol.playbook import (
-    Feed,
-    Mode,
-    run,
-    three_ways,
-)
+from tests.protocol.dialects import IMAP, MAILBOX, app_settings, assert_hidden, b64, collect
+from tests.protocol.playbook import Mode, three_ways
 
 machine, play, steps = IMAP.machine, IMAP.play, IMAP.steps
 
-START = IMAP.start
-UPSTREAM_READY = IMAP.upstream_ready
-READY = IMAP.ready
+START, UPSTREAM_READY, READY = IMAP.start, IMAP.upstream_ready, IMAP.ready
 LOGGED_IN = IMAP.logged_in()
 
 
@@ -173,32 +163,6 @@ def test_login_third_non_synchronizing_literal_is_read_then_refused(mode: Mode) 
         C: abc
         S: a1 BAD Syntax error.
         """,
-        mode,
-    )
-
-
-@pytest.mark.parametrize(
-    ("raw", "why"),
-    [
-        (b'a1 LOGIN alice "\xff\xfe"\r\n', "password is not UTF-8"),
-        (b"a1 LOGIN {5+}\r\nal\x01ce secret\r\n", "user name contains control characters"),
-        (b'a1 LOGIN "" secret\r\n', "user name is empty"),
-    ],
-)
-@three_ways
-def test_impossible_credentials_fail_like_a_wrong_password(
-    raw: bytes, why: str, mode: Mode
-) -> None:
-    run(
-        machine(),
-        [
-            *steps(READY),
-            Feed(ClientDataReceived(raw)),
-            *steps(f"""
-                << note info login refused without asking for a token: {why}
-                S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
-            """),
-        ],
         mode,
     )
 
@@ -629,22 +593,6 @@ def test_upstream_greeting_must_be_untagged_ok(mode: Mode) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "line",
-    ["garbage", "X7 OK what", "X1 OK", "+ go on", "X1 FROB x"],
-)
-@three_ways
-def test_upstream_unexpected_responses(line: str, mode: Mode) -> None:
-    play(
-        READY
-        + f"""
-        U: {line}
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
 @three_ways
 def test_upstream_untagged_chatter_before_login_is_ignored(mode: Mode) -> None:
     play(
@@ -722,165 +670,6 @@ def test_pipelined_tails_go_to_the_relay_unparsed(mode: Mode) -> None:
     )
 
 
-ERROR_CHALLENGE = b64('{"status":"invalid_token","schemes":"bearer","scope":"mail"}')
-
-
-@three_ways
-def test_error_challenge_then_retry(mode: Mode) -> None:
-    play(
-        READY
-        + f"""
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: + {ERROR_CHALLENGE}
-        P:
-        U: X1 NO [AUTHENTICATIONFAILED] Authentication failed.
-        << note warning (error challenge: schemes=bearer, scope=mail, status=invalid_token)
-        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
-        C: a2 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X2 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: X2 OK Logged in
-        S: a2 OK Logged in
-        << note info logged in
-        << relay
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_error_challenge_without_sasl_ir(mode: Mode) -> None:
-    play(
-        START
-        + f"""
-        >> server-connected
-        U: * OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: + {ERROR_CHALLENGE}
-        P:
-        U: X1 NO AUTHENTICATE failed.
-        << note warning the upstream rejected the token: NO AUTHENTICATE failed. (error challenge
-        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_no_without_challenge(mode: Mode) -> None:
-    play(
-        READY
-        + """
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: X1 NO AUTHENTICATE failed.
-        << note warning login as 'alice' (mailbox 'alice@contoso.com'): the upstream rejected
-        S: a1 NO [AUTHENTICATIONFAILED] Authentication failed.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_temporary_failure_stays_temporary(mode: Mode) -> None:
-    play(
-        READY
-        + """
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: X1 NO [UNAVAILABLE] Temporary authentication failure.
-        << note warning upstream temporarily unavailable: NO [UNAVAILABLE]
-        S: a1 NO [UNAVAILABLE] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_bad_is_not_a_password_problem(mode: Mode) -> None:
-    play(
-        READY
-        + """
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: X1 BAD Unknown authentication mechanism
-        << note error refused the XOAUTH2 exchange itself: BAD Unknown authentication
-        S: a1 NO [UNAVAILABLE] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_refusing_before_the_token_is_not_a_password_problem(mode: Mode) -> None:
-    play(
-        START
-        + """
-        >> server-connected
-        U: * OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2
-        U: X1 NO mechanism disabled
-        << note error refused the XOAUTH2 exchange itself: NO mechanism disabled
-        S: a1 NO [UNAVAILABLE] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_accepting_without_a_token_is_an_error(mode: Mode) -> None:
-    play(
-        START
-        + """
-        >> server-connected
-        U: * OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2
-        U: X1 OK welcome
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_unexpected_continuation_after_the_error_challenge(mode: Mode) -> None:
-    play(
-        READY
-        + f"""
-        C: a1 LOGIN alice secret
-        << request-token alice secret
-        >> token alice@contoso.com
-        P: X1 AUTHENTICATE XOAUTH2 $XOAUTH2
-        U: + {ERROR_CHALLENGE}
-        P:
-        U: + again
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
 # === Upstream unavailable, and reconnecting ================================================
 
 
@@ -911,19 +700,12 @@ def test_upstream_bye_during_authentication(mode: Mode) -> None:
 ALL_MECHANISMS = "AUTH=PLAIN AUTH=EXTERNAL AUTH=XOAUTH2 AUTH=OAUTHBEARER"
 
 
-@pytest.mark.parametrize(
-    ("external", "bearer", "offered"),
-    [
-        (False, False, "AUTH=PLAIN"),
-        (True, False, "AUTH=PLAIN AUTH=EXTERNAL"),
-        (False, True, "AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER"),
-        (True, True, ALL_MECHANISMS),
-    ],
-)
+@app_settings
 @three_ways
 def test_app_mechanisms_are_advertised_when_set(
-    external: bool, bearer: bool, offered: str, mode: Mode
+    external: bool, bearer: bool, apps: str, mode: Mode
 ) -> None:
+    offered = " ".join(f"AUTH={name}" for name in f"PLAIN{apps}".split())
     play(
         f"""
         >> start

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from proxy.protocol import imap, pop3, smtp
-from proxy.protocol.actions import SendToClient
+from proxy.protocol.actions import Note, SendToClient
 from proxy.protocol.errors import ClientProtocolError
 from proxy.protocol.events import (
     ClientDataReceived,
@@ -45,7 +45,7 @@ from tests.protocol.dialects import (
     each_dialect,
     each_login_dialect,
 )
-from tests.protocol.playbook import TOKEN, Mode, three_ways, two_ways
+from tests.protocol.playbook import TOKEN, Feed, Mode, run, three_ways, two_ways
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -312,6 +312,23 @@ def test_impossible_credentials_fail_like_a_wrong_password(
         + d.s(d.failed),
         mode,
     )
+
+
+IMPOSSIBLE = [
+    pytest.param(d, raw, answered, why, id=f"{d}-{why}")
+    for d in DIALECTS
+    for raw, answered, why in d.impossible
+]
+
+
+@pytest.mark.parametrize(("d", "raw", "answered", "why"), IMPOSSIBLE)
+@three_ways
+def test_impossible_credentials_in_the_protocols_own_logins(
+    d: Dialect, raw: bytes, answered: str, why: str, mode: Mode
+) -> None:
+    refused = f"<< note info login refused without asking for a token: {why}\n" + d.s(d.failed)
+    steps = [*d.steps(d.ready), Feed(ClientDataReceived(raw)), *d.steps(answered + refused)]
+    run(d.machine(), steps, mode, trailers=d.trailers)
 
 
 # === Limits ================================================================================
@@ -623,6 +640,15 @@ def test_pipelined_bytes_and_the_upstream_tail_go_to_the_relay_unread(
     )
 
 
+UNEXPECTED = [pytest.param(d, line, id=f"{d}-{line}") for d in DIALECTS for line in d.unexpected]
+
+
+@pytest.mark.parametrize(("d", "line"), UNEXPECTED)
+@three_ways
+def test_upstream_saying_what_nobody_asked_is_an_error(d: Dialect, line: str, mode: Mode) -> None:
+    d.play(d.ready + f"U: {line}\n" + d.hint("upstream", d.upstream_error), mode)
+
+
 @pytest.mark.parametrize("at", ["greeting", "ready"])
 @each_dialect
 @three_ways
@@ -632,6 +658,129 @@ def test_upstream_lines_are_bounded(d: Dialect, at: str, mode: Mode) -> None:
         before + f"U: {'x' * 300}\n" + d.hint("upstream", d.upstream_error),
         mode,
         d.machine(max_server_line=256),
+    )
+
+
+# === The upstream's answers to the XOAUTH2 login ===========================================
+
+REFUSALS = [
+    pytest.param(d, line, note, id=f"{d}-{n}")
+    for d in DIALECTS
+    for n, (line, note) in enumerate(d.refusals)
+]
+
+
+@pytest.mark.parametrize(("d", "line", "note"), REFUSALS)
+@three_ways
+def test_upstream_refusals(d: Dialect, line: str, note: str, mode: Mode) -> None:
+    # Only a rejected token is the password's fault; anything else is temporary.
+    answer = d.failed if "rejected the token" in note else d.unavailable
+    auth = d.play(
+        d.ready + d.login() + f">> token {MAILBOX}\n{d.token_out}U: {line}\n"
+        f"<< note {note}\n" + d.s(answer),
+        mode,
+    )
+    assert auth.client_state is ClientState.NOT_AUTHENTICATED
+    assert auth.upstream_state is UpstreamState.READY
+
+
+EARLY_REFUSALS = [
+    pytest.param(d, line, note, id=f"{d}-{n}")
+    for d in DIALECTS
+    for n, (line, note) in enumerate(d.early_refusals)
+]
+
+
+@pytest.mark.parametrize(("d", "line", "note"), EARLY_REFUSALS)
+@three_ways
+def test_upstream_refusing_the_login_before_the_token(
+    d: Dialect, line: str, note: str, mode: Mode
+) -> None:
+    # The proxy and the upstream disagree about XOAUTH2 itself: nobody's password problem.
+    first = d.two_step_out.splitlines(keepends=True)[0]
+    d.play(
+        d.start
+        + d.two_step_ready
+        + d.hello
+        + d.login()
+        + f">> token {MAILBOX}\n{first}U: {line}\n<< note {note}\n"
+        + d.s(d.unavailable),
+        mode,
+    )
+
+
+@each_dialect
+def test_token_rejection_note_names_the_likely_causes(d: Dialect) -> None:
+    rejected = f">> token {MAILBOX}\n{d.token_out}{d.rejected}"
+    actions, _ = collect(d.ready + d.login() + rejected, d.machine())
+    note = next(action for action in actions if isinstance(action, Note))
+    assert note.text.startswith("login as 'alice' (mailbox 'alice@contoso.com'): the upstream")
+    for cause in d.causes:
+        assert cause in note.text
+
+
+@pytest.mark.parametrize(
+    ("provider", "named"),
+    [("oauth2", "issuer, audience, scope"), ("google", "domain-wide delegation")],
+)
+@each_dialect
+def test_token_rejection_causes_speak_the_providers_language(
+    d: Dialect, provider: str, named: str
+) -> None:
+    auth = d.machine()
+    collect(d.ready + d.login(), auth)
+    actions = auth.handle(TokenIssued(MAILBOX, TOKEN, provider=provider))
+    for step in d.steps(d.token_out + d.rejected):
+        if isinstance(step, Feed) and step.event is not None:
+            actions += auth.handle(step.event)
+    note = next(a for a in actions if isinstance(a, Note) and "rejected the token" in a.text)
+    assert named in note.text
+    for word in ("Exchange", "AccessAsApp", "SendAsApp", "service principal", "FullAccess"):
+        assert word not in note.text
+    assert actions[-1] == SendToClient(d.s(d.failed)[3:].replace("\n", "\r\n").encode())
+
+
+@pytest.mark.parametrize("two_step", [False, True], ids=["one-step", "two-step"])
+@pytest.mark.parametrize("then", ["rejected", "accepted"])
+@each_dialect
+@three_ways
+def test_error_challenge_is_answered_for_the_final_reply(
+    d: Dialect, two_step: bool, then: str, mode: Mode
+) -> None:
+    ready, out = (d.two_step_ready, d.two_step_out) if two_step else (d.upstream_ready, d.token_out)
+    challenge = f"U: {d.prompt_marker} $CHALLENGE\nP:\n"
+    if then == "accepted":
+        final = d.logged_in().partition("\n")[2].replace(d.token_out, "")
+    else:
+        why = "(error challenge: schemes=bearer, scope=mail, status=401)"
+        # The connection stays usable: the next login goes to it.
+        retry = d.login(tag="a2") + f">> token {MAILBOX}\n" + out.replace("X1", "X2")
+        final = d.rejected + f"<< note warning {why}\n" + d.s(d.failed) + retry
+    d.play(
+        d.start + ready + d.hello + d.login() + f">> token {MAILBOX}\n{out}{challenge}{final}", mode
+    )
+
+
+@pytest.mark.parametrize(
+    "line", ["accepted", "challenge"], ids=["accepted-without-a-token", "second-challenge"]
+)
+@each_dialect
+@three_ways
+def test_upstream_breaking_the_exchange(d: Dialect, line: str, mode: Mode) -> None:
+    first = d.two_step_out.splitlines(keepends=True)[0]
+    if line == "accepted":
+        exchange = first + d.accepted.splitlines(keepends=True)[0]
+    else:
+        marker = d.prompt_marker
+        exchange = d.two_step_out + f"U: {marker} $CHALLENGE\nP:\nU: {marker} again\n"
+    d.play(
+        d.start
+        + d.two_step_ready
+        + d.hello
+        + d.login()
+        + f">> token {MAILBOX}\n{exchange}"
+        + d.hint("upstream", d.upstream_error),
+        mode,
     )
 
 

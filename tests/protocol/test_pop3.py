@@ -11,24 +11,14 @@ import pytest
 
 from proxy.protocol import replies
 from proxy.protocol.capabilities import Pop3Capabilities, pop3_proxy_capabilities
-from proxy.protocol.events import (
-    ClientDataReceived,
-)
 from proxy.protocol.login import ClientState, UpstreamState
 from proxy.protocol.modes import ClientTls, UpstreamTls
-from tests.protocol.dialects import POP3, VARS, b64
-from tests.protocol.playbook import (
-    Feed,
-    Mode,
-    run,
-    three_ways,
-)
+from tests.protocol.dialects import POP3, POP3_READY, VARS, app_settings, b64
+from tests.protocol.playbook import Mode, three_ways
 
 machine, play, steps = POP3.machine, POP3.play, POP3.steps
 
-START = POP3.start
-UPSTREAM_READY = POP3.upstream_ready
-READY = POP3.ready
+START, UPSTREAM_READY, READY = POP3.start, POP3.upstream_ready, POP3.ready
 LOGGED_IN = POP3.logged_in()
 USER_PASS = """
     C: USER alice
@@ -156,34 +146,6 @@ def test_user_needs_an_argument(mode: Mode) -> None:
         S: -ERR Syntax error.
         """,
         mode,
-    )
-
-
-@pytest.mark.parametrize(
-    ("raw", "why"),
-    [
-        (b"USER alice\r\nPASS \xff\xfe\r\n", "password is not UTF-8"),
-        (b"USER al\x01ice\r\nPASS secret\r\n", "user name contains control characters"),
-        (b"USER \r\nPASS secret\r\n", "user name is empty"),
-    ],
-)
-@three_ways
-def test_impossible_credentials_fail_like_a_wrong_password(
-    raw: bytes, why: str, mode: Mode
-) -> None:
-    run(
-        machine(),
-        [
-            *steps(READY),
-            Feed(ClientDataReceived(raw)),
-            *steps(f"""
-                S: +OK Send PASS.
-                << note info login refused without asking for a token: {why}
-                S: -ERR [AUTH] Authentication failed.
-            """),
-        ],
-        mode,
-        trailers=POP3.trailers,
     )
 
 
@@ -539,25 +501,11 @@ def test_the_timeout_reply_is_temporary() -> None:
 # === Upstream: greeting, STLS and CAPA =====================================================
 
 #: Dovecot's plaintext port (pop3), as seen from a client it does not consider secured.
-UPSTREAM_STLS = """
-    >> server-connected
-    U: +OK Dovecot (Debian) ready.
-    P: STLS
-    U: +OK Begin TLS negotiation now.
-    << start-tls server
-    >> tls server
-    P: CAPA
-    U: +OK
-    U: CAPA
-    U: TOP
-    U: UIDL
-    U: RESP-CODES
-    U: PIPELINING
-    U: AUTH-RESP-CODE
-    U: USER
-    U: SASL XOAUTH2 OAUTHBEARER
-    U: .
-"""
+UPSTREAM_STLS = (
+    ">> server-connected\nU: +OK Dovecot (Debian) ready.\nP: STLS\n"
+    "U: +OK Begin TLS negotiation now.\n<< start-tls server\n>> tls server\n"
+    + POP3_READY[POP3_READY.index("P: CAPA") :]
+)
 
 
 @three_ways
@@ -694,19 +642,6 @@ def test_upstream_greeting_must_be_ok(greeting: str, mode: Mode) -> None:
     )
 
 
-@pytest.mark.parametrize("line", ["garbage", "+OK what", "+ go on", ""])
-@three_ways
-def test_upstream_unexpected_lines(line: str, mode: Mode) -> None:
-    play(
-        READY
-        + f"""
-        U: {line}
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
 @three_ways
 def test_upstream_idle_err_means_it_is_closing(mode: Mode) -> None:
     play(
@@ -745,141 +680,6 @@ def test_upstream_line_too_long(mode: Mode) -> None:
 
 
 @three_ways
-def test_error_challenge_then_retry_on_the_same_connection(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + f"""
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: + {ERROR_CHALLENGE}
-        P:
-        U: -ERR [AUTH] Authentication failed.
-        << note warning (error challenge: schemes=bearer, scope=mail, status=401)
-        S: -ERR [AUTH] Authentication failed.
-        """
-        + USER_PASS
-        + LOGGED_IN,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_err_without_challenge_or_code(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + """
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: -ERR Authentication failure: unknown user name or bad password.
-        << note warning login as 'alice' (mailbox 'alice@contoso.com'): the upstream rejected
-        S: -ERR [AUTH] Authentication failed.
-        """,
-        mode,
-    )
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "-ERR [SYS/TEMP] Internal error occurred.",
-        "-ERR [IN-USE] Mailbox is locked by another POP3 session.",
-        "-ERR [LOGIN-DELAY] Wait 900 seconds between logins.",
-        "-ERR [sys/temp] lower case",
-    ],
-)
-@three_ways
-def test_upstream_temporary_failures_stay_temporary(line: str, mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + f"""
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: {line}
-        << note warning upstream temporarily unavailable: {line}
-        S: -ERR [SYS/TEMP] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_permanent_system_error_is_not_a_password_problem(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + """
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: -ERR [SYS/PERM] Mailbox disabled.
-        << note error the upstream reports a system error: -ERR [SYS/PERM] Mailbox disabled.
-        S: -ERR [SYS/TEMP] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_refusing_auth_xoauth2_itself_is_not_a_password_problem(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + """
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: -ERR [AUTH] Unsupported authentication mechanism.
-        << note error refused the XOAUTH2 exchange itself: -ERR [AUTH] Unsupported
-        S: -ERR [SYS/TEMP] Temporary failure, try again later.
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_upstream_accepting_without_a_token_is_an_error(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + """
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +OK Logged in.
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
-@three_ways
-def test_unexpected_continuation_after_the_error_challenge(mode: Mode) -> None:
-    play(
-        READY
-        + USER_PASS
-        + f"""
-        >> token alice@contoso.com
-        P: AUTH XOAUTH2
-        U: +$SP
-        P: $XOAUTH2
-        U: + {ERROR_CHALLENGE}
-        P:
-        U: + again
-        !! upstream-error
-        """,
-        mode,
-    )
-
-
-@three_ways
 def test_unreadable_error_challenge_is_still_answered(mode: Mode) -> None:
     play(
         READY
@@ -910,19 +710,12 @@ APP_CAPA = """
 """
 
 
-@pytest.mark.parametrize(
-    ("external", "bearer", "offered"),
-    [
-        (False, False, "PLAIN LOGIN"),
-        (True, False, "PLAIN LOGIN EXTERNAL"),
-        (False, True, "PLAIN LOGIN XOAUTH2 OAUTHBEARER"),
-        (True, True, "PLAIN LOGIN EXTERNAL XOAUTH2 OAUTHBEARER"),
-    ],
-)
+@app_settings
 @three_ways
 def test_app_mechanisms_are_advertised_when_set(
-    external: bool, bearer: bool, offered: str, mode: Mode
+    external: bool, bearer: bool, apps: str, mode: Mode
 ) -> None:
+    offered = f"PLAIN LOGIN{apps}"
     listed = "".join(f"S: {name}\n" for name in offered.split())
     play(
         START
