@@ -43,40 +43,47 @@ IMAP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN,)
 POP3_SMTP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN, Mechanism.LOGIN)
 
 
-class ImapCapabilities:
+class _Lines(Generic[ParamsT]):
+    """A capability list: each capability's name, upper-cased, with what its line says
+    besides (nothing for IMAP's atoms); compared by content, asked by name in any case."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: tuple[tuple[str, ParamsT], ...] = ()) -> None:
+        self._lines = lines
+
+    def __contains__(self, name: str) -> bool:
+        return any(tag == name.upper() for tag, _ in self._lines)
+
+    def __bool__(self) -> bool:
+        return bool(self._lines)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and other._lines == self._lines
+
+    def __hash__(self) -> int:
+        return hash(self._lines)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({' '.join(tag for tag, _ in self._lines)})"
+
+
+class ImapCapabilities(_Lines[None]):
     """A parsed capability list (``* CAPABILITY ...`` or a ``[CAPABILITY ...]`` code)."""
 
-    __slots__ = ("_atoms",)
-
-    def __init__(self, atoms: frozenset[str] = frozenset()) -> None:
-        self._atoms = atoms
+    __slots__ = ()
 
     @classmethod
     def parse(cls, data: bytes) -> ImapCapabilities:
         """Parse the space-separated atoms after ``CAPABILITY`` (bytes that are not ASCII
         are kept as replacement characters, so they can never match a name we look for)."""
-        text = data.decode("ascii", "replace")
-        return cls(frozenset(atom.upper() for atom in text.split(" ") if atom))
-
-    def __contains__(self, name: str) -> bool:
-        return name.upper() in self._atoms
-
-    def __bool__(self) -> bool:
-        return bool(self._atoms)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImapCapabilities) and other._atoms == self._atoms
-
-    def __hash__(self) -> int:
-        return hash(self._atoms)
-
-    def __repr__(self) -> str:
-        return f"ImapCapabilities({' '.join(sorted(self._atoms))})"
+        atoms = {atom.upper() for atom in data.decode("ascii", "replace").split(" ") if atom}
+        return cls(tuple((atom, None) for atom in sorted(atoms)))
 
     @property
     def mechanisms(self) -> frozenset[str]:
         """The SASL mechanisms offered (``AUTH=XOAUTH2`` gives ``XOAUTH2``)."""
-        return frozenset(atom[5:] for atom in self._atoms if atom.startswith("AUTH="))
+        return frozenset(atom[5:] for atom, _ in self._lines if atom.startswith("AUTH="))
 
 
 def imap_proxy_capabilities(
@@ -104,31 +111,6 @@ def imap_proxy_capabilities(
 #: Everything else (USER, SASL, STLS, RESP-CODES, AUTH-RESP-CODE, APOP-era extensions, UTF8
 #: and LANG, whose commands belong to the AUTHORIZATION state) is the proxy's own business.
 _POP3_PASSED_ON: Final = ("TOP", "UIDL", "PIPELINING", "EXPIRE", "LOGIN-DELAY")
-
-
-class _Lines(Generic[ParamsT]):
-    """A list of one capability (or extension) per line: its name, upper-cased, and what
-    the line says besides; compared by content, asked by name (in any case)."""
-
-    __slots__ = ("_lines",)
-
-    def __init__(self, lines: tuple[tuple[str, ParamsT], ...] = ()) -> None:
-        self._lines = lines
-
-    def __contains__(self, name: str) -> bool:
-        return any(tag == name.upper() for tag, _ in self._lines)
-
-    def __bool__(self) -> bool:
-        return bool(self._lines)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, type(self)) and other._lines == self._lines
-
-    def __hash__(self) -> int:
-        return hash(self._lines)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({' '.join(tag for tag, _ in self._lines)})"
 
 
 class Pop3Capabilities(_Lines[bytes]):

@@ -68,7 +68,6 @@ from proxy.protocol.login import (
     CLIENT_PARSING,
     CRLF,
     UPSTREAM_IN_FLIGHT,
-    Fault,
     LoginMachine,
     Verdict,
     client_table,
@@ -104,11 +103,6 @@ UPSTREAM_TRANSITIONS: Final = upstream_table(
     },
     chatter=True,
 )
-
-
-def state_diagrams() -> str:
-    """Both transition tables as Graphviz digraphs."""
-    return CLIENT_TRANSITIONS.to_dot() + UPSTREAM_TRANSITIONS.to_dot()
 
 
 # === Syntax ================================================================================
@@ -340,10 +334,7 @@ class _Command:
 
 
 class ImapAuth(LoginMachine[_Command, _Response]):
-    """The pre-authentication phase of one proxied IMAP connection (see the module
-    docstring). Call :meth:`start` once, then :meth:`handle` for every event until an
-    action says :class:`BeginRelay` or :class:`Close`, or a :class:`ProxyError` is raised.
-    """
+    """The pre-authentication phase of one proxied IMAP connection (see the module)."""
 
     __slots__ = ("_caps", "_client_tag", "_command", "_forward", "_forward_size", "_tag", "_tags")
 
@@ -540,7 +531,7 @@ class ImapAuth(LoginMachine[_Command, _Response]):
             if state in UPSTREAM_IN_FLIGHT:
                 self._forward_size += len(reply.raw)
                 if self._forward_size > self._settings.max_server_line:
-                    raise self._fault(Fault.UPSTREAM, "too many untagged responses at login")
+                    raise self._upstream_error("too many untagged responses at login")
                 self._forward.append(reply.raw)
             self._upstream_move(_UI.CHATTER)
         elif reply.tag == b"+":
@@ -551,15 +542,12 @@ class ImapAuth(LoginMachine[_Command, _Response]):
     def _on_tagged(self, reply: _Response) -> None:
         state = self._upstream
         if not self._tag or reply.tag != self._tag:
-            raise self._fault(
-                Fault.UPSTREAM,
+            raise self._upstream_error(
                 f"upstream answered an unknown tag in state {state.name}: "
                 f"{printable(reply.raw, 80)!r}",
             )
         if reply.status not in (b"OK", b"NO", b"BAD"):
-            raise self._fault(
-                Fault.UPSTREAM, f"upstream sent a tagged {printable(reply.status, 20)!r}"
-            )
+            raise self._upstream_error(f"upstream sent a tagged {printable(reply.status, 20)!r}")
         self._tag = b""
         if state in UPSTREAM_IN_FLIGHT:
             self._on_login_result(reply)
@@ -578,8 +566,8 @@ class ImapAuth(LoginMachine[_Command, _Response]):
 
     def _on_greeting(self, reply: _Response) -> None:
         if reply.tag != b"*" or reply.status not in (b"OK", b"PREAUTH"):
-            raise self._fault(
-                Fault.UPSTREAM, f"upstream greeting is not * OK: {printable(reply.raw, 80)!r}"
+            raise self._upstream_error(
+                f"upstream greeting is not * OK: {printable(reply.raw, 80)!r}"
             )
         if reply.status == b"PREAUTH":
             self._unsuitable(
@@ -638,3 +626,6 @@ class ImapAuth(LoginMachine[_Command, _Response]):
             self._login_refused(Verdict.TEMPORARY, printable(reply.after_tag))
         else:
             self._login_refused(Verdict.TOKEN_REJECTED, printable(reply.after_tag))
+
+
+state_diagrams = ImapAuth.state_diagrams

@@ -15,114 +15,91 @@ machine with a grammar each; this module is everything they do alike, written on
 Two sub-machines run interleaved, each a state enum (:class:`ClientState`,
 :class:`UpstreamState`) plus a :class:`~proxy.protocol.transitions.TransitionTable` that
 each protocol builds with :func:`client_table` and :func:`upstream_table` from its own
-moves and the shared ones below. They meet in one place, :meth:`LoginMachine._join`: once
-the client's credentials are accepted (a token was issued, client state ``AUTHORIZING``)
+moves and the shared ones below. They meet in :meth:`LoginMachine._join`: once the
+client's credentials are accepted (a token was issued, client state ``AUTHORIZING``)
 *and* the upstream is ready (``READY``), the machine sends the XOAUTH2 login upstream.
 
 The client side (we are the server)
-    ``start()`` greets the client and, in the same breath, asks the driver to connect
-    upstream, so that the upstream's greeting, STARTTLS and capability round trips
-    overlap with the client's login. On a STARTTLS listener the client starts in
-    ``PLAINTEXT``, where no login is accepted; its STARTTLS is answered by a
-    :class:`~proxy.protocol.actions.StartTls` action carrying our "go ahead" as its
-    preface, and any byte pipelined behind the STARTTLS line is a
-    :class:`~proxy.protocol.errors.ClientProtocolError` (the CVE-2011-0411 class).
-
-    A login names a SASL mechanism (RFC 4422) with an initial response (``=`` for an
-    empty one) or without, in which case the machine sends a continuation request and
-    reads the response as a line; ``*`` cancels; base64 is strict. PLAIN (RFC 4616) and
-    LOGIN carry a password; EXTERNAL (RFC 4422 appendix A), XOAUTH2 and OAUTHBEARER (RFC
-    7628) carry app identities and are offered only where the listener is set up for them.
-    Each protocol adds its own login commands (IMAP's LOGIN, POP3's USER and PASS).
-    Credentials that cannot be anyone's (not UTF-8, control characters, an empty user
-    name) are refused like a wrong password, without asking for a token.
-
-    Once credentials are parsed the machine says
-    :class:`~proxy.protocol.actions.RequestToken` and stops parsing: whatever the client
-    sends meanwhile is buffered raw. Those are pipelined post-login commands; on success
-    they become ``BeginRelay.to_server`` untouched, on failure they are parsed as the next
-    commands.
+    ``start()`` greets the client and asks the driver to connect upstream at once, so that
+    the upstream's round trips overlap with the client's login. On a STARTTLS listener the
+    client starts in ``PLAINTEXT``, where no login is accepted; STARTTLS is answered by a
+    ``StartTls`` action carrying our "go ahead", and any byte pipelined behind the
+    STARTTLS line is a ``ClientProtocolError`` (the CVE-2011-0411 class). A login names a
+    SASL mechanism (RFC 4422) with an initial response (``=`` for an empty one) or gets a
+    continuation request; ``*`` cancels; base64 is strict. PLAIN (RFC 4616) and LOGIN
+    carry a password, EXTERNAL (RFC 4422 appendix A), XOAUTH2 and OAUTHBEARER (RFC 7628)
+    app identities where the listener offers them; the protocols add their own login
+    commands. Credentials that cannot be anyone's (not UTF-8, control characters, an
+    empty user name) are refused like a wrong password, without asking for a token. Once
+    credentials are parsed the machine says ``RequestToken`` and stops parsing: whatever
+    the client sends meanwhile is buffered raw, and becomes ``BeginRelay.to_server`` on
+    success, or the next commands on failure.
 
 The upstream side (we are the client)
     The protocol reads the greeting, asks what the server offers (before TLS too, where
-    it needs to know that STARTTLS is there), upgrades to TLS when ``upstream_tls`` is
-    ``starttls`` (bytes behind the server's "go ahead" are an
-    :class:`~proxy.protocol.errors.UpstreamProtocolError`; after TLS it always asks
-    again), and requires XOAUTH2; then, joined with the client's token, it sends the
-    XOAUTH2 login, the token right away where the server takes it in the command
-    (``AUTHENTICATE_IR``) or after the server's continuation request (``GO_AHEAD``).
+    it must see STARTTLS), upgrades to TLS when ``upstream_tls`` is ``starttls`` (bytes
+    behind the server's "go ahead" are an ``UpstreamProtocolError``; after TLS it asks
+    again), and requires XOAUTH2. Joined with the client's token it sends the XOAUTH2
+    login, the token in the command (``AUTHENTICATE_IR``) or after the server's
+    continuation request (``GO_AHEAD``).
 
 Outcomes
-    * Accepted: the client gets the protocol's success answer, then
-      :class:`~proxy.protocol.actions.BeginRelay` with the client's pipelined bytes and
-      whatever the upstream sent behind its answer.
+    * Accepted: the protocol's success answer, then ``BeginRelay`` with the client's
+      pipelined bytes and whatever the upstream sent behind its answer.
     * An error challenge (a continuation request after the token, RFC 7628 section 3.2.2,
-      as Google and Dovecot send for XOAUTH2) is answered with an empty line to obtain
-      the final refusal; its decoded JSON goes into the operator's note.
-    * Refused: the protocol reads the refusal as one :class:`Verdict`. Only
-      ``TOKEN_REJECTED`` (the token was refused for this mailbox; the note names the
-      likely causes) gives the client the permanent "authentication failed"; a temporary
-      refusal, a system error of the upstream's, or a refusal of the XOAUTH2 exchange
-      itself (nobody's password problem, noted at ERROR severity) give the temporary
-      answer.
-    * :class:`~proxy.protocol.events.TokenRefused`: ``CREDENTIALS`` gives exactly the
-      permanent answer whatever the reason (wrong password or unknown user);
-      ``UNAVAILABLE`` gives the temporary one.
-    * A refused XOAUTH2 or OAUTHBEARER login (``CREDENTIALS``, or a message that does not
-      parse) is answered as servers do (RFC 7628 section 3.2.2): first an error challenge
-      (``{"status":"invalid_token"}`` for OAUTHBEARER, Google's and Dovecot's
-      ``{"status":"401","schemes":"bearer"}`` for XOAUTH2), then, whatever line the client
-      answers with (``AQ==`` for ^A, or an empty line), the permanent answer.
-      ``UNAVAILABLE`` gets the temporary answer directly.
+      as Google and Dovecot send) is answered with an empty line to get the final
+      refusal; its decoded JSON goes into the operator's note.
+    * Refused: the protocol reads the refusal as a :class:`Verdict`. Only
+      ``TOKEN_REJECTED`` (the note names the likely causes) is the permanent
+      "authentication failed"; a temporary refusal, the upstream's own system error, or
+      a refusal of the XOAUTH2 exchange itself (nobody's password problem, an ERROR note)
+      get the temporary answer.
+    * ``TokenRefused``: ``CREDENTIALS`` gives exactly the permanent answer whatever the
+      reason, ``UNAVAILABLE`` the temporary one. A refused XOAUTH2 or OAUTHBEARER login
+      (or one whose message does not parse) first gets an error challenge, as servers do
+      (RFC 7628 section 3.2.2: ``{"status":"invalid_token"}`` for OAUTHBEARER, Google's
+      and Dovecot's ``{"status":"401","schemes":"bearer"}`` for XOAUTH2), and the
+      permanent answer to whatever line the client answers it with.
 
     Every failed login, permanent or temporary, counts against ``max_auth_failures``, and
     every refused command or SASL response against ``max_bad_commands``; the one that
-    spends a budget is answered, followed by the protocol's closing line and
-    :class:`~proxy.protocol.actions.Close`. After any other failure the client may retry.
+    spends a budget is answered, followed by the protocol's closing line and ``Close``.
 
 Upstream trouble and reconnecting
     If the upstream cannot be reached, closes, or says it is going away (IMAP's ``BYE``,
-    POP3's unasked ``-ERR``, SMTP's ``421``) before the login has been sent to it, the
-    machine notes why and marks it ``DOWN`` (after a goodbye it first waits, in
-    ``CLOSING``, for the connection to end). Each login attempt may open one fresh
-    upstream connection: when an attempt starts (or while it waits for its token) and the
-    upstream is ``DOWN``, the machine asks for
-    :class:`~proxy.protocol.actions.ConnectUpstream` in parallel with the token request.
-    So a connection that the upstream timed out while a slow client typed is replaced
-    once, not turned into a failed login; if the fresh connection fails too, the attempt
-    gets the temporary answer once its token is in (a refused password is still reported
-    as such). Losing the upstream after the login was sent fails that attempt
-    temporarily. An upstream that cannot be used at all (no STARTTLS where it is
-    required, no XOAUTH2, a refused capability query) is ``FAILED`` for the rest of the
-    session: a configuration problem that reconnecting does not fix. Reconnects are
-    bounded by the login budget.
+    POP3's unasked ``-ERR``, SMTP's ``421``) before the login was sent to it, the machine
+    notes why and marks it ``DOWN`` (after a goodbye, once it has closed). Each login
+    attempt may open one fresh connection, in parallel with its token request, so that a
+    connection the upstream timed out while a slow client typed is replaced, not turned
+    into a failed login; if that fails too, the attempt gets the temporary answer once
+    its token is in (a refused password is still reported as such). Losing the upstream
+    after the login was sent fails that attempt temporarily. An upstream that cannot be
+    used at all (no STARTTLS where required, no XOAUTH2, a refused capability query) is
+    ``FAILED`` for the session: reconnecting does not fix configuration.
 
 Limits and errors
-    Client lines are bounded by ``max_line`` (beyond it the machine raises a
-    :class:`~proxy.protocol.errors.ClientProtocolError` whose reply hint says so), the
-    bytes buffered behind a login (or a held command) by ``max_line + max_literal``
-    (:attr:`LoginMachine._pipelining_allowance`), upstream responses by
-    ``max_server_line`` (an :class:`~proxy.protocol.errors.UpstreamProtocolError`
-    beyond it). Before raising, the machine moves both sides to ``ERROR`` and refuses
-    every later event. :attr:`LoginMachine.buffered` reports the bytes held, which these
-    limits bound. An event that the driver could only send by breaking its contract (a
-    token nobody asked for, TLS on a side that did not start it) raises
-    ``RuntimeError``: that is a bug, not a peer's fault.
+    Client lines are bounded by ``max_line``, the bytes waiting behind a login (or a held
+    command) by :attr:`LoginMachine._pipelining_allowance`, upstream responses by
+    ``max_server_line``; beyond them the machine raises a ``ClientProtocolError`` or an
+    ``UpstreamProtocolError`` whose reply hint the driver sends. Before raising it moves
+    both sides to ``ERROR`` and refuses every later event. :attr:`LoginMachine.buffered`
+    reports the bytes held. An event the driver could only send by breaking its contract
+    (a token nobody asked for, TLS on a side that did not start it) raises
+    ``RuntimeError``: a bug, not a peer's fault.
 
 Secrets
-    The password and the app key leave the machine only inside
-    :class:`~proxy.protocol.actions.RequestToken`, whose credentials redact them; the token
-    only inside the XOAUTH2 login sent upstream. No note, error message or repr contains
-    any of them, and nothing the client sends is echoed back to it (but IMAP's tags).
+    The password and the app key leave the machine only inside ``RequestToken``, whose
+    credentials redact them; the token only inside the XOAUTH2 login sent upstream. No
+    note, error message or repr contains any of them, and nothing the client sends is
+    echoed back to it (but IMAP's tags).
 
 What a protocol provides
 ========================
 
 A subclass of :class:`LoginMachine` passes ``__init__`` its password mechanisms, its
-client's first state (after TLS) and its :class:`UpstreamReader`; it sets its two tables
-(built with :func:`client_table` and :func:`upstream_table`), its
-:class:`~proxy.protocol.replies.LoginReplies` (``words``) and the ``token_rejected_causes``
-the operator reads; and it implements
+client's first state (after TLS) and its :class:`UpstreamReader`; it sets its two tables,
+its :class:`~proxy.protocol.replies.LoginReplies` (``words``) and the
+``token_rejected_causes`` the operator reads; and it implements
 
 * its grammar and replies: ``_greet``; ``_next_command``, which reassembles a command
   from ``_client_buf``; ``_on_command``, which answers it (``_answer``, which IMAP
@@ -134,7 +111,8 @@ the operator reads; and it implements
   ``_login_refused``; ``_ask_capabilities``; and ``_send_authenticate`` where the login
   is not ``AUTH XOAUTH2`` (IMAP's).
 
-Its module keeps ``state_diagrams()``, which draws its two tables.
+Its module keeps ``state_diagrams()``, which draws its two tables
+(:meth:`LoginMachine.state_diagrams`).
 """
 
 from __future__ import annotations
@@ -186,7 +164,7 @@ from proxy.protocol.sasl import (
     parse_response,
     xoauth2_response,
 )
-from proxy.protocol.transitions import TransitionTable
+from proxy.protocol.transitions import InputT, StateT, TransitionTable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -204,7 +182,6 @@ __all__ = [
     "Attempt",
     "ClientInput",
     "ClientState",
-    "Fault",
     "LoginMachine",
     "UpstreamInput",
     "UpstreamReader",
@@ -421,49 +398,26 @@ _UPSTREAM_MOVES: Final[UpstreamMoves] = {
     _U.FAILED: {_UI.IGNORED: _U.FAILED, _UI.PEER_CLOSED: _U.FAILED},
 }
 
-#: Client states in which bytes are parsed as commands or SASL responses.
-CLIENT_PARSING: Final = frozenset(
-    {
-        _C.PLAINTEXT,
-        _C.CONNECTED,
-        _C.NOT_AUTHENTICATED,
-        _C.USER_GIVEN,
-        _C.SASL_RESPONSE,
-        _C.SASL_USERNAME,
-        _C.SASL_PASSWORD,
-        _C.ERROR_CHALLENGE,
-    }
-)
-#: Client states in which a line is a SASL response (or the answer to an error challenge).
-_CLIENT_SASL: Final = frozenset(
-    {_C.SASL_RESPONSE, _C.SASL_USERNAME, _C.SASL_PASSWORD, _C.ERROR_CHALLENGE}
-)
 #: Client states of a login under way.
 _CLIENT_LOGGING_IN: Final = frozenset({_C.AWAITING_TOKEN, _C.AUTHORIZING})
 #: Client states in which bytes are buffered raw, unparsed.
 _CLIENT_WAITING: Final = _CLIENT_LOGGING_IN | {_C.HELD}
 _CLIENT_TERMINAL: Final = frozenset({_C.AUTHENTICATED, _C.CLOSED, _C.ERROR})
-#: Upstream states of a live connection whose bytes are parsed as replies.
-_UPSTREAM_PARSING: Final = frozenset(
-    {
-        _U.GREETING,
-        _U.PLAIN_CAPABILITIES,
-        _U.STARTTLS,
-        _U.CAPABILITIES,
-        _U.READY,
-        _U.AUTH_SENT,
-        _U.TOKEN_SENT,
-        _U.ERROR_CHALLENGE,
-    }
+#: Client states in which bytes are parsed as commands or SASL responses: all but those.
+CLIENT_PARSING: Final = frozenset(_C) - _CLIENT_WAITING - _CLIENT_TERMINAL - {_C.TLS_NEGOTIATION}
+#: Client states in which a line is a SASL response (or the answer to an error challenge).
+_CLIENT_SASL: Final = frozenset(
+    {_C.SASL_RESPONSE, _C.SASL_USERNAME, _C.SASL_PASSWORD, _C.ERROR_CHALLENGE}
 )
+#: Upstream states without a connection whose bytes are read, and the final ones.
+_UPSTREAM_QUIET: Final = frozenset({_U.DOWN, _U.CONNECTING, _U.TLS_NEGOTIATION, _U.CLOSING})
+_UPSTREAM_DONE: Final = frozenset({_U.FAILED, _U.AUTHENTICATED, _U.ERROR})
+#: Upstream states of a live connection whose bytes are parsed as replies.
+_UPSTREAM_PARSING: Final = frozenset(_U) - _UPSTREAM_QUIET - _UPSTREAM_DONE
 #: Upstream states in which our XOAUTH2 login is out.
 UPSTREAM_IN_FLIGHT: Final = frozenset({_U.AUTH_SENT, _U.TOKEN_SENT, _U.ERROR_CHALLENGE})
 #: Upstream states in which what that connection still had in flight is worthless.
 _UPSTREAM_GONE: Final = frozenset({_U.DOWN, _U.CLOSING, _U.FAILED})
-
-
-StateT = TypeVar("StateT", bound=enum.Enum)
-InputT = TypeVar("InputT", bound=enum.Enum)
 
 
 def _table(
@@ -515,15 +469,6 @@ def upstream_table(
 
 
 # === The pieces a protocol works with ======================================================
-
-
-class Fault(enum.Enum):
-    """Whose fault an error is, which decides the exception (and the reply hint)."""
-
-    CLIENT = "client"
-    UPSTREAM = "upstream"
-    #: The driver broke its contract, or the machine has a bug.
-    BUG = "bug"
 
 
 class Verdict(enum.Enum):
@@ -649,6 +594,11 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
             f"upstream={self._upstream.name} buffered={self.buffered}>"
         )
 
+    @classmethod
+    def state_diagrams(cls) -> str:
+        """Both transition tables as Graphviz digraphs."""
+        return cls.client_transitions.to_dot() + cls.upstream_transitions.to_dot()
+
     @property
     def client_state(self) -> ClientState:
         return self._client
@@ -699,7 +649,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
     def _dispatch(self, event: Event) -> None:
         match event:
             case ClientDataReceived(data=data):
-                self._client_move(_CI.DATA, Fault.CLIENT)
+                self._client_move(_CI.DATA)
                 self._client_buf.receive_data(data)
             case ClientClosed():
                 self._client_move(_CI.PEER_CLOSED)
@@ -744,8 +694,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
         if self._client in _CLIENT_WAITING:
             limit = self._pipelining_allowance
             if len(self._client_buf) > limit:
-                raise self._fault(
-                    Fault.CLIENT,
+                raise self._client_error(
                     f"more than {limit} bytes pipelined in client state {self._client.name}",
                     self.words.pipelined,
                 )
@@ -761,19 +710,19 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
 
     # -- moves -----------------------------------------------------------------------------
 
-    def _client_move(self, what: ClientInput, fault: Fault = Fault.BUG) -> None:
+    def _client_move(self, what: ClientInput) -> None:
         target = self.client_transitions.next_state(self._client, what)
         if target is None:
-            raise self._fault(
-                fault, f"{what.value!r} not allowed in client state {self._client.name}"
-            )
+            message = f"{what.value!r} not allowed in client state {self._client.name}"
+            # Bytes while the handshake runs are the client's fault; other moves are ours.
+            raise self._client_error(message) if what is _CI.DATA else RuntimeError(message)
         self._client = target
 
-    def _upstream_move(self, what: UpstreamInput, fault: Fault = Fault.BUG) -> None:
+    def _upstream_move(self, what: UpstreamInput) -> None:
         target = self.upstream_transitions.next_state(self._upstream, what)
         if target is None:
-            raise self._fault(
-                fault, f"{what.value!r} not allowed in upstream state {self._upstream.name}"
+            raise RuntimeError(
+                f"{what.value!r} not allowed in upstream state {self._upstream.name}"
             )
         self._upstream = target
         if target in _UPSTREAM_GONE:
@@ -784,16 +733,11 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
     def _forget_connection(self) -> None:
         """Drop what the protocol kept of an upstream connection that is gone."""
 
-    def _fault(self, fault: Fault, message: str, hint: bytes = b"") -> Exception:
-        match fault:
-            case Fault.CLIENT:
-                return ClientProtocolError(message, reply_hint=hint or self.words.protocol_error)
-            case Fault.UPSTREAM:
-                return UpstreamProtocolError(message, reply_hint=hint or self.words.upstream_error)
-            case Fault.BUG:
-                return RuntimeError(message)
-            case _:
-                assert_never(fault)
+    def _client_error(self, message: str, hint: bytes = b"") -> ClientProtocolError:
+        return ClientProtocolError(message, reply_hint=hint or self.words.protocol_error)
+
+    def _upstream_error(self, message: str) -> UpstreamProtocolError:
+        return UpstreamProtocolError(message, reply_hint=self.words.upstream_error)
 
     # -- output ----------------------------------------------------------------------------
 
@@ -843,7 +787,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
         try:
             return read()
         except FrameError as exc:
-            raise self._fault(Fault.CLIENT, f"client: {exc}", self.words.line_too_long) from None
+            raise self._client_error(f"client: {exc}", self.words.line_too_long) from None
 
     def _rejected(self, reply: bytes, what: ClientInput = _CI.REJECTED) -> None:
         """Refuse the client's command or SASL response with ``reply``, and count it;
@@ -862,7 +806,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
         connection to the TLS handshake."""
         if len(self._client_buf):
             # Plaintext behind STARTTLS would be taken as said inside TLS (CVE-2011-0411).
-            raise self._fault(Fault.CLIENT, f"client pipelined data behind {self.starttls}")
+            raise self._client_error(f"client pipelined data behind {self.starttls}")
         self._client_move(_CI.STARTTLS)
         self._out.append(StartTls(Side.CLIENT, preface=preface))
 
@@ -1014,7 +958,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
         if state in (_U.DOWN, _U.CONNECTING):
             raise RuntimeError(f"upstream data without a connection (state {state.name})")
         if state is _U.TLS_NEGOTIATION:
-            raise self._fault(Fault.UPSTREAM, f"upstream sent plaintext during {self.starttls}")
+            raise self._upstream_error(f"upstream sent plaintext during {self.starttls}")
         if state in (_U.CLOSING, _U.FAILED):
             self._upstream_move(_UI.IGNORED)
             return
@@ -1023,7 +967,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
             try:
                 reply = self._server.next_reply()
             except FrameError as exc:
-                raise self._fault(Fault.UPSTREAM, f"upstream: {exc}") from None
+                raise self._upstream_error(f"upstream: {exc}") from None
             if reply is None:
                 return
             self._on_reply(reply)
@@ -1069,7 +1013,7 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
     def _start_upstream_tls(self, said: str) -> None:
         """The upstream ``said`` "go ahead" to our STARTTLS: nothing may follow it."""
         if len(self._server):
-            raise self._fault(Fault.UPSTREAM, f"upstream sent data behind its {said}")
+            raise self._upstream_error(f"upstream sent data behind its {said}")
         self._upstream_move(_UI.TLS_GRANTED)
         self._out.append(StartTls(Side.SERVER))
 
@@ -1095,15 +1039,13 @@ class LoginMachine(abc.ABC, Generic[CommandT, ReplyT]):
             self._current_attempt().challenge = describe_error_challenge(payload)
             self._to_server(CRLF)
         else:
-            raise self._fault(
-                Fault.UPSTREAM, f"unexpected continuation request in state {state.name}"
-            )
+            raise self._upstream_error(f"unexpected continuation request in state {state.name}")
 
     def _logged_in(self, answer: bytes) -> None:
         """The upstream accepted the token: ``answer`` (complete) tells the client."""
         attempt = self._current_attempt()
         if self._upstream is _U.AUTH_SENT:
-            raise self._fault(Fault.UPSTREAM, "upstream accepted XOAUTH2 without a token")
+            raise self._upstream_error("upstream accepted XOAUTH2 without a token")
         self._upstream_move(_UI.ACCEPTED)
         self._client_move(_CI.LOGIN_SUCCEEDED)
         self._to_client(answer)

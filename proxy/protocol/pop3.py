@@ -13,20 +13,17 @@ Client side (we are the server; RFC 1939, RFC 2449, RFC 5034)
     arguments separated by single spaces (RFC 1939 section 3).
 
     * ``CAPA`` (RFC 2449 section 5) is answered locally with our own list: ``USER``,
-      ``SASL PLAIN LOGIN`` (followed by ``EXTERNAL`` when ``AuthSettings.sasl_external``
-      is set and ``XOAUTH2 OAUTHBEARER`` when ``sasl_bearer`` is), ``RESP-CODES``,
-      ``AUTH-RESP-CODE`` (RFC 3206: every refusal of credentials carries ``[AUTH]``); on a
-      STARTTLS listener before TLS ``STLS`` instead of ``USER`` and ``SASL`` (RFC 2595
-      section 4, RFC 8314). Once the upstream's own CAPA is known, its lines for ``TOP``,
-      ``UIDL``, ``PIPELINING``, ``EXPIRE`` and ``LOGIN-DELAY`` follow ours unchanged: they
-      describe the TRANSACTION state the client will reach, which is the upstream's. A
-      client that asks before the upstream has answered sees our lines only: we do not
-      hold the answer back for an upstream that may be slow or down, and clients learn the
-      upstream's full list by asking CAPA again after login (relayed), as RFC 2449
-      section 5 allows the list to change at login. ``PIPELINING`` in particular is
-      offered only if the upstream offers it, because commands pipelined behind the login
-      reach the upstream as they came. Pre-authentication pipelining works regardless:
-      every complete line is answered in order.
+      ``SASL PLAIN LOGIN`` (and the mechanisms for app identities the listener offers),
+      ``RESP-CODES``, ``AUTH-RESP-CODE`` (RFC 3206: every refusal of credentials carries
+      ``[AUTH]``); on a STARTTLS listener before TLS ``STLS`` instead of ``USER`` and
+      ``SASL`` (RFC 2595 section 4, RFC 8314). Once the upstream's CAPA is known, its lines
+      for ``TOP``, ``UIDL``, ``PIPELINING``, ``EXPIRE`` and ``LOGIN-DELAY`` follow ours: they
+      describe the TRANSACTION state, which is the upstream's. Before that, clients see
+      our lines only (we do not wait for an upstream that may be slow or down) and learn
+      the full list by asking again after login, as RFC 2449 section 5 allows.
+      ``PIPELINING`` is offered only if the upstream offers it, because commands
+      pipelined behind the login reach it as they came; before login every complete line
+      is answered in order regardless.
     * ``AUTH`` without arguments lists our mechanisms as a multi-line ``+OK`` response
       (not in RFC 5034, but Outlook and others send it; Dovecot answers it likewise);
       before TLS on a STARTTLS listener the list is empty.
@@ -36,12 +33,10 @@ Client side (we are the server; RFC 1939, RFC 2449, RFC 5034)
       treat them so). ``USER`` is always answered ``+OK``, whatever the name, so unknown
       users cannot be told from wrong passwords; ``PASS`` must follow ``USER`` (RFC 1939
       section 7): a refused command in between forgets the name, ``CAPA`` does not.
-    * ``AUTH <mechanism>`` (RFC 5034) with an initial response (section 4; ``=`` for an
-      empty one; for LOGIN it is the user name) or after our continuations: ``+ `` for the
-      mechanisms with one response, ``+ VXNlcm5hbWU6`` and ``+ UGFzc3dvcmQ6``
-      ("Username:", "Password:") for LOGIN, as clients expect. A LOGIN user name that
-      cannot be anyone's is refused at once. Others get ``-ERR Unsupported
-      authentication mechanism.``
+    * ``AUTH <mechanism>`` (RFC 5034) takes an initial response (for LOGIN the user name)
+      or answers our continuations: ``+ ``, or for LOGIN ``+ VXNlcm5hbWU6`` and ``+
+      UGFzc3dvcmQ6`` ("Username:", "Password:"). A LOGIN user name that cannot be anyone's
+      is refused at once.
     * ``QUIT`` is answered locally and closes.
     * Before TLS on a STARTTLS listener, ``USER``, ``PASS`` and ``AUTH <mechanism>`` get
       ``-ERR Plaintext login disallowed; use STLS first.`` without a response code: the
@@ -88,7 +83,7 @@ Outcomes
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
 from proxy.protocol import replies
@@ -104,7 +99,6 @@ from proxy.protocol.login import (
     CRLF,
     LOGIN_STARTS,
     UPSTREAM_IN_FLIGHT,
-    Fault,
     LoginMachine,
     Verdict,
     client_table,
@@ -151,11 +145,6 @@ UPSTREAM_TRANSITIONS: Final = upstream_table(
     "pop3-upstream",
     {_U.GREETING: {_UI.ASK_STARTTLS: _U.STARTTLS, _UI.ASK_CAPABILITIES: _U.CAPABILITIES}},
 )
-
-
-def state_diagrams() -> str:
-    """Both transition tables as Graphviz digraphs."""
-    return CLIENT_TRANSITIONS.to_dot() + UPSTREAM_TRANSITIONS.to_dot()
 
 
 # === Syntax ================================================================================
@@ -242,13 +231,7 @@ class _ReplyReader:
                     return reply
                 self._head, self._list_due = reply, False
             elif line == b".":
-                reply = _Reply(
-                    self._head.status,
-                    self._head.code,
-                    self._head.text,
-                    self._head.raw,
-                    tuple(self._lines),
-                )
+                reply = replace(self._head, lines=tuple(self._lines))
                 self._head, self._lines, self._size = None, [], 0
                 return reply
             else:
@@ -270,10 +253,7 @@ class _ReplyReader:
 
 
 class Pop3Auth(LoginMachine[bytes, _Reply]):
-    """The pre-authentication phase of one proxied POP3 connection (see the module
-    docstring). Call :meth:`start` once, then :meth:`handle` for every event until an
-    action says :class:`BeginRelay` or :class:`Close`, or a :class:`ProxyError` is raised.
-    """
+    """The pre-authentication phase of one proxied POP3 connection (see the module)."""
 
     __slots__ = ("_caps", "_reader", "_user")
 
@@ -310,8 +290,8 @@ class Pop3Auth(LoginMachine[bytes, _Reply]):
     def _greet(self) -> None:
         self._answer(replies.POP3_GREETING)
 
-    def _client_move(self, what: _CI, fault: Fault = Fault.BUG) -> None:
-        super()._client_move(what, fault)
+    def _client_move(self, what: _CI) -> None:
+        super()._client_move(what)
         if self._client is not _C.USER_GIVEN:
             self._user = b""  # only as long as the state that expects PASS
 
@@ -395,7 +375,7 @@ class Pop3Auth(LoginMachine[bytes, _Reply]):
             self._on_login_result(reply)
         elif state is _U.READY:
             if reply.status is not _Status.ERR:
-                raise self._fault(Fault.UPSTREAM, f"upstream sent an unasked reply: {said!r}")
+                raise self._upstream_error(f"upstream sent an unasked reply: {said!r}")
             self._going_away(f"said {said}")
         elif reply.status is _Status.ERR and state is _U.STARTTLS:
             self._unsuitable(
@@ -417,8 +397,8 @@ class Pop3Auth(LoginMachine[bytes, _Reply]):
         if reply.status is _Status.ERR:
             self._going_away(f"said {printable(reply.raw)}")
         elif reply.status is not _Status.OK:
-            raise self._fault(
-                Fault.UPSTREAM, f"upstream greeting is not +OK: {printable(reply.raw, 80)!r}"
+            raise self._upstream_error(
+                f"upstream greeting is not +OK: {printable(reply.raw, 80)!r}"
             )
         elif self._settings.upstream_tls is UpstreamTls.STARTTLS:
             self._upstream_move(_UI.ASK_STARTTLS)
@@ -439,3 +419,6 @@ class Pop3Auth(LoginMachine[bytes, _Reply]):
             self._login_refused(Verdict.SYSTEM_ERROR, said)
         else:
             self._login_refused(Verdict.TOKEN_REJECTED, said)
+
+
+state_diagrams = Pop3Auth.state_diagrams

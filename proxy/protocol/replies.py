@@ -59,9 +59,11 @@ class LoginReplies:
     upstream_error: bytes
 
 
+# Below, answers (status lines, tagged results) are written without tag and line ending;
+# untagged responses, continuation requests and the lines the driver sends on its own
+# (timeout, busy) are complete.
+
 # --- IMAP (RFC 3501/9051 responses, RFC 5530 response codes) -------------------------------
-# Tagged results are written without tag and line ending (the machine adds both); untagged
-# responses and continuation requests are complete lines.
 IMAP: Final = LoginReplies(
     auth_failed=b"NO [AUTHENTICATIONFAILED] Authentication failed.",
     unavailable=b"NO [UNAVAILABLE] Temporary failure, try again later.",
@@ -100,8 +102,6 @@ IMAP_BYE_LOGOUT: Final = b"* BYE Logging out.\r\n"
 IMAP_BYE_TIMEOUT: Final = b"* BYE Autologout; idle for too long.\r\n"
 
 # --- POP3 (RFC 1939, RFC 2449 extended response codes, RFC 3206) ---------------------------
-# Status lines are written without their line ending (the machine adds it); the lines the
-# driver sends on its own (timeout, busy) are complete.
 POP3: Final = LoginReplies(
     auth_failed=b"-ERR [AUTH] Authentication failed.",
     unavailable=b"-ERR [SYS/TEMP] Temporary failure, try again later.",
@@ -138,8 +138,6 @@ POP3_SYNTAX_ERROR: Final = b"-ERR Syntax error."
 POP3_TIMEOUT: Final = b"-ERR [SYS/TEMP] Autologout; idle for too long.\r\n"
 
 # --- SMTP (RFC 5321, RFC 3463 enhanced codes, RFC 4954) ------------------------------------
-# Reply lines are written without their line ending (the machine adds it); SMTP_TIMEOUT,
-# which the driver sends on its own, is complete.
 SMTP: Final = LoginReplies(
     auth_failed=b"535 5.7.8 Authentication credentials invalid",
     unavailable=b"454 4.7.0 Temporary authentication failure",

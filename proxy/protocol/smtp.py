@@ -13,18 +13,14 @@ extensions, so an EHLO that comes before the upstream's own EHLO reply (after TL
 unusable for now.
 
 When to greet
-    ``start()`` sends our greeting, ``220 <hostname> ESMTP xoauth2-proxy ready``, at once
-    and in the same breath asks the driver to connect upstream. Holding the greeting until
-    the upstream is ready would also let the EHLO reply list the upstream's extensions,
-    but it would put the two connections in a row: the upstream's greeting, EHLO,
-    STARTTLS, TLS handshake and second EHLO would all come before the client's first
-    byte, and on a STARTTLS listener before the client's own EHLO, STARTTLS and
-    handshake, which now overlap with them. Only the EHLO reply after TLS needs the
-    upstream's list, so only it waits; commands pipelined behind it wait with it and are
-    answered in order afterwards. If the upstream turns out to be unreachable or
-    unusable, a held EHLO is answered with the proxy's own extension (``AUTH``) alone: a
-    subset of what the upstream offers is always safe to advertise. Later EHLOs use the
-    last list learned, even while the upstream is reconnecting.
+    ``start()`` sends ``220 <hostname> ESMTP xoauth2-proxy ready`` at once. Holding it
+    until the upstream is ready would let the EHLO reply list the upstream's extensions,
+    but would put the two connections in a row (the upstream's greeting, EHLO, STARTTLS,
+    handshake and second EHLO before the client's first byte). Only the EHLO reply after
+    TLS needs the upstream's list, so only it waits, with the commands pipelined behind
+    it. If the upstream turns out to be unreachable or unusable, a held EHLO gets the
+    proxy's own extension (``AUTH``) alone: a subset of the upstream's is always safe to
+    advertise. Later EHLOs use the last list learned, even while it reconnects.
 
 Client side (we are the server; RFC 5321, 3207, 4954, 2920)
     Command verbs are case-insensitive; lines end in CRLF (a bare LF is accepted). On a
@@ -49,20 +45,15 @@ Client side (we are the server; RFC 5321, 3207, 4954, 2920)
     AUTH needs a preceding EHLO or HELO (``503 5.5.1`` otherwise). It is accepted after
     HELO: RFC 4954 defines AUTH as a service extension that a client learns from EHLO,
     but does not make the server refuse it after HELO; Postfix and Exchange accept it,
-    and legacy devices (scanners, mostly) send HELO then AUTH LOGIN. The upstream session
-    is an EHLO session either way. AUTH takes an initial response (``=`` for an empty
-    one) or answers ``334`` continuations (``334`` with no text, or for LOGIN ``334
-    VXNlcm5hbWU6``, then ``334 UGFzc3dvcmQ6``); ``*`` cancels (``501 5.0.0``); base64 is
-    strict (``501 5.5.2``); unknown mechanisms get ``504 5.5.4``. A LOGIN user name that
-    cannot be anyone's is remembered and refused only after the password, so that the
-    password line is never taken for a command. NOOP and RSET get ``250 2.0.0 OK``, HELP
-    a ``214``, QUIT ``221 2.0.0 Bye``. MAIL, RCPT, DATA, BDAT and the other mail commands
-    get ``530 5.7.0 Authentication required``, unknown commands ``500 5.5.2``, bad
-    arguments ``501 5.5.2``; the refusal that spends the budget is followed by ``421``.
-    Commands pipelined behind AUTH (RFC 2920: MAIL FROM, RCPT TO...) are relayed as they
-    came. Bytes held while the client waits (behind a held EHLO, or pipelined behind
-    AUTH) are bounded by ``max_line + max_literal``: SMTP has no literals, so
-    ``max_literal`` is the pipelining allowance here.
+    and legacy devices (scanners, mostly) send HELO then AUTH LOGIN. Its continuation
+    requests are ``334`` (for LOGIN ``334 VXNlcm5hbWU6``, then ``334 UGFzc3dvcmQ6``). A
+    LOGIN user name that cannot be anyone's is remembered and refused only after the
+    password, so that the password line is never taken for a command. NOOP and RSET get
+    ``250 2.0.0 OK``, HELP a ``214``, QUIT ``221 2.0.0 Bye``; MAIL, RCPT, DATA, BDAT and
+    the other mail commands ``530 5.7.0 Authentication required``, unknown commands ``500
+    5.5.2``, bad arguments ``501 5.5.2``. Commands pipelined behind AUTH (RFC 2920) wait
+    with the bytes behind a held EHLO, bounded by ``max_line + max_literal``: SMTP has no
+    literals, so ``max_literal`` is the pipelining allowance here.
 
 Upstream side (we are the client)
     Replies are a three-digit code and text, ``-`` after the code on every line but the
@@ -107,7 +98,6 @@ from proxy.protocol.framing import LineBuffer, printable
 from proxy.protocol.login import (
     CRLF,
     UPSTREAM_IN_FLIGHT,
-    Fault,
     LoginMachine,
     Verdict,
     client_table,
@@ -177,11 +167,6 @@ _UPSTREAM_LEARNING: Final = frozenset(
         _U.CAPABILITIES,
     }
 )
-
-
-def state_diagrams() -> str:
-    """Both transition tables as Graphviz digraphs."""
-    return CLIENT_TRANSITIONS.to_dot() + UPSTREAM_TRANSITIONS.to_dot()
 
 
 # === Syntax ================================================================================
@@ -285,10 +270,7 @@ class _ReplyReader:
 
 class SmtpAuth(LoginMachine[bytes, _Reply]):
     """The pre-authentication phase of one proxied SMTP submission connection (see the
-    module docstring). Call :meth:`start` once, then :meth:`handle` for every event until an
-    action says :class:`BeginRelay` or :class:`Close`, or a :class:`ProxyError` is raised.
-
-    ``hostname`` is the proxy's name in its greeting, in its EHLO reply and in the EHLO it
+    module). ``hostname`` is the proxy's name in its greeting, in its EHLO reply and in the EHLO it
     sends upstream: a domain or an address literal (RFC 5321 section 4.1.2).
     """
 
@@ -435,8 +417,7 @@ class SmtpAuth(LoginMachine[bytes, _Reply]):
         elif state in UPSTREAM_IN_FLIGHT:
             self._on_auth_reply(reply)
         else:
-            raise self._fault(
-                Fault.UPSTREAM,
+            raise self._upstream_error(
                 f"upstream sent a reply to no command in state {state.name}: {reply.describe()!r}",
             )
 
@@ -448,7 +429,7 @@ class SmtpAuth(LoginMachine[bytes, _Reply]):
         elif reply.code == 554:  # RFC 5321 section 3.1: no service here; QUIT, then it closes
             self._going_away(f"said {reply.describe()}", farewell=b"QUIT" + CRLF)
         else:
-            raise self._fault(Fault.UPSTREAM, f"upstream greeting is not 220: {reply.describe()!r}")
+            raise self._upstream_error(f"upstream greeting is not 220: {reply.describe()!r}")
 
     def _on_ehlo(self, reply: _Reply) -> None:
         if reply.code != 250:
@@ -484,8 +465,7 @@ class SmtpAuth(LoginMachine[bytes, _Reply]):
         elif reply.code == 235:
             self._logged_in(replies.SMTP_AUTH_SUCCEEDED + CRLF)
         elif reply.code < 400:
-            raise self._fault(
-                Fault.UPSTREAM,
+            raise self._upstream_error(
                 f"upstream answered {reply.describe()!r} in state {self._upstream.name}",
             )
         elif reply.code < 500:
@@ -494,3 +474,6 @@ class SmtpAuth(LoginMachine[bytes, _Reply]):
             self._login_refused(Verdict.EXCHANGE_REFUSED, reply.describe())
         else:
             self._login_refused(Verdict.TOKEN_REJECTED, reply.describe())
+
+
+state_diagrams = SmtpAuth.state_diagrams
