@@ -443,9 +443,8 @@ def _table(
 
 
 def client_table(name: str, own: Moves) -> TransitionTable[ClientState, ClientInput]:
-    """The client side's table: the protocol's ``own`` moves (its commands; they win where
-    both name a move) and the shared ones. From every live state, ``PEER_CLOSED`` leads to
-    ``CLOSED`` and ``BROKE`` (a raised ProxyError) to ``ERROR``."""
+    """The client side's table: the protocol's ``own`` moves over the shared ones; from
+    every live state ``PEER_CLOSED`` leads to ``CLOSED``, ``BROKE`` to ``ERROR``."""
     exits: dict[_CI, _C] = {_CI.PEER_CLOSED: _C.CLOSED, _CI.BROKE: _C.ERROR}
     return _table(name, _C.PLAINTEXT, _CLIENT_MOVES, own, lambda _state: exits)
 
@@ -453,11 +452,10 @@ def client_table(name: str, own: Moves) -> TransitionTable[ClientState, ClientIn
 def upstream_table(
     name: str, own: UpstreamMoves, *, chatter: bool = False
 ) -> TransitionTable[UpstreamState, UpstreamInput]:
-    """The upstream side's table: the protocol's ``own`` moves (its greeting and
-    capability dialogue) and the shared ones. From every state of a live connection the
-    upstream may close (to ``DOWN``) or say it is going away (to ``CLOSING``); with
-    ``chatter`` it may also send responses that change nothing (IMAP's untagged data).
-    ``BROKE`` leads from every state to ``ERROR``."""
+    """The upstream side's table: the protocol's ``own`` moves (its greeting and capability
+    dialogue) over the shared ones. A live connection may close (to ``DOWN``), say it goes
+    away (to ``CLOSING``) and, with ``chatter``, say what changes nothing (IMAP's untagged
+    data); ``BROKE`` leads from every state to ``ERROR``."""
 
     def exits(state: UpstreamState) -> dict[_UI, _U]:
         if state not in _UPSTREAM_PARSING:

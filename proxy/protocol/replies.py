@@ -28,31 +28,28 @@ class LoginReplies:
     """The words of one protocol for what every login machine says.
 
     *Answers* go to the client's command as the protocol answers commands (IMAP adds the
-    command's tag; all add the line ending). *Lines* and *hints* are complete, line endings
-    included: lines are sent before the machine closes the connection, hints travel in the
-    :class:`~proxy.protocol.errors.ProxyError` it raises.
+    command's tag; all add the line ending). *Lines*, sent before the machine closes, and
+    *hints*, which travel in the :class:`~proxy.protocol.errors.ProxyError` it raises, are
+    complete, line endings included.
     """
 
-    #: Answer: the credentials were refused (the same bytes whatever was wrong with them).
+    #: Answers: refused credentials (the same bytes whatever was wrong with them), "try
+    #: again later" (and how the operator's notes name it), a cancelled SASL exchange, bad
+    #: base64, a SASL message that does not parse, a mechanism not offered.
     auth_failed: bytes
-    #: Answer: the login could not be decided now; try again later.
     unavailable: bytes
-    #: How the operator's notes name that temporary answer.
     unavailable_name: str
-    #: Answers to a SASL exchange the client cancelled, sent bad base64 in, or whose
-    #: message does not parse; and to a mechanism that is not offered.
     cancelled: bytes
     invalid_base64: bytes
     invalid_sasl: bytes
     unsupported_mechanism: bytes
-    #: What starts a SASL continuation request, before its base64 payload (RFC 4954's
-    #: ``334 ``, or ``+ ``).
+    #: What starts a SASL continuation request, before its payload (``334 ``, ``+ ``).
     continuation: bytes
     #: Lines: the budget of refused commands, or of failed logins, is spent.
     too_many_errors: bytes
     too_many_failures: bytes
-    #: Hints: too many bytes pipelined behind a login; a line or literal over its limit;
-    #: the client broke the protocol; the upstream did.
+    #: Hints: too much pipelined behind a login; a line or literal over its limit; the
+    #: client broke the protocol; the upstream did.
     pipelined: bytes
     line_too_long: bytes
     protocol_error: bytes
