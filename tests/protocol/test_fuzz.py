@@ -5,15 +5,20 @@ keys, tokens). Each runs with and without the mechanisms for app identities (``a
 
 One :class:`Driver` plays the trio driver's part for every protocol; a :class:`Fuzzed`
 holds what differs: the pieces each peer says, what well-behaved peers say in each state,
-and how much the machine may hold.
+how much the machine may hold, and the valid prefixes (a login, a SASL exchange, STARTTLS
+on either side) after which the arbitrary-bytes fuzzers start, so that they reach the
+relay hand-over and every state behind a login. How many examples reached each state is
+counted (:data:`REACHED`) and printed at the end of the run (tests/protocol/conftest.py).
 """
 
 from __future__ import annotations
 
 import base64
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import hypothesis
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -29,7 +34,7 @@ from proxy.protocol.actions import (
     SendToServer,
     StartTls,
 )
-from proxy.protocol.errors import ProxyError
+from proxy.protocol.errors import ClientProtocolError, ProxyError
 from proxy.protocol.events import (
     ClientClosed,
     ClientDataReceived,
@@ -48,7 +53,7 @@ from proxy.protocol.imap import ImapAuth
 from proxy.protocol.login import ClientState, UpstreamState
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
 from proxy.protocol.pop3 import Pop3Auth
-from proxy.protocol.sasl import xoauth2_response
+from proxy.protocol.sasl import BearerCredentials, Credentials, xoauth2_response
 from proxy.protocol.smtp import SmtpAuth
 from tests.protocol.playbook import TOKEN
 
@@ -151,6 +156,17 @@ class Fuzzed:
     #: Bytes that make an implicit-TLS upstream ready for the login, and a password login.
     upstream_ready: bytes
     login: bytes
+    #: The upstream's go-ahead for the token, and its success line (after ``upstream_ready``).
+    accept: tuple[bytes, bytes]
+    #: An app's XOAUTH2 login (with our app key), ready to be sent.
+    bearer_login: bytes
+    #: A SASL login that waits for its response; the client's STARTTLS; the upstream's
+    #: answers up to its TLS handshake (``upstream_tls`` STARTTLS), chunk by chunk.
+    sasl_start: bytes
+    starttls: bytes
+    upstream_starttls: tuple[bytes, ...]
+    #: Client bytes that may wait behind a login.
+    allowance: Callable[[AuthSettings], int]
     #: Answers carry the client's tags (IMAP), which may be anything the client sent.
     tags: bool = False
 
@@ -259,6 +275,12 @@ IMAP = Fuzzed(
     ),
     upstream_ready=IMAP_SERVER_PIECES[1],
     login=b"a1 LOGIN alice " + PASSWORD.encode() + b"\r\n",
+    accept=(b"+ \r\n", b"X1 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n"),
+    bearer_login=b"a4 AUTHENTICATE XOAUTH2 " + XO + b"\r\n",
+    sasl_start=b"a2 AUTHENTICATE PLAIN\r\n",
+    starttls=b"a3 STARTTLS\r\n",
+    upstream_starttls=(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n", b"X1 OK go\r\n"),
+    allowance=lambda s: s.max_line + s.max_literal,
     tags=True,
 )
 
@@ -370,6 +392,12 @@ POP3 = Fuzzed(
     memory_bound=lambda s: s.max_line + 2 * s.max_server_line,
     upstream_ready=POP3_SERVER_PIECES[0] + POP3_SERVER_PIECES[2],
     login=b"USER alice\r\n" + POP3_PASS,
+    accept=(b"+ \r\n", b"+OK Logged in.\r\n"),
+    bearer_login=b"AUTH XOAUTH2 " + XO + b"\r\n",
+    sasl_start=b"AUTH LOGIN\r\n",
+    starttls=b"STLS\r\n",
+    upstream_starttls=(b"+OK hi\r\n", b"+OK go\r\n"),
+    allowance=lambda s: s.max_line,
 )
 
 # === SMTP ==================================================================================
@@ -488,6 +516,12 @@ SMTP = Fuzzed(
     memory_bound=lambda s: s.max_line + s.max_literal + 2 * s.max_server_line,
     upstream_ready=SMTP_SERVER_PIECES[0] + SMTP_EHLO_XOAUTH2,
     login=b"HELO client.test\r\nAUTH PLAIN " + PLAIN + b"\r\n",
+    accept=(b"334 \r\n", b"235 2.7.0 Logged in.\r\n"),
+    bearer_login=b"HELO client.test\r\nAUTH XOAUTH2 " + XO + b"\r\n",
+    sasl_start=b"HELO client.test\r\nAUTH PLAIN\r\n",
+    starttls=b"STARTTLS\r\n",
+    upstream_starttls=(b"220 hi\r\n", SMTP_EHLO_STARTTLS, b"220 go\r\n"),
+    allowance=lambda s: s.max_line + s.max_literal,
 )
 
 PROTOCOLS = (IMAP, POP3, SMTP)
@@ -495,6 +529,10 @@ each_protocol = pytest.mark.parametrize("p", PROTOCOLS, ids=str)
 
 
 # === The driver ============================================================================
+
+
+#: How many examples reached each state, per protocol and side (and the relay), this run.
+REACHED: Counter[tuple[str, str, str]] = Counter()
 
 
 def check_no_secrets_text(text: str) -> None:
@@ -546,6 +584,9 @@ class Driver:
     done: bool = False
     relays: int = 0
     sent_upstream: list[bytes] = field(default_factory=list)
+    #: Every credential the client sends comes from the pieces: its secret must be listed.
+    strict: bool = False
+    reached: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def start(
@@ -558,9 +599,24 @@ class Driver:
         noisy: bool = True,
     ) -> Driver:
         config = small_settings(client_tls, upstream_tls, app=app)
-        driver = cls(p, p.make(config), config, noisy)
+        driver = cls(p, p.make(config), config, noisy, strict=not noisy)
         driver.apply(driver.machine.start())
+        driver.note_states()
         return driver
+
+    def note_states(self) -> None:
+        self.reached |= {
+            ("client", self.machine.client_state.name),
+            ("upstream", self.machine.upstream_state.name),
+        }
+
+    def report(self) -> None:
+        """Count the states this example reached (printed at the end of the run)."""
+        if self.relays:
+            self.reached.add(("client", "relay"))
+        for side, state in sorted(self.reached):
+            REACHED[self.p.name, side, state] += 1
+            hypothesis.event(f"{side} {state}")
 
     def apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -574,9 +630,13 @@ class Driver:
                     assert not self.connected, "reconnect while connected"
                     assert not self.connecting, "reconnect while connecting"
                     self.connecting = True
-                case RequestToken():
+                case RequestToken(credentials=credentials):
                     assert not self.token_wanted
                     self.token_wanted = True
+                    if self.strict and isinstance(credentials, Credentials):
+                        assert credentials.password in SECRETS, "a password not in SECRETS"
+                    if self.strict and isinstance(credentials, BearerCredentials):
+                        assert credentials.key in SECRETS, "an app key not in SECRETS"
                 case StartTls(side=side):
                     self.tls.add(side)
                 case BeginRelay():
@@ -653,6 +713,7 @@ class Driver:
         size = len(getattr(event, "data", b""))
         assert self.machine.buffered <= self.p.memory_bound(self.settings) + size
         check_no_secrets_text(repr(self.machine))
+        self.note_states()
 
     def run(self, data: st.DataObject, steps: int = 60) -> None:
         for _ in range(steps):
@@ -660,6 +721,7 @@ class Driver:
                 break
             self.feed(self.choices(data))
         assert self.relays <= 1
+        self.report()
 
 
 # === The properties ========================================================================
@@ -712,6 +774,7 @@ def test_arbitrary_client_bytes(
         if driver.done:
             break
         driver.feed(ClientDataReceived(piece))
+    driver.report()
 
 
 @each_protocol
@@ -728,6 +791,154 @@ def test_arbitrary_upstream_bytes(
         if driver.done or not driver.connected or driver.tls:
             break
         driver.feed(ServerDataReceived(piece))
+    driver.report()
+
+
+# === Arbitrary bytes behind valid prefixes =================================================
+
+
+def after_login(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """The upstream ready, the client's password login asking for its token."""
+    driver.feed(ServerConnected())
+    driver.feed(ServerDataReceived(p.upstream_ready))
+    driver.feed(ClientDataReceived(p.login))
+    assert driver.machine.client_state is ClientState.AWAITING_TOKEN
+    return UpstreamState.READY
+
+
+def token_sent(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """After the login, the token issued and sent upstream, its verdict due."""
+    after_login(p, driver)
+    driver.feed(TokenIssued(MAILBOX, TOKEN))
+    driver.feed(ServerDataReceived(p.accept[0]))
+    assert driver.machine.client_state is ClientState.AUTHORIZING
+    return UpstreamState.TOKEN_SENT
+
+
+def upstream_challenged(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """After the token went, the upstream's error challenge answered: its verdict due."""
+    token_sent(p, driver)
+    driver.feed(ServerDataReceived(p.accept[0].rstrip(b"\r\n") + CHALLENGE + b"\r\n"))
+    return UpstreamState.ERROR_CHALLENGE
+
+
+def client_challenged(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """An app key refused: the client has our error challenge to answer."""
+    driver.feed(ClientDataReceived(p.bearer_login))
+    driver.feed(TokenRefused(Refusal.CREDENTIALS))
+    assert driver.machine.client_state is ClientState.ERROR_CHALLENGE
+    return UpstreamState.CONNECTING
+
+
+def mid_sasl(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """A SASL login that waits for the client's response."""
+    driver.feed(ClientDataReceived(p.sasl_start))
+    assert driver.machine.client_state in (ClientState.SASL_RESPONSE, ClientState.SASL_USERNAME)
+    return UpstreamState.CONNECTING
+
+
+def after_client_starttls(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """STARTTLS from the client, and its handshake done."""
+    driver.feed(ClientDataReceived(p.starttls))
+    driver.feed(TlsEstablished(Side.CLIENT))
+    assert driver.machine.client_state in (ClientState.NOT_AUTHENTICATED, ClientState.CONNECTED)
+    return UpstreamState.CONNECTING
+
+
+def after_upstream_starttls(p: Fuzzed, driver: Driver) -> UpstreamState:
+    """STARTTLS towards the upstream, its handshake done: it is asked what it offers."""
+    driver.feed(ServerConnected())
+    for chunk in p.upstream_starttls:
+        driver.feed(ServerDataReceived(chunk))
+    driver.feed(TlsEstablished(Side.SERVER))
+    return UpstreamState.CAPABILITIES
+
+
+class Prefix(NamedTuple):
+    """Where an arbitrary-bytes fuzzer starts, which side it feeds, and the listener."""
+
+    reach: Callable[[Fuzzed, Driver], UpstreamState]
+    side: Side
+    client_tls: ClientTls = ClientTls.IMPLICIT
+    upstream_tls: UpstreamTls = UpstreamTls.IMPLICIT
+    #: The prefix needs the mechanisms for app identities.
+    app: bool = False
+
+
+PREFIXES = {
+    "after-login": Prefix(after_login, Side.CLIENT),
+    "mid-sasl": Prefix(mid_sasl, Side.CLIENT),
+    "error-challenge": Prefix(client_challenged, Side.CLIENT, app=True),
+    "after-starttls": Prefix(after_client_starttls, Side.CLIENT, ClientTls.STARTTLS),
+    "token-sent": Prefix(token_sent, Side.SERVER),
+    "upstream-challenged": Prefix(upstream_challenged, Side.SERVER),
+    "upstream-starttls": Prefix(
+        after_upstream_starttls, Side.SERVER, upstream_tls=UpstreamTls.STARTTLS
+    ),
+}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@each_protocol
+@FUZZ
+@given(pieces=st.lists(st.binary(), max_size=30), app=st.booleans())
+def test_arbitrary_bytes_after_a_valid_prefix(
+    p: Fuzzed, prefix: str, pieces: list[bytes], app: bool
+) -> None:
+    start = PREFIXES[prefix]
+    driver = Driver.start(
+        p, start.client_tls, start.upstream_tls, app=app or start.app, noisy=False
+    )
+    expected = start.reach(p, driver)
+    assert driver.machine.upstream_state is expected
+    driver.strict = False  # from here on, the bytes are anything
+    for piece in pieces:
+        if driver.done or (start.side is Side.SERVER and not driver.connected):
+            break
+        client = start.side is Side.CLIENT
+        driver.feed(ClientDataReceived(piece) if client else ServerDataReceived(piece))
+    driver.report()
+
+
+@each_protocol
+@FUZZ
+@given(
+    pipelined=st.lists(st.binary(min_size=1, max_size=120), max_size=6),
+    cut=st.integers(min_value=0, max_value=6),
+    tail=st.binary(max_size=200),
+)
+def test_relay_hand_over_keeps_every_byte_behind_the_login(
+    p: Fuzzed, pipelined: list[bytes], cut: int, tail: bytes
+) -> None:
+    """Whatever the client pipelines behind its login (while the token is fetched, and
+    while the upstream decides) reaches the relay unread and whole, and so does whatever
+    the upstream sends behind its success, or the client gets the pipelining hint."""
+    driver = Driver.start(p, noisy=False)
+    after_login(p, driver)
+    allowance, held = p.allowance(driver.settings), 0
+    steps: list[ClientDataReceived | TokenIssued] = [ClientDataReceived(b) for b in pipelined]
+    steps.insert(min(cut, len(steps)), TokenIssued(MAILBOX, TOKEN))
+    if not any(isinstance(step, TokenIssued) for step in steps):
+        steps.append(TokenIssued(MAILBOX, TOKEN))
+    for step in steps:
+        if isinstance(step, TokenIssued):
+            driver.feed(step)
+            driver.feed(ServerDataReceived(p.accept[0]))
+            continue
+        held += len(step.data)
+        if held > allowance:
+            with pytest.raises(ClientProtocolError) as caught:
+                driver.machine.handle(step)
+            assert caught.value.reply_hint.endswith(b"\r\n")
+            assert b"pipelined" in caught.value.reply_hint.lower()
+            driver.report()
+            return
+        driver.feed(step)
+    actions = driver.machine.handle(ServerDataReceived(p.accept[1] + tail))
+    driver.apply(actions)
+    driver.note_states()
+    assert actions[-1] == BeginRelay(to_server=b"".join(pipelined), to_client=tail)
+    driver.report()
 
 
 #: Where the chunking test stops feeding: the client's bytes are no longer parsed.
