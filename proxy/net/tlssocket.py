@@ -10,7 +10,7 @@ general, but it costs a checkpoint and a Python-level round trip per TLS *record
 relaying a 10 MB message took some 2,500 ``receive_some`` calls, each followed by a
 ``send_all`` that encrypted those 4 KB into a record of their own with its own socket
 call: three scheduler passes per record. The relay was bound by trio's scheduler, at a
-third of the direct throughput (DESIGN.md section 5 asks for 0.8).
+third of the direct throughput (the target, in ARCHITECTURE.md, is 0.95).
 
 :class:`TlsSocketStream` lets OpenSSL read and write the socket itself (its socket BIO) and
 uses trio only to *wait*, with ``trio.lowlevel.wait_readable`` / ``wait_writable``, when

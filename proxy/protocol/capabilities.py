@@ -16,7 +16,7 @@ extensions in the proxy's own list (:func:`smtp_proxy_extensions`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from proxy.protocol.sasl import Mechanism
 
@@ -34,6 +34,8 @@ __all__ = [
     "smtp_proxy_extensions",
 ]
 
+ParamsT = TypeVar("ParamsT")
+
 #: What the proxy itself implements before authentication, in the order we list it.
 _BASE: Final = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")
 #: The SASL mechanisms for passwords: IMAP has LOGIN as a command, so only PLAIN.
@@ -41,40 +43,47 @@ IMAP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN,)
 POP3_SMTP_PASSWORD_MECHANISMS: Final = (Mechanism.PLAIN, Mechanism.LOGIN)
 
 
-class ImapCapabilities:
+class _Lines(Generic[ParamsT]):
+    """A capability list: each capability's name, upper-cased, with what its line says
+    besides (nothing for IMAP's atoms); compared by content, asked by name in any case."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: tuple[tuple[str, ParamsT], ...] = ()) -> None:
+        self._lines = lines
+
+    def __contains__(self, name: str) -> bool:
+        return any(tag == name.upper() for tag, _ in self._lines)
+
+    def __bool__(self) -> bool:
+        return bool(self._lines)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and other._lines == self._lines
+
+    def __hash__(self) -> int:
+        return hash(self._lines)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({' '.join(tag for tag, _ in self._lines)})"
+
+
+class ImapCapabilities(_Lines[None]):
     """A parsed capability list (``* CAPABILITY ...`` or a ``[CAPABILITY ...]`` code)."""
 
-    __slots__ = ("_atoms",)
-
-    def __init__(self, atoms: frozenset[str] = frozenset()) -> None:
-        self._atoms = atoms
+    __slots__ = ()
 
     @classmethod
     def parse(cls, data: bytes) -> ImapCapabilities:
         """Parse the space-separated atoms after ``CAPABILITY`` (bytes that are not ASCII
         are kept as replacement characters, so they can never match a name we look for)."""
-        text = data.decode("ascii", "replace")
-        return cls(frozenset(atom.upper() for atom in text.split(" ") if atom))
-
-    def __contains__(self, name: str) -> bool:
-        return name.upper() in self._atoms
-
-    def __bool__(self) -> bool:
-        return bool(self._atoms)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImapCapabilities) and other._atoms == self._atoms
-
-    def __hash__(self) -> int:
-        return hash(self._atoms)
-
-    def __repr__(self) -> str:
-        return f"ImapCapabilities({' '.join(sorted(self._atoms))})"
+        atoms = {atom.upper() for atom in data.decode("ascii", "replace").split(" ") if atom}
+        return cls(tuple((atom, None) for atom in sorted(atoms)))
 
     @property
     def mechanisms(self) -> frozenset[str]:
         """The SASL mechanisms offered (``AUTH=XOAUTH2`` gives ``XOAUTH2``)."""
-        return frozenset(atom[5:] for atom in self._atoms if atom.startswith("AUTH="))
+        return frozenset(atom[5:] for atom, _ in self._lines if atom.startswith("AUTH="))
 
 
 def imap_proxy_capabilities(
@@ -104,17 +113,14 @@ def imap_proxy_capabilities(
 _POP3_PASSED_ON: Final = ("TOP", "UIDL", "PIPELINING", "EXPIRE", "LOGIN-DELAY")
 
 
-class Pop3Capabilities:
+class Pop3Capabilities(_Lines[bytes]):
     """A parsed CAPA response: one capability per line, a tag and its parameters.
 
     Tags are compared case-insensitively; each line is kept as received (without its line
     ending) so that parameters reach our client unchanged.
     """
 
-    __slots__ = ("_lines",)
-
-    def __init__(self, lines: tuple[tuple[str, bytes], ...] = ()) -> None:
-        self._lines = lines
+    __slots__ = ()
 
     @classmethod
     def parse(cls, lines: Iterable[bytes]) -> Pop3Capabilities:
@@ -126,21 +132,6 @@ class Pop3Capabilities:
             if tag:
                 parsed.append((tag, line))
         return cls(tuple(parsed))
-
-    def __contains__(self, name: str) -> bool:
-        return any(tag == name.upper() for tag, _ in self._lines)
-
-    def __bool__(self) -> bool:
-        return bool(self._lines)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Pop3Capabilities) and other._lines == self._lines
-
-    def __hash__(self) -> int:
-        return hash(self._lines)
-
-    def __repr__(self) -> str:
-        return f"Pop3Capabilities({' '.join(tag for tag, _ in self._lines)})"
 
     @property
     def mechanisms(self) -> frozenset[str]:
@@ -207,17 +198,14 @@ _SMTP_BEFORE_TLS: Final = (b"PIPELINING", b"ENHANCEDSTATUSCODES", b"STARTTLS")
 _SMTP_SIZE_DIGITS: Final = 20
 
 
-class SmtpExtensions:
+class SmtpExtensions(_Lines[tuple[str, ...]]):
     """The service extensions of a parsed EHLO reply: a keyword and its parameters per line.
 
     Keywords are compared case-insensitively; bytes that are not ASCII become replacement
     characters, so they never match a name we look for.
     """
 
-    __slots__ = ("_lines",)
-
-    def __init__(self, lines: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> None:
-        self._lines = lines
+    __slots__ = ()
 
     @classmethod
     def parse(cls, lines: Iterable[bytes]) -> SmtpExtensions:
@@ -230,21 +218,6 @@ class SmtpExtensions:
             if keyword:
                 parsed.append((keyword, params))
         return cls(tuple(parsed))
-
-    def __contains__(self, keyword: str) -> bool:
-        return any(name == keyword.upper() for name, _ in self._lines)
-
-    def __bool__(self) -> bool:
-        return bool(self._lines)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SmtpExtensions) and other._lines == self._lines
-
-    def __hash__(self) -> int:
-        return hash(self._lines)
-
-    def __repr__(self) -> str:
-        return f"SmtpExtensions({' '.join(name for name, _ in self._lines)})"
 
     def params(self, keyword: str) -> tuple[str, ...]:
         """The parameters of the first line with ``keyword`` (empty if there is none)."""

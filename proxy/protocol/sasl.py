@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "LOGIN_PASSWORD_PROMPT",
+    "LOGIN_USERNAME_PROMPT",
     "AnyCredentials",
     "BearerCredentials",
     "Credentials",
@@ -44,6 +46,10 @@ __all__ = [
 
 #: Longest user name or password we accept from a client, in bytes.
 MAX_CREDENTIAL = 1024
+#: The LOGIN mechanism's prompts (draft-murchison-sasl-login): base64 of ``Username:`` and
+#: ``Password:``, the words clients expect.
+LOGIN_USERNAME_PROMPT: Final = b"VXNlcm5hbWU6"
+LOGIN_PASSWORD_PROMPT: Final = b"UGFzc3dvcmQ6"
 
 
 class SaslError(ValueError):

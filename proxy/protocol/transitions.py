@@ -47,6 +47,10 @@ class TransitionTable(Generic[StateT, InputT]):
         """The inputs that ``state`` accepts."""
         return frozenset(self._moves.get(state, {}))
 
+    def states(self) -> frozenset[StateT]:
+        """Every state the table names, as a source or as a target."""
+        return frozenset(state for edge in self.edges() for state in (edge[0], edge[2]))
+
     def edges(self) -> Iterator[tuple[StateT, InputT, StateT]]:
         for state, edges in self._moves.items():
             for what, target in edges.items():

@@ -2,9 +2,9 @@
 
 Opens N IMAP sessions through ``xoauth2-proxy serve`` (its own process, as in production),
 each logged in, INBOX selected and in IDLE, with TLS on both sides of the proxy, and
-prints how much the proxy's resident memory grew per session (DESIGN.md section 5: at
-most 64 KiB). Dovecot's own memory for the same sessions (proportional set size of all its
-processes) is printed beside it for scale.
+prints how much the proxy's resident memory grew per session (the target, in
+ARCHITECTURE.md: at most 40 KiB). Dovecot's own memory for the same sessions
+(proportional set size of all its processes) is printed beside it for scale.
 
 Each session costs the Dovecot rig two processes (imap-login as its TLS proxy, and imap),
 so N is bounded by the machine's processes and memory, not by the proxy: the default of

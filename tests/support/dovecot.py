@@ -7,7 +7,7 @@ Theory of operation
 ports. It never reads ``/etc/dovecot`` and never touches the system service: ``base_dir``,
 ``state_dir``, logs, keys, the mailbox list and the mail store are all its own.
 
-Authentication is the chain DESIGN.md section 4 describes, and the only way in:
+Authentication is this chain, and the only way in:
 
 1. ``passdb oauth2`` with ``introspection_mode = local`` checks the token's RS256 signature
    against ``<workdir>/keys/default/RS256/<kid>``, its ``exp``/``nbf``/``iat`` (no leeway), its
