@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["MAX_SIZE", "UnsafeFile", "check_directories", "read_trusted"]
+__all__ = ["MAX_SIZE", "UnreadableFile", "UnsafeFile", "check_directories", "read_trusted"]
 
 #: Configuration files, secrets, keys and CA bundles are small; anything larger is a mistake.
 MAX_SIZE: Final = 1024 * 1024
@@ -34,6 +34,11 @@ MAX_SIZE: Final = 1024 * 1024
 
 class UnsafeFile(Exception):
     """The file cannot be trusted or read; ``str()`` says why and how to fix it."""
+
+
+class UnreadableFile(UnsafeFile):
+    """The file cannot be read at all (missing, permission denied, an I/O error): a fault
+    of the machine rather than of the configuration."""
 
 
 def _user(uid: int) -> str:
@@ -104,7 +109,7 @@ def read_trusted(path: Path, *, private: bool) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise UnsafeFile(f"cannot read {path}: {exc.strerror}") from None
+        raise UnreadableFile(f"cannot read {path}: {exc.strerror}") from None
     try:
         _check_descriptor(path, os.fstat(fd), private=private)
         check_directories(path)
@@ -112,7 +117,7 @@ def read_trusted(path: Path, *, private: bool) -> bytes:
         while len(data) <= MAX_SIZE and (more := os.read(fd, MAX_SIZE + 1 - len(data))):
             data += more
     except OSError as exc:
-        raise UnsafeFile(f"cannot read {path}: {exc.strerror}") from None
+        raise UnreadableFile(f"cannot read {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(data) > MAX_SIZE:
