@@ -30,6 +30,7 @@ from proxy.identities import hash_password
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator
+from tests.support.installed import proxy_command
 
 CLIENT_ID = "00000000-0000-4000-8000-0000000000aa"
 USER = "demo@contoso.com"
@@ -198,7 +199,8 @@ Read the welcome message, for example with curl:
 
 The proxy's log (above and below) shows each login and the token it used; Dovecot's
 log, which shows it verifying the token, is {dovecot.log_file}.
-The proxy's configuration is {config} (try: xoauth2-proxy check -c {config}).
+The proxy's configuration is {config}
+(try: {proxy_command()} check -c {config}).
 """,
                         flush=True,
                     )
