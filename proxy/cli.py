@@ -199,7 +199,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{config.path}: OK ({len(config.apps)} apps, {len(config.listeners)} listeners, "
         f"{len(config.users)} users)"
     )
+    if args.connect:
+        closed = _closed_listeners(config, timeout=args.connect_timeout)
+        for problem in closed:
+            print(problem, file=sys.stderr)
+        if closed:
+            return EXIT_FAILURE
+        print(f"{len(config.listeners)} listeners accept connections")
     return 0
+
+
+def _closed_listeners(config: Config, *, timeout: float) -> list[str]:
+    """The listeners nothing accepts on (a health check: is serve up and listening?).
+
+    A wildcard address is tried on loopback. Only TCP: nothing is sent, so a TLS listener
+    sees a client that leaves before its handshake.
+    """
+    problems = []
+    for listener in config.listeners:
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        host = wildcard.get(listener.host, listener.host)
+        try:
+            socket.create_connection((host, listener.port), timeout=timeout).close()
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            where = f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
+            problems.append(f"listener {listener.name}: nothing accepts on {where}: {reason}")
+    return problems
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
@@ -489,6 +515,15 @@ def _parser() -> argparse.ArgumentParser:
 
     check = add_command("check", help="validate the configuration")
     with_config(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect to every listener, as a health check of a running serve "
+        "(exit status 1 if one does not accept)",
+    )
+    check.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="seconds per listener (default 5)"
+    )
     check.set_defaults(func=_cmd_check)
 
     hashp = add_command(

@@ -192,3 +192,23 @@ def test_log_level_before_and_after_every_command(command: list[str]) -> None:
     args = ["--log-level", "error", *command, "--log-level", "debug"]
     assert _parser().parse_args(args).log_level == "debug"
     assert not hasattr(_parser().parse_args(command), "log_level")  # each command's default
+
+
+def test_check_connect_tells_whether_the_listeners_accept(tmp_path: Path) -> None:
+    """The container's health check: the configuration, and a running serve behind it."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        port = listening.getsockname()[1]
+        config = write_config(tmp_path, f"0.0.0.0:{port}")  # tried on loopback
+        closed = proxy("check", "--connect", "-c", str(config))
+        assert closed.returncode == 1
+        assert closed.stderr == (
+            f"listener imap@0.0.0.0:{port}: nothing accepts on 127.0.0.1:{port}: "
+            "Connection refused\n"
+        )
+        listening.listen()
+        done = proxy("check", "--connect", "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(
+        "OK (1 apps, 1 listeners, 1 users)\n1 listeners accept connections\n"
+    )

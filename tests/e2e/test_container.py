@@ -1,0 +1,265 @@
+"""deploy/container's image, built and run as an operator would: rootful podman, the base
+image made from Debian's packages (no registry is reachable here), the configuration and
+the secrets mounted read-only, a login through it with a real client against the test
+Dovecot and the emulated Entra, its health check, and ``podman stop`` draining a session.
+
+Facts of this machine the commands follow: Debian's crun refuses this host's hybrid
+cgroup layout, so runc runs the containers; a container's ulimits must fit within the
+host's (open files at most the hard limit); pip inside the build reaches PyPI through a
+gateway whose CA is in the host's bundle, given to the build as a secret. The container
+shares the host's network, where the test Dovecot and identity provider listen on
+loopback. If podman or debootstrap is missing, the test fails: tests/install-deps.sh
+installs them.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import resource
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from proxy.identities import hash_password
+from tests.e2e.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX, PASSWORD, TEST_HASH
+from tests.support.sources import ROOT, copy_sources
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from tests.support.certs import TestPki
+    from tests.support.dovecot import Dovecot
+    from tests.support.entra import EntraEmulator
+
+pytestmark = pytest.mark.e2e
+
+BASE = "localhost/debian:bookworm"
+IMAGE = "localhost/xoauth2-proxy:test"
+UID = 10001  # the image's user
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # the host's, locally added CAs included
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["podman", "--runtime", "runc", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"podman {' '.join(args)}: {done.returncode}\n{done.stderr}"
+    return done
+
+
+def ulimits() -> list[str]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    files = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    return ["--ulimit", f"nofile={files}:{files}", "--ulimit", "nproc=32768:32768"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    for program in ("podman", "runc", "debootstrap"):
+        assert shutil.which(program), f"{program} is missing: run tests/install-deps.sh"
+    if subprocess.run(["podman", "image", "exists", BASE], check=False).returncode != 0:
+        base = subprocess.run(
+            ["sh", str(ROOT / "deploy/container/debian-base.sh"), BASE],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-3000:]
+    context = copy_sources(tmp_path_factory.mktemp("context"))
+    podman(
+        "build",
+        "--format",
+        "docker",  # keeps HEALTHCHECK
+        *ulimits(),
+        "--build-arg",
+        f"BASE={BASE}",
+        "--secret",
+        f"id=ca,src={CA_BUNDLE}",
+        "-f",
+        str(context / "deploy/container/Containerfile"),
+        "-t",
+        IMAGE,
+        str(context),
+        timeout=1200,
+    )
+    return IMAGE
+
+
+def private(path: Path, text: str, mode: int = 0o600) -> None:
+    path.write_text(text)
+    path.chmod(mode)
+    os.chown(path, UID, UID)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Container:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def logs(self) -> str:
+        done = podman("logs", self.name)
+        return done.stdout + done.stderr
+
+    def wait_for_log(self, text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in self.logs():
+            state = podman("inspect", "--format", "{{.State.Status}}", self.name).stdout.strip()
+            if state not in ("running", "stopping"):
+                pytest.fail(f"the container is {state}:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} in the container's log:\n{self.logs()}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def container(
+    image: str,
+    tmp_path: Path,
+    pki: TestPki,
+    idp: EntraEmulator,
+    dovecot: Dovecot,
+) -> Iterator[tuple[Container, int]]:
+    """The image serving IMAP on a free loopback port, configured through mounts only."""
+    port = free_port()
+    etc = tmp_path / "etc"
+    secrets = tmp_path / "secrets"
+    for directory in (etc, secrets):
+        directory.mkdir()
+        directory.chmod(0o700)
+        os.chown(directory, UID, UID)
+    assert pki.ca_file.exists()
+    private(etc / "server.pem", pki.issue("container", "localhost", "127.0.0.1").read_text())
+    private(etc / "idp-ca.pem", idp.ca_file.read_text(), 0o644)
+    private(etc / "upstream-ca.pem", dovecot.ca_file.read_text(), 0o644)
+    private(secrets / "client-secret", CLIENT_SECRET + "\n")
+    private(
+        etc / "config.toml",
+        f"""\
+[apps.contoso]
+provider = "microsoft"
+tenant = "{idp.tenant}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ file = "/run/secrets/xoauth2-proxy/client-secret" }}
+authority = "{idp.authority}"
+ca_file = "/etc/xoauth2-proxy/idp-ca.pem"
+
+[[listeners]]
+protocol = "imap"
+listen = "127.0.0.1:{port}"
+tls = "implicit"
+certificate = {{ file = "/etc/xoauth2-proxy/server.pem" }}
+upstream = "127.0.0.1:{dovecot.ports.imaps}"
+upstream_tls = "implicit"
+upstream_ca_file = "/etc/xoauth2-proxy/upstream-ca.pem"
+
+[users."{MAILBOX}"]
+password_hash = "{hash_password(PASSWORD, TEST_HASH)}"
+app = "contoso"
+""",
+    )
+    name = f"xoauth2-proxy-test-{os.getpid()}-{port}"
+    podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--init",
+        "--network",
+        "host",
+        "--read-only",
+        *ulimits(),
+        "-v",
+        f"{etc}:/etc/xoauth2-proxy:ro",
+        "-v",
+        f"{secrets}:/run/secrets/xoauth2-proxy:ro",
+        image,
+        "serve",
+        "--grace",
+        "30",
+    )
+    running = Container(name)
+    try:
+        running.wait_for_log(f"listening on 127.0.0.1:{port} ")
+        yield running, port
+    finally:
+        print(running.logs())
+        subprocess.run(["podman", "rm", "--force", "--volumes", name], check=False, timeout=60)
+
+
+def imap_login(pki: TestPki, port: int) -> imaplib.IMAP4_SSL:
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    imap = imaplib.IMAP4_SSL("localhost", port, ssl_context=context, timeout=30)
+    imap.login(MAILBOX, PASSWORD)
+    return imap
+
+
+def test_container_serves_checks_its_health_and_drains_on_stop(
+    container: tuple[Container, int], pki: TestPki
+) -> None:
+    running, port = container
+    assert podman("exec", running.name, "id", "-u").stdout.strip() == str(UID)
+    # Only what runs the proxy: no pip, no test tools, no compiler, no venv module.
+    found = podman(
+        "exec",
+        running.name,
+        "python3",
+        "-c",
+        "import importlib.util as u, shutil; print(sorted("
+        "[m for m in ('pip', 'pytest', 'hypothesis', 'mypy', 'ensurepip') if u.find_spec(m)]"
+        " + [c for c in ('gcc', 'cc', 'apt-get') if shutil.which(c)]))",
+    ).stdout.strip()
+    assert found == "['apt-get']", found  # apt itself is in every Debian image
+
+    with imap_login(pki, port) as imap:
+        status, data = imap.select("INBOX", readonly=True)
+        assert status == "OK", data
+        imap.logout()
+    assert f"logged in to the upstream as '{MAILBOX}'" in running.logs()
+
+    # The image's HEALTHCHECK: the configuration checks and every listener accepts.
+    podman("healthcheck", "run", running.name)
+
+    # podman stop sends SIGTERM through --init: serve stops accepting, and the session in
+    # progress goes on until it ends (within --grace); then the container exits 0.
+    session = imap_login(pki, port)
+    with subprocess.Popen(
+        ["podman", "--runtime", "runc", "stop", "--time", "60", running.name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as stop:
+        try:
+            running.wait_for_log("SIGTERM received: shutting down")
+            running.wait_for_log("no longer accepting")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            status, data = session.select("INBOX", readonly=True)
+            assert status == "OK", data
+            assert session.logout()[0] == "BYE"
+            _, errors = stop.communicate(timeout=90)
+            assert stop.returncode == 0, errors
+        finally:
+            if session.state != "LOGOUT":  # a failure before the logout
+                session.shutdown()
+            if stop.poll() is None:
+                stop.kill()
+    exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", running.name).stdout
+    assert exit_code.strip() == "0", running.logs()
