@@ -14,6 +14,7 @@ installs them.
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import os
 import resource
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from proxy.identities import hash_password
+from tests.deploy.test_kubernetes import find, render
 from tests.e2e.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX, PASSWORD, TEST_HASH
 from tests.support.sources import ROOT, copy_sources
 
@@ -263,3 +265,47 @@ def test_container_serves_checks_its_health_and_drains_on_stop(
                 stop.kill()
     exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", running.name).stdout
     assert exit_code.strip() == "0", running.logs()
+
+
+def test_kubernetes_pod_files_pass_check_in_the_image(image: str, tmp_path: Path) -> None:
+    """deploy/kubernetes's pod, as far as a pod can be had without a cluster: the image
+    runs ``check`` as the pod's user and group on the files the kubelet would mount, made
+    from the rendered ConfigMap and Secrets (Secrets owned by root, readable by the
+    fsGroup only: mode 0440), at the same paths."""
+    rendered = render(tmp_path)
+    pod = find(rendered, "Deployment", "xoauth2-proxy")["spec"]["template"]["spec"]
+    group = pod["securityContext"]["fsGroup"]
+    user = pod["securityContext"]["runAsUser"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = []
+    for index, mount in enumerate(pod["containers"][0]["volumeMounts"]):
+        volume = volumes[mount["name"]]
+        directory = tmp_path / f"volume-{index}"
+        directory.mkdir(mode=0o755)
+        if "configMap" in volume:
+            for key, text in find(rendered, "ConfigMap", volume["configMap"]["name"])[
+                "data"
+            ].items():
+                (directory / key).write_text(text)
+                (directory / key).chmod(0o644)
+        elif "secret" in volume:
+            for key, encoded in find(rendered, "Secret", volume["secret"]["secretName"])[
+                "data"
+            ].items():
+                (directory / key).write_bytes(base64.b64decode(encoded))
+                os.chown(directory / key, 0, group)
+                (directory / key).chmod(volume["secret"]["defaultMode"])
+        else:
+            continue  # emptyDir: nothing in it
+        mounts += ["-v", f"{directory}:{mount['mountPath']}:ro"]
+    run = ["podman", "--runtime", "runc", "run", "--rm", "--network=none", "--no-healthcheck"]
+    done = subprocess.run(
+        [*run, "--read-only", *ulimits(), "--user", f"{user}:{group}", *mounts, image, "check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "/etc/xoauth2-proxy/config.toml: OK (1 apps, 3 listeners, 1 users)\n"
+    assert done.stderr == ""  # no warning either: no inline secret, a hash at full cost
