@@ -1,10 +1,8 @@
-"""deploy/systemd's unit, checked as far as this machine allows.
-
-What is verified: ``systemd-analyze verify`` accepts the unit without a warning (every key
-known, every value valid, the executables present); the stop timeout leaves room for
-``serve``'s drain time. What is not: starting it. systemd is not PID 1 here (the tests run
-in a container), so no unit can be started; the unit's ``Type=exec`` makes no claim
-about readiness beyond the process starting.
+"""deploy/systemd's unit, read by systemd's own tools: ``systemd-analyze verify`` accepts it
+without a warning (every key known, every value valid, the executables present), and the
+stop timeout leaves room for ``serve``'s drain time. The unit is started for real by
+systemd (PID 1 in a container) in tests/e2e/test_container.py. ``Type=exec``: the proxy
+does not speak sd_notify (yet), so systemd knows it started, not that it listens.
 """
 
 from __future__ import annotations

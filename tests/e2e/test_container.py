@@ -203,7 +203,9 @@ app = "contoso"
         yield running, port
     finally:
         print(running.logs())
-        subprocess.run(["podman", "rm", "--force", "--volumes", name], check=False, timeout=60)
+        subprocess.run(
+            ["podman", "rm", "--force", "--time", "0", "--volumes", name], check=False, timeout=60
+        )
 
 
 def imap_login(pki: TestPki, port: int) -> imaplib.IMAP4_SSL:
@@ -309,3 +311,148 @@ def test_kubernetes_pod_files_pass_check_in_the_image(image: str, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert done.stdout == "/etc/xoauth2-proxy/config.toml: OK (1 apps, 3 listeners, 1 users)\n"
     assert done.stderr == ""  # no warning either: no inline secret, a hash at full cost
+
+
+@pytest.fixture(scope="module")
+def systemd_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The image with systemd as PID 1 and deploy/systemd's unit installed as its comments
+    say (the user exists in the image; the executable is linked where the unit runs it)."""
+    context = tmp_path_factory.mktemp("systemd")
+    shutil.copy(ROOT / "deploy/systemd/xoauth2-proxy.service", context)
+    (context / "Containerfile").write_text(f"""\
+FROM {image}
+USER root
+RUN apt-get update \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
+        systemd systemd-sysv \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && ln -s /opt/xoauth2-proxy/bin/xoauth2-proxy /usr/local/bin/xoauth2-proxy
+COPY xoauth2-proxy.service /etc/systemd/system/
+RUN systemctl enable xoauth2-proxy
+ENTRYPOINT []
+CMD ["/sbin/init"]
+""")
+    tag = "localhost/xoauth2-proxy-systemd:test"
+    podman("build", *ulimits(), "-t", tag, str(context), timeout=900)
+    return tag
+
+
+def test_systemd_unit_started_by_systemd(
+    systemd_image: str, tmp_path: Path, pki: TestPki, idp: EntraEmulator, dovecot: Dovecot
+) -> None:
+    """deploy/systemd's unit run by a real systemd (PID 1 in a container: it is not PID 1
+    on the machine the tests run on): check before start, serve as the unit's user, a
+    login through it, a reload, a reload refused for a broken configuration while the
+    service goes on, and a stop with a session open that ends cleanly."""
+    port = free_port()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    etc.chmod(0o700)
+    os.chown(etc, UID, UID)
+    private(etc / "server.pem", pki.issue("systemd", "localhost", "127.0.0.1").read_text())
+    private(etc / "idp-ca.pem", idp.ca_file.read_text(), 0o644)
+    private(etc / "upstream-ca.pem", dovecot.ca_file.read_text(), 0o644)
+    private(etc / "client-secret", CLIENT_SECRET + "\n")
+    config = f"""\
+[apps.contoso]
+provider = "microsoft"
+tenant = "{idp.tenant}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ file = "/etc/xoauth2-proxy/client-secret" }}
+authority = "{idp.authority}"
+ca_file = "/etc/xoauth2-proxy/idp-ca.pem"
+
+[[listeners]]
+protocol = "imap"
+listen = "127.0.0.1:{port}"
+tls = "implicit"
+certificate = {{ file = "/etc/xoauth2-proxy/server.pem" }}
+upstream = "127.0.0.1:{dovecot.ports.imaps}"
+upstream_tls = "implicit"
+upstream_ca_file = "/etc/xoauth2-proxy/upstream-ca.pem"
+
+[users."{MAILBOX}"]
+password_hash = "{hash_password(PASSWORD, TEST_HASH)}"
+app = "contoso"
+"""
+    private(etc / "config.toml", config)
+    name = f"xoauth2-proxy-systemd-{os.getpid()}-{port}"
+    podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--systemd=always",
+        "--network",
+        "host",
+        *ulimits(),
+        "-v",
+        f"{etc}:/etc/xoauth2-proxy:ro",
+        systemd_image,
+    )
+
+    def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", "exec", name, "systemctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def journal() -> str:
+        return podman("exec", name, "journalctl", "-u", "xoauth2-proxy", "--no-pager").stdout
+
+    def wait_for_journal(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in journal():
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} in the unit's journal:\n{journal()}")
+            time.sleep(0.2)
+
+    try:
+        wait_for_journal(f"listening on 127.0.0.1:{port} ")
+        assert systemctl("is-active", "xoauth2-proxy").stdout.strip() == "active"
+        assert (
+            "check (code=exited, status=0/SUCCESS)" in systemctl("status", "xoauth2-proxy").stdout
+        )
+        pid = systemctl("show", "-p", "MainPID", "--value", "xoauth2-proxy").stdout.strip()
+        owner = podman("exec", name, "stat", "-c", "%U", f"/proc/{pid}").stdout.strip()
+        assert owner == "xoauth2-proxy"
+
+        with imap_login(pki, port) as imap:
+            assert imap.select("INBOX", readonly=True)[0] == "OK"
+            imap.logout()
+
+        assert systemctl("reload", "xoauth2-proxy").returncode == 0
+        wait_for_journal("configuration reloaded")
+        # A broken configuration: ExecReload's check refuses it, nothing is signalled.
+        private(etc / "config.toml", config + "\n[users.broken]\npassword_hash = 7\n")
+        assert systemctl("reload", "xoauth2-proxy").returncode != 0
+        assert systemctl("is-active", "xoauth2-proxy").stdout.strip() == "active"
+        assert journal().count("SIGHUP received") == 1
+        private(etc / "config.toml", config)
+
+        session = imap_login(pki, port)
+        try:
+            with subprocess.Popen(
+                ["podman", "exec", name, "systemctl", "stop", "xoauth2-proxy"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ) as stop:
+                wait_for_journal("no longer accepting")
+                assert session.select("INBOX", readonly=True)[0] == "OK"
+                assert session.logout()[0] == "BYE"
+                _, errors = stop.communicate(timeout=90)
+                assert stop.returncode == 0, errors
+        finally:
+            if session.state != "LOGOUT":
+                session.shutdown()
+        shown = systemctl("show", "-p", "Result", "-p", "ExecMainStatus", "xoauth2-proxy")
+        assert shown.stdout.split() == ["Result=success", "ExecMainStatus=0"], journal()
+    finally:
+        print(journal())
+        subprocess.run(
+            ["podman", "rm", "--force", "--time", "0", "--volumes", name], check=False, timeout=60
+        )
