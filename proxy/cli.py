@@ -1,6 +1,7 @@
 """The ``xoauth2-proxy`` command line.
 
-Exit codes: 0 success, 1 runtime failure (e.g. no token could be obtained), 2 invalid
+Exit codes: 0 success, 1 runtime failure (no token could be obtained; ``serve`` could not
+start: a file it names cannot be used, a listener cannot be opened), 2 invalid
 configuration or usage.
 """
 
@@ -10,10 +11,13 @@ import argparse
 import functools
 import getpass
 import hashlib
+import importlib.metadata
 import logging
 import os
 import secrets
 import signal
+import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ from broker.claims import NotAJwtError, decode_claims, decode_header, describe, 
 from broker.errors import BrokerError
 from proxy.config import Config, ConfigError, load_config
 from proxy.identities import hash_password
-from proxy.net.server import ProxyServer
+from proxy.net.server import ListenError, ProxyServer
 from proxy.net.tls import client_side_context, upstream_context
 from proxy.ops import doctor, exchange
 
@@ -44,24 +48,33 @@ __all__ = ["main"]
 DEFAULT_CONFIG = Path(os.environ.get("XOAUTH2_PROXY_CONFIG", "/etc/xoauth2-proxy/config.toml"))
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: ``token`` prints its one error itself; msmtp, mutt and mbsync show whatever it writes.
+DEFAULT_LOG_LEVELS = {"serve": "info", "doctor": "info", "token": "critical"}
 
 log = logging.getLogger("xoauth2_proxy")
 
 
-def _load(path: Path) -> Config | None:
-    """Load and fully check a configuration; print problems and warnings to stderr."""
+def _load(path: Path, *, unusable: int = EXIT_CONFIG) -> Config | int:
+    """Load and fully check a configuration; print problems and warnings to stderr.
+
+    Returns the configuration, or the exit status: 2 if the file is invalid, ``unusable``
+    if its only problems are what it names that cannot be used here (files that cannot be
+    read, listen addresses that do not resolve, certificates that do not load).
+    """
     try:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return None
+        return unusable if exc.unreadable_only else EXIT_CONFIG
     problems = _runtime_problems(config)
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if log.isEnabledFor(logging.WARNING):  # not for token by default: clients show stderr
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
-    return None if problems else config
+    return unusable if problems else config
 
 
 def _runtime_problems(config: Config) -> list[str]:
@@ -69,6 +82,13 @@ def _runtime_problems(config: Config) -> list[str]:
     problems: list[str] = []
     for index, listener in enumerate(config.listeners):
         key = f"{config.path}: listeners[{index}]"
+        try:
+            socket.getaddrinfo(
+                listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(f"{key}.listen: cannot resolve {listener.host!r}: {reason}")
         if listener.certificate is not None:
             try:
                 client_side_context(
@@ -79,13 +99,14 @@ def _runtime_problems(config: Config) -> list[str]:
             except (OSError, ValueError) as exc:
                 problems.append(
                     f"{key}.certificate: cannot load key and certificate from "
-                    f"{listener.certificate}: {exc}"
+                    f"{listener.certificate}: {_file_error(exc)}"
                 )
         try:
             upstream_context(listener.upstream_ca_file)
         except (OSError, ValueError) as exc:
             problems.append(
-                f"{key}.upstream_ca_file: cannot load {listener.upstream_ca_file}: {exc}"
+                f"{key}.upstream_ca_file: cannot load {listener.upstream_ca_file}: "
+                f"{_file_error(exc)}"
             )
     # The cache and every provider (keys, certificates) are built, without network I/O.
     try:
@@ -147,10 +168,26 @@ async def _discovery_problems(config: Config) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def _file_error(exc: OSError | ValueError) -> str:
+    """Why a key, certificate or CA file could not be loaded, for one line."""
+    if isinstance(exc, ssl.SSLError):
+        text = exc.reason or str(exc)  # OpenSSL's "PEM lib" comes without a reason
+        if "PEM lib" in text or "NO_START_LINE" in text:
+            return "no PEM private key and certificate chain in it"
+        if "KEY_VALUES_MISMATCH" in text:
+            return "the private key does not belong to the certificate"
+        if "NO_CERTIFICATE_OR_CRL_FOUND" in text:
+            return "no PEM certificate in it"
+        return f"TLS error: {text}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    if isinstance(config, int):
+        return config
     problems, warnings = trio.run(_discovery_problems, config)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -162,7 +199,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{config.path}: OK ({len(config.apps)} apps, {len(config.listeners)} listeners, "
         f"{len(config.users)} users)"
     )
+    if args.connect:
+        closed = _closed_listeners(config, timeout=args.connect_timeout)
+        for problem in closed:
+            print(problem, file=sys.stderr)
+        if closed:
+            return EXIT_FAILURE
+        print(f"{len(config.listeners)} listeners accept connections")
     return 0
+
+
+def _closed_listeners(config: Config, *, timeout: float) -> list[str]:
+    """The listeners nothing accepts on (a health check: is serve up and listening?).
+
+    A wildcard address is tried on loopback. Only TCP: nothing is sent, so a TLS listener
+    sees a client that leaves before its handshake.
+    """
+    problems = []
+    for listener in config.listeners:
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        host = wildcard.get(listener.host, listener.host)
+        try:
+            socket.create_connection((host, listener.port), timeout=timeout).close()
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            where = f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
+            problems.append(f"listener {listener.name}: nothing accepts on {where}: {reason}")
+    return problems
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
@@ -198,8 +261,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
     """Print a token for ``args.app`` (from the configured cache, shared with ``serve``), or
     with ``--decode`` its claims for diagnosis (never the token or its signature)."""
     config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    if isinstance(config, int):
+        return config
     if args.app not in config.apps:
         print(
             f"{config.path}: apps.{args.app}: no such app (configured: "
@@ -260,8 +323,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print("doctor: --mailbox needs a USER", file=sys.stderr)
         return EXIT_CONFIG
     config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    if isinstance(config, int):
+        return config
     try:
         # Its own cache in memory: the doctor asks the identity provider itself, and never
         # writes the service's cache (as root, a new cache file would be root's).
@@ -290,8 +353,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_exchange_setup(args: argparse.Namespace) -> int:
     """Print the Exchange Online PowerShell for the configured apps and mailboxes."""
     config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    if isinstance(config, int):
+        return config
     print(exchange.powershell(config, icalendar=args.icalendar), end="")
     return 0
 
@@ -327,7 +390,7 @@ class _Tokens:
 async def _reload(server: ProxyServer, tokens: _Tokens, path: Path, nursery: trio.Nursery) -> None:
     log.info("SIGHUP received: reloading %s", path)
     config = _load(path)
-    if config is None:
+    if isinstance(config, int):
         log.error("reload refused: the configuration has errors (above); keeping the previous one")
         return
     if config.cache != server.config.cache:
@@ -353,9 +416,11 @@ async def _reload(server: ProxyServer, tokens: _Tokens, path: Path, nursery: tri
 async def _serve(server: ProxyServer, tokens: _Tokens, path: Path) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            tokens.refresh = await nursery.start(_refreshing, tokens.source)
             async with trio.open_nursery() as serving:
+                # Listeners first: a port that cannot be opened ends it before any token
+                # request or log line.
                 await serving.start(server.serve)
+                tokens.refresh = await nursery.start(_refreshing, tokens.source)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await _reload(server, tokens, path, nursery)
@@ -368,9 +433,9 @@ async def _serve(server: ProxyServer, tokens: _Tokens, path: Path) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
+    config = _load(args.config, unusable=EXIT_FAILURE)
+    if isinstance(config, int):
+        return config
     try:
         cache = open_cache(config.cache)
     except ValueError as exc:
@@ -384,22 +449,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     tokens = _Tokens(source, cache)
     try:
-        server = ProxyServer(config, source, grace=args.grace)
-        trio.run(_serve, server, tokens, args.config)
+        try:
+            server = ProxyServer(config, source, grace=args.grace)
+        except (OSError, ValueError) as exc:  # a certificate replaced since it was checked
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            trio.run(_serve, server, tokens, args.config)
+        except BaseExceptionGroup as group:
+            failed, _ = group.split(ListenError)
+            if failed is None:
+                raise
+            print(f"cannot start: {_first(failed)}", file=sys.stderr)
+            return EXIT_FAILURE
     finally:
         tokens.close()
     return 0
 
 
+def _first(group: BaseExceptionGroup[ListenError]) -> ListenError:
+    """The first exception of a (possibly nested) group."""
+    first = group.exceptions[0]
+    return first if isinstance(first, ListenError) else _first(first)
+
+
 def _parser() -> argparse.ArgumentParser:
+    # --log-level is taken before the command and after it; given after, it wins.
+    log_level = argparse.ArgumentParser(add_help=False)
+    log_level.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="what to log to stderr (default: info for serve and doctor; for token nothing, "
+        "as it prints its own error; warning for the others)",
+    )
     parser = argparse.ArgumentParser(
         prog="xoauth2-proxy",
         description="OAuth 2.0 token broker and SASL XOAUTH2 proxy for IMAP, POP3 and SMTP.",
+        parents=[log_level],
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[log_level])
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -410,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
             help=f"configuration file (default: {DEFAULT_CONFIG}, or $XOAUTH2_PROXY_CONFIG)",
         )
 
-    serve = commands.add_parser("serve", help="run the proxy in the foreground")
+    serve = add_command("serve", help="run the proxy in the foreground")
     with_config(serve)
     serve.add_argument(
         "--grace",
@@ -420,23 +513,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_cmd_serve)
 
-    check = commands.add_parser("check", help="validate the configuration")
+    check = add_command("check", help="validate the configuration")
     with_config(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect to every listener, as a health check of a running serve "
+        "(exit status 1 if one does not accept)",
+    )
+    check.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="seconds per listener (default 5)"
+    )
     check.set_defaults(func=_cmd_check)
 
-    hashp = commands.add_parser(
+    hashp = add_command(
         "hash-password", help="print an argon2id hash of a password read from the terminal or stdin"
     )
     hashp.set_defaults(func=_cmd_hash_password)
 
-    app_key = commands.add_parser(
+    app_key = add_command(
         "app-key",
         help="make a key for a program that speaks XOAUTH2 or OAUTHBEARER itself, and the "
         "app_key_hash line for the configuration",
     )
     app_key.set_defaults(func=_cmd_app_key)
 
-    token = commands.add_parser(
+    token = add_command(
         "token",
         help="print a current access token for an app (for msmtp passwordeval, mbsync "
         "PassCmd, mutt), from the cache the proxy uses",
@@ -454,7 +556,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(func=_cmd_token)
 
-    doc = commands.add_parser(
+    doc = add_command(
         "doctor",
         help="check the chain for a user, step by step: token, roles, upstream, TLS, "
         "XOAUTH2 login and a command after it; or, without a user, every app and upstream",
@@ -464,7 +566,7 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--mailbox", help="a mailbox other than the user's default (with USER)")
     doc.set_defaults(func=_cmd_doctor)
 
-    setup = commands.add_parser(
+    setup = add_command(
         "exchange-setup",
         help="print the Exchange Online PowerShell that lets the apps open the users' "
         "mailboxes (service principals, mailbox permissions, protocols)",
@@ -479,8 +581,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("xoauth2-proxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not hasattr(args, "log_level"):
+        args.log_level = DEFAULT_LOG_LEVELS.get(args.command, "warning")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

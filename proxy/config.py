@@ -31,7 +31,7 @@ from broker.model import (
     App,
     Secret,
 )
-from proxy.files import UnsafeFile, check_directories, read_trusted
+from proxy.files import UnreadableFile, UnsafeFile, check_directories, read_trusted
 from proxy.names import (
     fold_case,
     has_format_characters,
@@ -221,11 +221,16 @@ class Config:
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; ``problems`` holds one ``FILE: KEY: text`` per line."""
+    """The configuration is invalid; ``problems`` holds one ``FILE: KEY: text`` per line.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``unreadable_only``: every problem is a file it names that cannot be read (missing
+    permissions, say): the configuration may be right and the machine wrong.
+    """
+
+    def __init__(self, problems: list[str], *, unreadable_only: bool = False) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.unreadable_only = unreadable_only
 
 
 class _Reader:
@@ -236,6 +241,8 @@ class _Reader:
         self.base = path.parent
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        #: How many problems are files that cannot be read at all.
+        self.unreadable = 0
 
     def fail(self, key: str, text: str) -> None:
         self.problems.append(f"{self.file}: {key}: {text}")
@@ -329,6 +336,7 @@ class _Reader:
             read_trusted(path, private=private)
         except UnsafeFile as exc:
             self.fail(where, str(exc))
+            self.unreadable += isinstance(exc, UnreadableFile)
             return None
         return path
 
@@ -368,6 +376,7 @@ class _Reader:
                 text = read_trusted(file, private=True).decode()
             except UnsafeFile as exc:
                 self.fail(where, str(exc))
+                self.unreadable += isinstance(exc, UnreadableFile)
                 return None
             except UnicodeDecodeError:
                 self.fail(where, f"{file} is not UTF-8 text")
@@ -393,6 +402,13 @@ def _split_address(text: str) -> tuple[str, int] | None:
         host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         return None
+    # Numbers and dots are an IPv4 address or nothing (999.1.1.1 is no host name either);
+    # brackets hold an IPv6 address.
+    if text.startswith("[") or not host.strip("0123456789."):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
     return host, int(port)
 
 
@@ -799,12 +815,12 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
         upstream_text = r.string(raw, key, "upstream")
         listen = _split_address(listen_text) if listen_text else None
         if listen_text and listen is None:
-            r.fail(f"{key}.listen", f"must be host:port, not {listen_text!r}")
+            r.fail(f"{key}.listen", f"must be host:port or [IPv6]:port, not {listen_text!r}")
         upstream = _split_address(upstream_text) if upstream_text else None
         if upstream is not None and upstream[1] == 0:
             upstream = None
         if upstream_text and upstream is None:
-            r.fail(f"{key}.upstream", f"must be host:port, not {upstream_text!r}")
+            r.fail(f"{key}.upstream", f"must be host:port or [IPv6]:port, not {upstream_text!r}")
         certificate = r.file_ref(raw, key, "certificate")
         allow_plaintext = raw.get("allow_plaintext", False)
         if not isinstance(allow_plaintext, bool):
@@ -1082,7 +1098,7 @@ def load_config(path: Path) -> Config:
     limits = _read_limits(r, data)
     cache = _read_cache(r, data)
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(r.problems, unreadable_only=r.unreadable == len(r.problems))
     return Config(
         path=path,
         apps=apps,

@@ -9,7 +9,11 @@ your own certificate logs in as ``printer``. So a file is read only if
   without blocking and checked on the open descriptor, so what is checked is what is read;
 * it belongs to root or to the user the proxy runs as;
 * neither its group nor other users may write it, and for a *private* file (secrets,
-  private keys, a configuration holding secrets) neither may read it either;
+  private keys, a configuration holding secrets) neither may read it either, with one
+  exception: a file of root that only the proxy's own group may read (``root:GROUP``
+  mode 0440 or 0640, GROUP the effective group of a proxy that is not root). That is how
+  root hands a secret to one service, and how Kubernetes mounts Secrets for a pod's
+  ``fsGroup``;
 * no directory above it (followed through symbolic links) is writable by every user, unless
   it is sticky (``/tmp``): otherwise the file could be swapped for another.
 
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["MAX_SIZE", "UnsafeFile", "check_directories", "read_trusted"]
+__all__ = ["MAX_SIZE", "UnreadableFile", "UnsafeFile", "check_directories", "read_trusted"]
 
 #: Configuration files, secrets, keys and CA bundles are small; anything larger is a mistake.
 MAX_SIZE: Final = 1024 * 1024
@@ -34,6 +38,11 @@ MAX_SIZE: Final = 1024 * 1024
 
 class UnsafeFile(Exception):
     """The file cannot be trusted or read; ``str()`` says why and how to fix it."""
+
+
+class UnreadableFile(UnsafeFile):
+    """The file cannot be read at all (missing, permission denied, an I/O error): a fault
+    of the machine rather than of the configuration."""
 
 
 def _user(uid: int) -> str:
@@ -91,7 +100,10 @@ def _check_descriptor(path: Path, info: os.stat_result, *, private: bool) -> Non
         raise UnsafeFile(
             f"{path} is writable by {_who(writable)} (mode {mode:o}); chmod go-w {path}"
         )
-    if private and mode & 0o077:
+    shared_with_my_group = (
+        info.st_uid == 0 and me != 0 and info.st_gid == os.getegid() and mode & 0o077 == 0o040
+    )
+    if private and mode & 0o077 and not shared_with_my_group:
         raise UnsafeFile(
             f"{path} is accessible to {_who(mode & 0o077)} (mode {mode:o}) and holds a "
             f"secret; chmod 600 {path}"
@@ -104,7 +116,7 @@ def read_trusted(path: Path, *, private: bool) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise UnsafeFile(f"cannot read {path}: {exc.strerror}") from None
+        raise UnreadableFile(f"cannot read {path}: {exc.strerror}") from None
     try:
         _check_descriptor(path, os.fstat(fd), private=private)
         check_directories(path)
@@ -112,7 +124,7 @@ def read_trusted(path: Path, *, private: bool) -> bytes:
         while len(data) <= MAX_SIZE and (more := os.read(fd, MAX_SIZE + 1 - len(data))):
             data += more
     except OSError as exc:
-        raise UnsafeFile(f"cannot read {path}: {exc.strerror}") from None
+        raise UnreadableFile(f"cannot read {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(data) > MAX_SIZE:

@@ -1,13 +1,21 @@
 #!/bin/sh
-# Install the Debian packages the test suite and the sandbox run for real: Dovecot (IMAP,
-# POP3, submission) as the upstream, Redis, the command-line mail clients run by the
-# end-to-end tests, and systemd-analyze to check deploy/'s unit file; then the npm packages
-# the tests run with node (see install_npm_packages).
+# Install the Debian packages the test suite and the sandbox run for real: Python's venv
+# (README's commands install the proxy into .venv), Dovecot (IMAP, POP3, submission) as
+# the upstream, Redis, the command-line mail clients run by the end-to-end tests,
+# systemd-analyze to check deploy/'s unit file, podman, buildah, runc and debootstrap to
+# build and run deploy/container's image from Debian's packages, and kubectl to render
+# deploy/kubernetes with kustomize; then the npm packages the tests run with node (see
+# install_npm_packages).
 # Run as root. The packages' own services are kept from starting on the standard ports.
+# On a system without dpkg, it only says what is missing.
 set -eu
 
-PACKAGES="dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
-fetchmail msmtp curl systemd"
+PACKAGES="python3 python3-venv
+dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
+fetchmail msmtp curl systemd
+podman buildah runc catatonit debootstrap uidmap"
+# kubectl: any will do (Debian's kubernetes-client, or one installed otherwise).
+command -v kubectl >/dev/null 2>&1 || PACKAGES="$PACKAGES kubernetes-client"
 
 # -- npm packages the tests run (a separate concern from the Debian packages above) -----------
 # The npm package oidc-provider, a real third-party OAuth 2.0 authorization server, run with
@@ -23,6 +31,21 @@ install_npm_packages() {
     fi
     npm ci --prefix "$(dirname "$0")/support/oidc-provider" --no-audit --no-fund --silent
 }
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    missing=""
+    for c in dovecot redis-server fetchmail msmtp curl systemd-analyze podman buildah runc \
+        debootstrap kubectl node npm; do
+        command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || missing="$missing $c"
+    done
+    python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$missing python3-venv"
+    if [ -n "$missing" ]; then
+        echo "not a Debian system: install these (or their equivalents) yourself:$missing" >&2
+        exit 1
+    fi
+    install_npm_packages
+    exit 0
+fi
 
 missing=""
 for p in $PACKAGES; do

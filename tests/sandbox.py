@@ -6,12 +6,14 @@ tests use, on loopback, writes a proxy configuration for them, runs
 through the proxy is a plain IMAP LOGIN that becomes an XOAUTH2 login Dovecot verifies.
 
 ``--self-test`` logs in once through the sandbox with imaplib and exits (0 on success).
+
+It refuses to start when its port is taken, and exits with a non-zero status when the
+proxy stops on its own (anything but Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import imaplib
 import os
 import signal
@@ -20,13 +22,15 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
+from typing import IO
 
 from proxy.identities import hash_password
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator
+from tests.support.installed import proxy_command
 
 CLIENT_ID = "00000000-0000-4000-8000-0000000000aa"
 USER = "demo@contoso.com"
@@ -40,12 +44,50 @@ WELCOME = (
 ).encode()
 
 
-def _wait_for_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"the proxy did not start listening on port {port}")
+class SandboxError(Exception):
+    """The sandbox cannot start or go on; the message says why, in one line."""
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse early, and clearly, if another program has the port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise SandboxError(
+                f"port {port} on 127.0.0.1 is not free ({exc.strerror}): stop the program "
+                "using it, or choose another port with --port"
+            ) from None
+
+
+class _ProxyLog:
+    """Copies the proxy's log to our stderr and notices the line that says it listens."""
+
+    def __init__(self, stream: IO[str], port: int) -> None:
+        self._stream = stream
+        self._marker = f"listening on 127.0.0.1:{port} "
+        self.listening = threading.Event()
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        for line in self._stream:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if self._marker in line:
+                self.listening.set()
+        self.ended.set()
+
+    def wait_until_listening(self, proxy: subprocess.Popen[str], timeout: float) -> None:
+        """Return once the proxy listens on the port; raise if it exits or takes too long."""
+        for _ in range(int(timeout * 10)):
+            if self.listening.wait(0.1):
+                return
+            if proxy.poll() is not None:
+                self.ended.wait(5)  # its last words are on our stderr
+                raise SandboxError(f"the proxy exited with status {proxy.returncode} (above)")
+        raise SandboxError(f"the proxy did not start listening within {timeout:g} s")
 
 
 def _write_config(
@@ -103,7 +145,15 @@ def main() -> int:
         "--self-test", action="store_true", help="log in once through the sandbox, then stop"
     )
     args = parser.parse_args()
+    try:
+        return _run(args)
+    except SandboxError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace) -> int:
+    _check_port_free(args.port)
     with tempfile.TemporaryDirectory(prefix="xoauth2-proxy-sandbox-") as tmp:
         work = Path(tmp)
         pki = TestPki(work / "pki")
@@ -120,9 +170,17 @@ def main() -> int:
                 dovecot.deliver(USER, WELCOME)
                 config = _write_config(work, pki, idp, dovecot, args.port)
                 command = [sys.executable, "-m", "proxy", "serve", "-c", str(config)]
-                proxy = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                proxy = subprocess.Popen(
+                    command,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                assert proxy.stderr is not None
+                log = _ProxyLog(proxy.stderr, args.port)
+                stopping = False
                 try:
-                    _wait_for_port(args.port, time.monotonic() + 30)
+                    log.wait_until_listening(proxy, timeout=60)
                     if args.self_test:
                         _self_test(pki, args.port)
                         print("sandbox self-test: IMAP LOGIN through the proxy worked")
@@ -141,13 +199,17 @@ Read the welcome message, for example with curl:
 
 The proxy's log (above and below) shows each login and the token it used; Dovecot's
 log, which shows it verifying the token, is {dovecot.log_file}.
-The proxy's configuration is {config} (try: xoauth2-proxy check -c {config}).
+The proxy's configuration is {config}
+(try: {proxy_command()} check -c {config}).
 """,
                         flush=True,
                     )
-                    proxy.wait()
+                    # SIGTERM (a service manager, `kill`) stops the sandbox as Ctrl-C does.
+                    signal.signal(signal.SIGTERM, _interrupt)
+                    status = proxy.wait()
+                    raise SandboxError(f"the proxy stopped on its own with status {status}")
                 except KeyboardInterrupt:
-                    pass
+                    stopping = True
                 finally:
                     if proxy.poll() is None:
                         proxy.send_signal(signal.SIGTERM)
@@ -155,7 +217,15 @@ The proxy's configuration is {config} (try: xoauth2-proxy check -c {config}).
                             proxy.wait(10)
                         except subprocess.TimeoutExpired:
                             proxy.kill()
+                            proxy.wait()
+                    log.ended.wait(5)
+                if stopping:
+                    print("sandbox stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

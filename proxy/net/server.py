@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -42,9 +43,35 @@ if TYPE_CHECKING:
     from broker.source import TokenSource
     from proxy.config import Config, ListenerConfig
 
-__all__ = ["BoundListener", "ProxyServer", "auth_machine"]
+__all__ = ["BoundListener", "ListenError", "ProxyServer", "auth_machine"]
 
 log = logging.getLogger("xoauth2_proxy.server")
+
+
+class ListenError(Exception):
+    """A listener could not be opened; the message says which, where and why, in one line."""
+
+
+def describe_listen_error(listener: ListenerConfig, exc: OSError) -> str:
+    """One line for an operator: which listener, which address, and what to do."""
+    host = f"[{listener.host}]" if ":" in listener.host else listener.host
+    where = f"listener {listener.name}: cannot listen on {host}:{listener.port}"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: cannot resolve {listener.host!r} ({exc.strerror})"
+    match exc.errno:
+        case errno.EADDRINUSE:
+            why = "the port is already in use (by another program, or another instance)"
+        case errno.EACCES:
+            why = (
+                "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+                if listener.port < 1024
+                else "permission denied"
+            )
+        case errno.EADDRNOTAVAIL:
+            why = "the address does not belong to this host"
+        case _:
+            why = exc.strerror or str(exc)
+    return f"{where}: {why}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +257,17 @@ class ProxyServer:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind every listener, report them through ``task_status``, serve until shutdown."""
+        """Bind every listener, report them through ``task_status``, serve until shutdown.
+
+        Raises :class:`ListenError` if a listener cannot be opened (none is left open).
+        """
         bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
         try:
             for listener in self.config.listeners:
-                sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
+                try:
+                    sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
+                except OSError as exc:
+                    raise ListenError(describe_listen_error(listener, exc)) from None
                 bound.append((listener, sockets))
         except BaseException:
             for _, sockets in bound:

@@ -24,8 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_proxy import CLIENT_ID, PASSWORD, SECRET, USER, _config, _free_port
-from tests.sandbox import _wait_for_port
+from tests.bench.bench_proxy import (
+    CLIENT_ID,
+    PASSWORD,
+    SECRET,
+    USER,
+    _config,
+    _free_port,
+    _wait_for_port,
+)
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.identities import DEFAULT_PARAMETERS, _verify, hash_password
-from tests.bench.bench_proxy import _free_port
-from tests.sandbox import _wait_for_port
+from tests.bench.bench_proxy import _free_port, _wait_for_port
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator

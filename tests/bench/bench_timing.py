@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 from proxy.identities import HashParameters, hash_password
-from tests.bench.bench_proxy import _free_port
-from tests.sandbox import _wait_for_port
+from tests.bench.bench_proxy import _free_port, _wait_for_port
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from proxy.cli import EXIT_CONFIG, main
 from proxy.identities import HashParameters, hash_password
 from tests.support.certs import TestPki
+from tests.support.installed import proxy_command
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -118,8 +119,7 @@ def verifies(phc: str, password: str) -> bool:
 
 
 def hash_password_command(stdin: str) -> subprocess.CompletedProcess[str]:
-    executable = shutil.which("xoauth2-proxy")
-    assert executable is not None
+    executable = str(proxy_command())
     return subprocess.run(
         [executable, "hash-password"], input=stdin, capture_output=True, text=True, timeout=60
     )
@@ -136,8 +136,7 @@ def test_hash_password_from_a_pipe() -> None:
 
 
 def test_hash_password_prompts_without_echo_on_a_terminal() -> None:
-    executable = shutil.which("xoauth2-proxy")
-    assert executable is not None
+    executable = str(proxy_command())
     pid, fd = pty.fork()
     if pid == 0:  # the child, on the terminal
         os.execv(executable, [executable, "hash-password"])

@@ -214,3 +214,41 @@ def test_read_trusted_reads_what_it_checked(folder: Path) -> None:
         read_trusted(big, private=True)
     with pytest.raises(UnsafeFile, match=r"cannot read .*: No such file"):
         read_trusted(folder / "missing", private=False)
+
+
+@pytest.mark.parametrize(
+    ("group", "mode", "accepted"),
+    [
+        (NOBODY, 0o440, True),  # root:the proxy's group, read-only: a Kubernetes Secret
+        (NOBODY, 0o640, True),
+        (NOBODY, 0o460, False),  # its group may write it
+        (NOBODY, 0o444, False),  # everyone may read it
+        (NOBODY, 0o450, False),
+        (0, 0o440, False),  # root's group, not the proxy's
+    ],
+)
+def test_a_secret_of_root_shared_with_the_proxy_s_group_only(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, group: int, mode: int, accepted: bool
+) -> None:
+    """As a proxy running as nobody:nogroup would judge it (the ids it compares with are
+    nobody's; the files are real)."""
+    secret = folder / "secret"
+    secret.write_text("s3cret")
+    os.chown(secret, 0, group)
+    secret.chmod(mode)
+    monkeypatch.setattr(os, "geteuid", lambda: NOBODY)
+    monkeypatch.setattr(os, "getegid", lambda: NOBODY)
+    if accepted:
+        assert read_trusted(secret, private=True) == b"s3cret"
+    else:
+        with pytest.raises(UnsafeFile, match=r"holds a secret|writable by its group"):
+            read_trusted(secret, private=True)
+
+
+def test_a_secret_shared_with_root_s_group_is_refused_to_root(folder: Path) -> None:
+    """A proxy running as root shares its group with no service: mode 440 is refused."""
+    secret = folder / "secret"
+    secret.write_text("s3cret")
+    secret.chmod(0o440)
+    with pytest.raises(UnsafeFile, match="is accessible to its group"):
+        read_trusted(secret, private=True)

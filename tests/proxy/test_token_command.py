@@ -7,6 +7,9 @@ import json
 import logging
 import secrets
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,8 +24,8 @@ from tests.support.oauth2 import AuthorizationServer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 HASH = hash_password("pw", HashParameters(memory_cost=64, iterations=1, lanes=1))
 
 
@@ -252,3 +255,41 @@ def test_check_asks_the_servers_metadata(
     config = other_config(tmp_path, generic_app(authz, issuer=f'"{closed}"'), monkeypatch)
     assert main(["check", "-c", str(config)]) == 0  # a server down must not stop the service
     assert "warning: " in capsys.readouterr().err
+
+
+def run_token(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as msmtp's passwordeval runs it: a process, default settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "token", "-c", str(config), "contoso", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_prints_only_the_token_or_its_error_once(
+    config: Path, idp: EntraEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = run_token(config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1
+    assert done.stdout.count(".") == 2  # the JWT and nothing else
+    assert done.stderr == ""  # no request lines from the HTTP client, no log
+    assert idp.token_requests == 1
+
+    # Warnings (this configuration's cheap test hash) are there when asked for.
+    verbose = run_token(config, "--log-level", "warning")
+    assert verbose.returncode == 0
+    assert "costs less than the current default" in verbose.stderr
+
+    monkeypatch.setenv("XO_SECRET", "the-secret-ID-not-its-value")
+    (config.parent / "tokens").unlink()  # the token cached above would be served
+    failed = run_token(config)
+    assert failed.returncode == 1
+    assert failed.stdout == ""
+    assert failed.stderr.startswith("no token for app contoso: ")
+    assert failed.stderr.count("Entra refused the token request") == 1, failed.stderr
+    assert len(failed.stderr.splitlines()) == 2, failed.stderr  # the error and its fix
+    assert "\nfix: The client secret is wrong" in failed.stderr
