@@ -83,6 +83,6 @@ def peer_certificate(stream: trio.abc.Stream) -> bytes | None:
             der = stream.socket.getpeercert(binary_form=True)
         elif isinstance(stream, trio.SSLStream):
             der = stream.getpeercert(binary_form=True)
-    except ValueError:  # the handshake did not finish
+    except (ValueError, trio.NeedHandshakeError):  # the handshake did not finish
         return None
     return der if isinstance(der, bytes) else None

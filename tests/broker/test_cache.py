@@ -77,6 +77,9 @@ def test_sealing_round_trip_and_context() -> None:
         Sealer(new_key()).open(sealed, b"ctx")
     with pytest.raises(SealError):
         sealer.open(sealed[:-1] + bytes([sealed[-1] ^ 1]), b"ctx")
+    for damaged in (b"", sealed[:20], b"\x02" + sealed[1:]):  # too short, a future version
+        with pytest.raises(SealError, match="not a sealed value of a known version"):
+            sealer.open(damaged, b"ctx")
     assert key.reveal() not in repr(sealer)
 
 
@@ -350,13 +353,11 @@ async def test_damaged_file_is_treated_as_empty(tmp_path: Path) -> None:
 
 # -- redis ---------------------------------------------------------------------------------
 
-needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if not redis_available():
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed: run tests/install-deps.sh")
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -380,7 +381,6 @@ def shared(redis_server: RedisServer) -> Iterator[tuple[RedisTokenCache, RedisTo
     b.close()
 
 
-@needs_redis
 async def test_redis_values_are_shared_sealed_and_expire(
     shared: tuple[RedisTokenCache, RedisTokenCache], redis_server: RedisServer
 ) -> None:
@@ -397,7 +397,6 @@ async def test_redis_values_are_shared_sealed_and_expire(
     assert 90_000 < ttl <= 100_000
 
 
-@needs_redis
 async def test_redis_wrong_key_or_moved_value_is_a_cache_error(
     shared: tuple[RedisTokenCache, RedisTokenCache], redis_server: RedisServer
 ) -> None:
@@ -417,27 +416,48 @@ async def test_redis_wrong_key_or_moved_value_is_a_cache_error(
         await a.load(MAILBOX_KEY)
 
 
-@needs_redis
+def redis_commands(cache: RedisTokenCache) -> int:
+    """How many commands the Redis server behind ``cache`` has processed so far."""
+    info = cache._client.info("stats")
+    assert isinstance(info, dict)
+    return int(info["total_commands_processed"])
+
+
 async def test_redis_lock_is_exclusive_across_instances(
     shared: tuple[RedisTokenCache, RedisTokenCache],
 ) -> None:
     a, b = shared
     order: list[str] = []
+    a_holds, b_tries, a_may_leave = trio.Event(), trio.Event(), trio.Event()
 
-    async def hold(cache: RedisTokenCache, name: str) -> None:
-        async with cache.exclusive(KEY):
-            order.append(f"{name} in")
-            await trio.sleep(0.1)
-            order.append(f"{name} out")
+    async def first() -> None:
+        async with a.exclusive(KEY):
+            order.append("a in")
+            a_holds.set()
+            await a_may_leave.wait()
+            order.append("a out")
+
+    async def second() -> None:
+        await a_holds.wait()
+        b_tries.set()
+        async with b.exclusive(KEY):
+            order.append("b in")
+        order.append("b out")
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold, a, "a")
-        await trio.sleep(0.02)
-        nursery.start_soon(hold, b, "b")
+        nursery.start_soon(first)
+        nursery.start_soon(second)
+        await b_tries.wait()
+        # b polls Redis for the lock; let it try a few times while a holds it.
+        polls = redis_commands(a)
+        with trio.fail_after(10):
+            while redis_commands(a) < polls + 3:  # noqa: ASYNC110 (Redis has no event)
+                await trio.sleep(0.01)
+        assert order == ["a in"]
+        a_may_leave.set()
     assert order == ["a in", "a out", "b in", "b out"]
 
 
-@needs_redis
 async def test_redis_lock_is_renewed_while_held(
     shared: tuple[RedisTokenCache, RedisTokenCache],
 ) -> None:
@@ -456,7 +476,6 @@ async def test_redis_lock_is_renewed_while_held(
     assert entered.is_set()
 
 
-@needs_redis
 async def test_redis_lock_of_a_crashed_holder_expires(
     shared: tuple[RedisTokenCache, RedisTokenCache], redis_server: RedisServer
 ) -> None:
@@ -464,14 +483,13 @@ async def test_redis_lock_of_a_crashed_holder_expires(
     # A crashed instance's lock: nobody renews or releases it.
     lock_name = f"{a._prefix}:lock:{KEY.digest}"
     redis_server.command("SET", lock_name, "crashed-holder", "PX", "1000")
-    started = trio.current_time()
-    with trio.fail_after(3):
+    with trio.fail_after(10):
         async with a.exclusive(KEY):
-            waited = trio.current_time() - started
-    assert 0.5 < waited < 2
+            # Ours now: the crashed holder's expired (not given up on: it had an expiry).
+            assert redis_server.command("GET", lock_name) != b"$14\r\ncrashed-holder\r\n"
+            assert int(redis_server.command("PTTL", lock_name)[1:]) > 0
 
 
-@needs_redis
 async def test_redis_exclusive_passes_errors_through_unwrapped(
     redis_cache: RedisTokenCache,
 ) -> None:
@@ -499,7 +517,6 @@ async def test_redis_unreachable(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert any("without the shared lock" in r.getMessage() for r in caplog.records)
 
 
-@needs_redis
 async def test_redis_lock_taken_by_an_abandoned_attempt_is_released(
     redis_server: RedisServer,
 ) -> None:
@@ -525,7 +542,6 @@ async def test_redis_lock_taken_by_an_abandoned_attempt_is_released(
         b.close()
 
 
-@needs_redis
 async def test_rediss_checks_the_server_name(tmp_path: Path) -> None:
     """Over TLS the certificate must name the host in the URL, not just come from a trusted
     CA: redis-py before 6 did not check the name unless told (redis/redis-py#3626)."""
@@ -582,7 +598,6 @@ def test_open_cache(tmp_path: Path) -> None:
         open_cache(CacheSettings(kind="redis", key=key))
 
 
-@needs_redis
 async def test_redis_with_a_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """AUTH with the configured password; without it, or with a wrong one, the cache says
     so (the source then carries on without it), and the password never shows."""

@@ -224,12 +224,11 @@ async def test_unreachable_idp(secret_app: App) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    started = time.monotonic()
-    error = await fetch_error(replace(secret_app, authority=f"https://127.0.0.1:{port}"))
+    with trio.fail_after(30):  # a refused connection is an answer, not a wait
+        error = await fetch_error(replace(secret_app, authority=f"https://127.0.0.1:{port}"))
     assert type(error) is TemporaryTokenError
     assert "unreachable" in str(error)
     assert error.retry_after is None
-    assert time.monotonic() - started < 5
 
 
 async def test_slow_idp_times_out(idp: EntraEmulator, secret_app: App) -> None:

@@ -119,7 +119,7 @@ async def test_shared_memory_cache_keeps_tokens_across_a_reload(
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if not redis_available():
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed: run tests/install-deps.sh")
     with RedisServer(tmp_path / "redis") as server:
         yield server
 

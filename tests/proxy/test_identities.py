@@ -21,6 +21,7 @@ from proxy.identities import (
     LockedOut,
     check_hash_format,
     hash_password,
+    outdated_parameters,
     parameters_of,
 )
 from proxy.protocol.sasl import BearerCredentials, Credentials, ExternalCredentials
@@ -457,3 +458,72 @@ async def test_the_verified_credential_cache_evicts_the_oldest(
     # a, b computed; a cached; c computed (b evicted: a was used more recently); a cached;
     # b computed again.
     assert computed == ["pa", "pb", "pc", "pb"]
+
+
+@pytest.mark.parametrize(
+    ("phc", "problem"),
+    [
+        ("$argon2id$v=19$m=8,t=1,p=2$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA", "invalid"),
+        ("$argon2id$v=19$m=64,t=0,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA", "invalid"),
+        ("$argon2id$v=19$m=64,t=1,p=0$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA", "invalid"),
+        ("$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA", "not an argon2id"),
+    ],
+)
+def test_hashes_that_cannot_be_used(phc: str, problem: str) -> None:
+    assert problem in str(check_hash_format(phc))
+
+
+def test_cost_of_hashes_that_are_not_ours() -> None:
+    assert parameters_of("$2b$12$abcdefghijklmnopqrstuv") is None
+    assert outdated_parameters("$2b$12$abcdefghijklmnopqrstuv") is None
+    assert outdated_parameters(hash_password("pw", CHEAP)) is not None
+    dearer = HashParameters(memory_cost=65536 * 2, iterations=3, lanes=1)
+    assert outdated_parameters(hash_password("pw", dearer)) is None
+
+
+async def test_users_can_come_from_a_lookup_function(pool: HashPool) -> None:
+    found = user("reports@contoso.com")
+    auth = Authenticator(
+        lambda login: found if login == "reports@contoso.com" else None,
+        hashes=pool,
+        dummy_parameters=CHEAP,
+        cache_ttl=0,
+    )
+    identity = await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.IMAP)
+    assert identity.mailbox == "reports@contoso.com"
+    with pytest.raises(BadCredentials, match="unknown user"):
+        await auth.authenticate(Credentials("other@contoso.com", "right"), Protocol.IMAP)
+
+
+async def test_naming_ones_own_login_as_the_mailbox_opens_the_default(pool: HashPool) -> None:
+    auth = authenticator(pool, user("scanner", mailbox="scans@contoso.com"))
+    identity = await auth.authenticate(
+        Credentials("scanner", "right", authzid="SCANNER"), Protocol.IMAP
+    )
+    assert identity.mailbox == "scans@contoso.com"
+
+
+async def test_forgetting_the_verified_credentials(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.identities as identities
+
+    real = identities._verify
+    computed: list[str] = []
+
+    def counting(password: str, phc: str) -> bool:
+        computed.append(password)
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    auth = authenticator(pool, user("a", "pa"))
+    for _ in range(2):
+        await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    assert computed == ["pa"]
+    auth.forget_all()  # after a reload
+    await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    assert computed == ["pa", "pa"]
+    uncached = authenticator(pool, user("a", "pa"), cache_ttl=0)
+    for _ in range(2):
+        await uncached.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    assert computed == ["pa"] * 4

@@ -118,3 +118,42 @@ async def test_without_redis_each_instance_counts_for_itself(
         assert "failed recently; not asked again yet" in str(throttle._outage)
     finally:
         shared.close()
+
+
+async def test_when_redis_is_back_the_instances_count_together_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    clock = Clock()
+    secret = secrets.token_bytes(32)
+    with RedisServer(tmp_path / "redis") as first:
+        port, url = first.port, first.url
+        shared = RedisFailures(
+            redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2),
+            secret=secret,
+            where=url,
+            clock=clock,
+        )
+    throttle = LoginThrottle(POLICY, shared=shared)
+    outages: list[str | None] = []
+    try:
+        await throttle.succeeded(LOGIN, "192.0.2.10")  # Redis is down: trusted here only
+        outages.append(throttle._outage)
+        with RedisServer(tmp_path / "redis-again", port=port):
+            clock.now += 5  # within RETRY_AFTER: not asked yet
+            await throttle.failed(LOGIN, ATTACKER)
+            outages.append(throttle._outage)
+            clock.now += 10
+            await throttle.failed(LOGIN, ATTACKER)
+            outages.append(throttle._outage)
+            verdict = await throttle.verdict(LOGIN, "192.0.2.10")
+    finally:
+        shared.close()
+    assert outages[0] is not None
+    assert "not asked again yet" in str(outages[1])
+    assert outages[2] is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("shared store is unavailable" in m for m in messages) == 1
+    assert sum("shared store is back" in m for m in messages) == 1
+    # Trust given while Redis was down is still this instance's own.
+    assert verdict.locked is None

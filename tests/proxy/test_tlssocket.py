@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
 
 from proxy.net.relay import relay
 from proxy.net.tls import describe_tls_error
@@ -838,3 +839,43 @@ async def test_relay_tells_a_clean_end_from_a_truncation(
     assert verdict == [ending == "close_notify"]
     for stream in (mail_client, proxy_client_side, proxy_upstream_side):
         await trio.aclose_forcefully(stream)
+
+
+def test_client_certificates_need_their_ca(server_cert: Path) -> None:
+    from proxy.config import ClientCertificates
+    from proxy.net.tls import client_side_context
+
+    with pytest.raises(ValueError, match="client certificates need a client_ca_file"):
+        client_side_context(
+            server_cert, client_ca_file=None, client_certificates=ClientCertificates.OPTIONAL
+        )
+
+
+def test_describing_a_failure_that_is_no_tls_error() -> None:
+    from proxy.net.tls import describe_tls_error
+
+    assert describe_tls_error(trio.BrokenResourceError("reset")) == ("TLS handshake failed: reset")
+
+
+@pytest.mark.parametrize("wrap", [ours, trios])
+async def test_the_peer_certificate_after_the_handshake_and_never_before(
+    server_cert: Path, pki: TestPki, wrap: Wrap
+) -> None:
+    from proxy.net.tls import peer_certificate
+
+    client_tcp, server_tcp = await tcp_pair()
+    client = wrap(client_tcp, client_context(pki), server_hostname="localhost")
+    server = wrap(server_tcp, server_context(server_cert), server_side=True)
+    assert peer_certificate(client) is None  # no handshake yet: nothing, and no error
+    with trio.fail_after(5):
+        await handshake(client, server)
+    der = peer_certificate(client)
+    assert der is not None
+    names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "localhost" in names.value.get_values_for_type(x509.DNSName)
+    assert peer_certificate(server) is None  # the client presented none
+    assert peer_certificate(client_tcp) is None  # not TLS at all
+    await client.aclose()
+    await server.aclose()

@@ -40,10 +40,17 @@ class RedisServer:
     """``redis-server`` on 127.0.0.1, in ``directory``; TLS only if ``tls`` is given."""
 
     def __init__(
-        self, directory: Path, *, tls: RedisTls | None = None, password: str | None = None
+        self,
+        directory: Path,
+        *,
+        tls: RedisTls | None = None,
+        password: str | None = None,
+        port: int = 0,
     ) -> None:
         self.directory = directory
         self.tls = tls
+        #: The port to take (0: a free one), as a server restarted at the same address.
+        self._wanted_port = port
         #: Clients must AUTH with it (``requirepass``), if set.
         self.password = password
         self.port = 0
@@ -58,7 +65,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # another process may take the port between probe and bind
             with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
+                probe.bind(("127.0.0.1", self._wanted_port))
                 self.port = probe.getsockname()[1]
             if self.tls is None:
                 listen = ["--port", str(self.port)]
