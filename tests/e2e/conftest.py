@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 CLIENT_SECRET = "emulated-client-secret-Xy7~Qp"
 ROLELESS_CLIENT_ID = "99999999-2222-3333-4444-555555555555"
+#: An app consented for IMAP only: IMAP.AccessAsApp, not POP.AccessAsApp nor SMTP.SendAsApp.
+IMAP_ONLY_CLIENT_ID = "77777777-2222-3333-4444-555555555555"
 MAILBOX = "reports@contoso.com"
 OTHER_MAILBOX = "scanner@contoso.com"
 PASSWORD = 'c0rrect "horse" battery'
@@ -49,6 +51,9 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EntraEmulator]:
     with EntraEmulator(tmp_path_factory.mktemp("idp")) as emulator:
         emulator.register_app(CLIENT_ID, secret=CLIENT_SECRET)
         emulator.register_app(ROLELESS_CLIENT_ID, secret=CLIENT_SECRET, roles=())
+        emulator.register_app(
+            IMAP_ONLY_CLIENT_ID, secret=CLIENT_SECRET, roles=("IMAP.AccessAsApp",)
+        )
         yield emulator
 
 
@@ -114,6 +119,8 @@ class ProxyRig:
     limits: dict[str, float] = field(default_factory=dict)
     #: A ``[cache]`` table, values as TOML text (none: the default, in memory).
     cache: dict[str, str] = field(default_factory=dict)
+    #: Further apps of the emulated tenant, by name: their client ids.
+    apps: dict[str, str] = field(default_factory=dict)
     #: The cost of the users' password hashes: cheap, unless a test needs what users run.
     hash_parameters: HashParameters = TEST_HASH
     _hashes: dict[str, str] = field(default_factory=dict)
@@ -143,7 +150,8 @@ class ProxyRig:
         secret_file.write_text(CLIENT_SECRET + "\n")
         secret_file.chmod(0o600)
         lines = []
-        for name, client_id in (("contoso", CLIENT_ID), ("roleless", ROLELESS_CLIENT_ID)):
+        apps = {"contoso": CLIENT_ID, "roleless": ROLELESS_CLIENT_ID, **self.apps}
+        for name, client_id in apps.items():
             lines += [
                 f"[apps.{name}]",
                 'provider = "microsoft"',
