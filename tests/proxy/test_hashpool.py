@@ -248,7 +248,9 @@ async def test_slots_are_shared_round_robin_between_networks(
     await wait_until(lambda: len(gates.started) == 3)
     gates.open("guess 1")
     await wait_until(lambda: len(gates.started) == 4)
-    assert gates.started == ["guess 0", "guess 1", "guess 2", "scanner"]
+    # (The first two start together, in two threads: in either order.)
+    assert sorted(gates.started[:2]) == ["guess 0", "guess 1"]
+    assert gates.started[2:] == ["guess 2", "scanner"]
     gates.open_all()
 
 
@@ -262,7 +264,8 @@ async def test_within_a_network_logins_take_turns(pool: HashPool, nursery: trio.
     await wait_until(lambda: len(gates.started) == 3)
     gates.open("guess 1")
     await wait_until(lambda: len(gates.started) == 4)
-    assert gates.started == ["guess 0", "guess 1", "guess 2", "erp"]
+    assert sorted(gates.started[:2]) == ["guess 0", "guess 1"]
+    assert gates.started[2:] == ["guess 2", "erp"]
     gates.open_all()
 
 
