@@ -10,12 +10,15 @@ import trio
 import trio.testing
 import trustme
 
+from broker.claims import Expectations
+from broker.model import AccessToken
 from broker.source import CachingTokenSource
 from proxy.config import Limits, ListenerConfig, Protocol
 from proxy.hashpool import HashPool
-from proxy.identities import Authenticator
+from proxy.identities import Authenticator, Identity
 from proxy.net.session import Services, Session
 from proxy.protocol import replies
+from proxy.protocol.events import Refusal
 from proxy.protocol.imap import ImapAuth
 from proxy.protocol.modes import AuthSettings, ClientTls, UpstreamTls
 
@@ -133,3 +136,33 @@ async def test_bytes_read_behind_starttls_close_the_connection(
     assert "imap#9: client sent data right after STARTTLS; closing" in caplog.text
     assert b"a1 OK" not in client.sent  # refused before TLS began: no handshake either
     assert b"injected" not in client.sent
+
+
+class NothingExpected:
+    """A token source whose apps expect nothing checkable of their tokens (no audience, no
+    tenant): only the role check stands between an unreadable token and the upstream."""
+
+    async def token(self, app: str, *, mailbox: str | None = None) -> AccessToken:
+        raise AssertionError("not asked for")
+
+    async def expectations(self, app: str) -> Expectations:
+        await trio.lowlevel.checkpoint()
+        return Expectations(provider="microsoft")
+
+
+async def test_a_token_whose_roles_cannot_be_read_is_never_sent() -> None:
+    """Fail closed: an undecodable token counts as carrying no role, not every role."""
+    driver = session(trio.testing.memory_stream_pair()[0])
+    driver.services = Services(
+        authenticator=Authenticator({}, hashes=HashPool(1)),
+        tokens=NothingExpected(),
+        limits=Limits(),
+        app_providers={"contoso": "microsoft"},
+    )
+    identity = Identity(login="scanner", mailbox="scans@contoso.com", app="contoso")
+    refused = await driver._check_claims(
+        "scanner", identity, AccessToken("opaque-not-a-jwt", expires_at=2e9)
+    )
+    assert refused is not None
+    assert refused.reason == "token lacks the IMAP.AccessAsApp role"
+    assert refused.refusal is Refusal.UNAVAILABLE
