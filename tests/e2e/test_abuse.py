@@ -132,8 +132,10 @@ async def test_connections_per_network_are_limited(
         for sock, _ in held:
             sock.close()
     assert "too many connections" in caplog.text
-    # Once they are closed, the address may connect again.
-    await trio.sleep(0.2)
+    # Once the proxy has seen them closed, the address may connect again.
+    with trio.fail_after(30):
+        while sum(proxy.server._connections.values()):  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.01)
     again, greeting = await in_thread(lambda: connect(ATTACKER))
     again.close()
     assert greeting.startswith(b"* OK")

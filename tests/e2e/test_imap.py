@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from tests.e2e.conftest import (
     MAILBOX,
@@ -352,7 +353,10 @@ async def test_shutdown_closes_a_connection_in_its_tls_handshake(
             async with trio.open_nursery() as nursery:
                 proxy = await start_proxy(nursery, path)
                 client.connect(("127.0.0.1", proxy.port))
-                await trio.sleep(0.2)  # the proxy is waiting in the handshake
+                with trio.fail_after(30):  # until the proxy waits in the handshake
+                    while not sum(proxy.server._connections.values()):  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked()
                 proxy.server.shutdown()
             client.settimeout(5)
             with contextlib.suppress(ConnectionResetError):
