@@ -96,8 +96,32 @@ def test_weak_or_malformed_keys_refused(text: str) -> None:
 
 
 def test_urlsafe_and_wrapped_keys_accepted() -> None:
-    raw = secrets.token_bytes(32)
-    assert parse_key(Secret(base64.urlsafe_b64encode(raw).decode() + "\n")) == raw
+    raw = (b"\xfb\xff\xbf" * 11)[:32]  # "+/+/..." in base64, "-_-_..." in its urlsafe form
+    urlsafe = base64.urlsafe_b64encode(raw).decode()
+    assert "-" in urlsafe
+    assert "_" in urlsafe
+    assert parse_key(Secret(urlsafe + "\n")) == raw
+    wrapped = base64.b64encode(raw).decode()
+    assert parse_key(Secret(f"{wrapped[:20]}\n  {wrapped[20:]}\n")) == raw  # as a PEM body
+
+
+def test_a_key_with_a_stray_character_is_refused() -> None:
+    """Not silently skipped: a key pasted with a typo is a different key."""
+    good = base64.b64encode(secrets.token_bytes(32)).decode()
+    with pytest.raises(ValueError, match="openssl rand -base64 32"):
+        parse_key(Secret(good[:10] + "!" + good[10:], origin="test"))
+
+
+def test_sealed_messages_are_exact() -> None:
+    sealer = Sealer(new_key())
+    assert sealer.open(sealer.seal(b"", b"ctx"), b"ctx") == b""  # the shortest sealed value
+    with pytest.raises(SealError) as short:
+        sealer.open(sealer.seal(b"", b"ctx")[:-1], b"ctx")
+    assert str(short.value) == "not a sealed value of a known version"
+    with pytest.raises(SealError) as foreign:
+        Sealer(new_key()).open(sealer.seal(b"x", b"ctx"), b"ctx")
+    assert str(foreign.value) == "does not decrypt with this key"
+    assert repr(sealer) == "Sealer(<key redacted>)"
 
 
 def test_cached_token_json_rejects_garbage() -> None:
@@ -193,6 +217,24 @@ async def test_file_cache_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     os.mkfifo(path, 0o600)
     with trio.fail_after(10), pytest.raises(ValueError, match="not a regular file"):
         await trio.to_thread.run_sync(FileTokenCache, path, new_key(), abandon_on_cancel=True)
+
+
+async def test_file_cache_never_follows_a_symbolic_link(tmp_path: Path) -> None:
+    """A link in the cache's place could point the proxy's writes at another file."""
+    target = tmp_path / "elsewhere"
+    key = new_key()
+    await FileTokenCache(target, key).store(KEY, entry())
+    (tmp_path / "tokens").symlink_to(target)
+    with pytest.raises(ValueError, match=r"cannot open: .*symbolic link"):
+        FileTokenCache(tmp_path / "tokens", key)
+
+
+async def test_file_cache_may_wait_for_no_lock_at_all(tmp_path: Path) -> None:
+    cache = FileTokenCache(tmp_path / "tokens", new_key(), lock_wait=0)
+    await cache.store(KEY, entry())
+    assert await cache.load(KEY) is not None
+    with pytest.raises(ValueError, match="lock_wait must not be negative"):
+        FileTokenCache(tmp_path / "tokens", new_key(), lock_wait=-1)
 
 
 def test_file_cache_needs_an_existing_directory(tmp_path: Path) -> None:

@@ -384,3 +384,18 @@ async def test_sixty_identical_logins_at_default_cost_hash_once(
     with pytest.raises(BadCredentials):
         await auth.authenticate(Credentials("scanner", "wrong"), Protocol.IMAP, network="n")
     assert len(calls) == 2
+
+
+def test_how_many_checks_round_robin_serves_before_a_new_one() -> None:
+    """The estimate behind "would start after its deadline": a new check from a network
+    waits for that network's own checks, and for at most one more than that per other
+    network (they take turns)."""
+    from proxy.hashpool import _Check, _FairQueue
+
+    queue = _FairQueue()
+    for network, count in (("a", 5), ("b", 1)):
+        for n in range(count):
+            queue.push(_Check(f"{network}{n}".encode(), network, "login", lambda: True, None))
+    assert queue.served_before("c") == 0 + 1 + 1  # a new network: one turn of each other
+    assert queue.served_before("b") == 1 + 2  # its own one, then a's two turns
+    assert queue.served_before("a") == 5 + 1  # its own five; b has only one

@@ -24,7 +24,12 @@ from proxy.identities import (
     outdated_parameters,
     parameters_of,
 )
-from proxy.protocol.sasl import BearerCredentials, Credentials, ExternalCredentials
+from proxy.protocol.sasl import (
+    AnyCredentials,
+    BearerCredentials,
+    Credentials,
+    ExternalCredentials,
+)
 
 CHEAP = HashParameters(memory_cost=64, iterations=1, lanes=1)
 
@@ -527,3 +532,73 @@ async def test_forgetting_the_verified_credentials(
     for _ in range(2):
         await uncached.authenticate(Credentials("a", "pa"), Protocol.IMAP)
     assert computed == ["pa"] * 4
+
+
+async def test_every_spelling_of_a_login_shares_one_verification(
+    pool: HashPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.identities as identities
+
+    real = identities._verify
+    computed: list[str] = []
+
+    def counting(password: str, phc: str) -> bool:
+        computed.append(password)
+        return real(password, phc)
+
+    monkeypatch.setattr(identities, "_verify", counting)
+    now = [1000.0]
+    auth = Authenticator(
+        {"reports@contoso.com": user("Reports@Contoso.com", "pw")},
+        hashes=pool,
+        dummy_parameters=CHEAP,
+        cache_ttl=0.5,
+        clock=lambda: now[0],
+    )
+    for login in ("Reports@Contoso.com", "REPORTS@contoso.com", "reports@contoso.com"):
+        await auth.authenticate(Credentials(login, "pw"), Protocol.IMAP)
+    assert computed == ["pw"]  # under half a second, any spelling: remembered
+    now[0] += 0.5  # the remembered verification ends exactly now
+    await auth.authenticate(Credentials("reports@contoso.com", "pw"), Protocol.IMAP)
+    assert computed == ["pw", "pw"]
+
+
+async def test_the_pool_learns_each_attempts_network_and_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fairness and the per-network bound need the attempt's network and login."""
+    seen: list[tuple[str, str]] = []
+
+    class Recording(HashPool):
+        async def check(self, key: bytes, compute: Any, **kw: Any) -> bool:
+            seen.append((kw["network"], kw["login"]))
+            return await super().check(key, compute, **kw)
+
+    pool = Recording(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        auth = authenticator(pool, user("Reports@contoso.com"))
+        await auth.authenticate(
+            Credentials("reports@CONTOSO.com", "right"), Protocol.IMAP, network="192.0.2.0/24"
+        )
+        with pytest.raises(BadCredentials):
+            await auth.authenticate(Credentials("Nobody", "x"), Protocol.IMAP, network="net")
+        nursery.cancel_scope.cancel()
+    assert seen == [("192.0.2.0/24", "Reports@contoso.com"), ("net", "nobody")]
+
+
+async def test_refusal_reasons_are_exact(pool: HashPool, client_certs: tuple[bytes, bytes]) -> None:
+    """They are the audit line's reason, which operators read and filter on."""
+    scanner, erp = client_certs
+    owner = identity_user(certificate_fingerprints=frozenset({sha256(scanner)}))
+    other = identity_user(login="erp", certificate_fingerprints=frozenset({sha256(erp)}))
+    auth = authenticator(pool, owner, other)
+    cases: list[tuple[AnyCredentials, bytes | None, str]] = [
+        (ExternalCredentials(), None, "no client certificate"),
+        (ExternalCredentials(), b"\x30\x03junk", "unreadable client certificate"),
+        (Credentials("scanner", "right"), erp, "the client certificate belongs to another user"),
+    ]
+    for credentials, certificate, reason in cases:
+        with pytest.raises(BadCredentials) as refused:
+            await auth.authenticate(credentials, Protocol.IMAP, certificate=certificate)
+        assert refused.value.reason == reason
