@@ -951,7 +951,7 @@ def _read_proxy_protocol(
             "is required with proxy_protocol = true: the load balancers' addresses or "
             'networks (["10.0.0.0/8"]), whose headers are believed',
         )
-    if networks and not enabled:
+    if "trusted_proxies" in raw and not enabled:
         r.fail(f"{key}.trusted_proxies", "only applies with proxy_protocol = true")
     return enabled, tuple(networks)
 

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from proxy.net.proxy_protocol import read_proxy_header
 from tests.e2e.conftest import MAILBOX, PASSWORD, Listener, ProxyRig, RunningProxy, start_proxy
 from tests.e2e.helpers import in_thread, tls_context
 
 if TYPE_CHECKING:
+    from proxy.protocol.proxy_header import ProxyHeader
     from tests.support.certs import TestPki
 
 pytestmark = pytest.mark.e2e
@@ -37,6 +39,7 @@ async def exchange_like(
     pki: TestPki,
     protocol: str,
     after_login: str,
+    headers: list[ProxyHeader] | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -48,6 +51,8 @@ async def exchange_like(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
 
     async def handle(stream: trio.SocketStream) -> None:
+        if headers is not None:  # a PROXY protocol header comes first, before TLS
+            headers.append(await read_proxy_header(stream))
         tls = trio.SSLStream(stream, context, server_side=True)
         buffer = b""
 
@@ -280,3 +285,20 @@ async def test_an_ordinary_session_is_audited_as_a_success(
             await trio.sleep(0.01)
     assert [a["result"] for a in audits(caplog)] == ["success"]
     assert "refused mailbox" not in caplog.text
+
+
+@pytest.mark.parametrize("version", ["proxy-v1", "proxy-v2"])
+async def test_the_client_address_is_passed_on_to_the_upstream(
+    nursery: trio.Nursery, rig: ProxyRig, pki: TestPki, version: str
+) -> None:
+    """upstream_client_address: a PROXY header naming the client goes upstream first."""
+    headers: list[ProxyHeader] = []
+    port = await nursery.start(exchange_like, pki, "imap", "expired", headers)
+    listener = Listener(upstream_port=port, extra={"upstream_client_address": f'"{version}"'})
+    proxy = await start_proxy(nursery, rig.write([listener]))
+    await in_thread(lambda: imap_client(pki, proxy.port))
+    (header,) = headers
+    assert header.version == (1 if version == "proxy-v1" else 2)
+    assert header.source is not None
+    assert header.source[0] == "127.0.0.1"
+    assert header.destination == ("127.0.0.1", proxy.port)

@@ -157,3 +157,27 @@ async def test_when_redis_is_back_the_instances_count_together_again(
     assert sum("shared store is back" in m for m in messages) == 1
     # Trust given while Redis was down is still this instance's own.
     assert verdict.locked is None
+
+
+async def test_unlock_clears_the_login_in_redis_for_every_instance(
+    redis_server: RedisServer,
+) -> None:
+    secret = secrets.token_bytes(32)
+    wall = Clock()
+    one, other = (
+        LoginThrottle(POLICY, shared=store(redis_server, secret), wall_clock=wall) for _ in range(2)
+    )
+    try:
+        for _ in range(POLICY.login_lockout):
+            await one.failed(LOGIN, ATTACKER)
+        assert (await other.verdict(LOGIN, "203.0.113.1")).locked is not None
+        # The operator unlocks through the other instance, which never saw the failures.
+        assert not await other.unlock(LOGIN)
+        assert (await other.verdict(LOGIN, "203.0.113.1")).locked is None
+        # The instance that counted them still has its own, until it is told too.
+        assert await one.unlock(LOGIN)
+        assert (await one.verdict(LOGIN, "203.0.113.1")).locked is None
+    finally:
+        for throttle in (one, other):
+            assert throttle.shared is not None
+            throttle.shared.close()
