@@ -238,6 +238,16 @@ async def test_health_and_readiness(nursery: trio.Nursery, rig: ProxyRig, doveco
         return status
 
     assert await in_thread(post) == 405
+
+    def head() -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", ops, timeout=30)
+        conn.request("HEAD", "/healthz")
+        response = conn.getresponse()
+        result = response.status, response.read()
+        conn.close()
+        return result
+
+    assert await in_thread(head) == (200, b"")
     server.shutdown()
     status, _, body = await in_thread(lambda: get(ops, "/readyz"))
     assert status == 503

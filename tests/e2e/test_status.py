@@ -4,6 +4,7 @@ control socket; and ``serve`` logging JSON, one object per line, audit included.
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import subprocess
 import sys
@@ -90,9 +91,11 @@ def test_status_shows_tokens_sessions_and_lockouts_and_unlock_clears_one(
         assert any(line.get("conn") == audit[0]["conn"] for line in lines if line not in audit)
         assert PASSWORD not in serve.text()
         assert "unlocked by the control socket" in serve.text()
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(30) == 0
+        assert not socket_path.exists()  # removed on the way out
     finally:
         serve.close()
-    # serve removed its socket on the way out (killed: still there, replaced at start).
 
 
 def test_status_without_a_control_socket_says_how_to_configure_one(

@@ -116,6 +116,9 @@ async def test_without_redis_each_instance_counts_for_itself(
         assert len([w for w in warnings if "shared store is unavailable" in w]) == 1
         # While it is down, Redis is left alone for a while: no timeout per login.
         assert "failed recently; not asked again yet" in str(throttle._outage)
+        # An operator's unlock still clears this instance's own counts.
+        assert await throttle.unlock(LOGIN)
+        assert (await throttle.verdict(LOGIN, ATTACKER)).locked is None
     finally:
         shared.close()
 
