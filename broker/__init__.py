@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from broker.cache import CacheSettings, TokenCache
     from broker.model import App
@@ -32,11 +32,13 @@ def build_source(
     settings: CacheSettings | None = None,
     *,
     cache: TokenCache | None = None,
+    on_fetch: Callable[[str, str], None] | None = None,
 ) -> CachingTokenSource:
     """A :class:`~broker.source.CachingTokenSource` for ``apps`` with the configured cache.
 
     ``cache``, if given, is used instead of opening one from ``settings``, and is not closed
-    by the source. ``ValueError`` (with a message for the operator) if an app or the cache
+    by the source. ``on_fetch`` is told ``(app, outcome)`` after every fetch (metrics).
+    ``ValueError`` (with a message for the operator) if an app or the cache
     cannot be set up. No I/O happens here, and nothing runs until
     :meth:`~broker.source.CachingTokenSource.run` is started.
     """
@@ -45,10 +47,10 @@ def build_source(
     from broker.source import CachingTokenSource
 
     if cache is not None:
-        return CachingTokenSource(apps, cache=cache)
+        return CachingTokenSource(apps, cache=cache, on_fetch=on_fetch)
     opened = open_cache(settings or CacheSettings())
     try:
-        return CachingTokenSource(apps, cache=opened, close_cache=True)
+        return CachingTokenSource(apps, cache=opened, close_cache=True, on_fetch=on_fetch)
     except BaseException:
         opened.close()
         raise

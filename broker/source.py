@@ -78,7 +78,7 @@ from broker.clock import wall_clock
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from broker.cache import TokenCache
     from broker.claims import Expectations
@@ -91,6 +91,7 @@ __all__ = [
     "MailboxProvider",
     "Provider",
     "TokenSource",
+    "TokenStatus",
 ]
 
 log = logging.getLogger("xoauth2_proxy.broker")
@@ -146,6 +147,25 @@ class MailboxProvider(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """What is known about one token (an app's, or one mailbox's): never the token itself."""
+
+    app: str
+    #: The mailbox, for providers whose tokens are per mailbox.
+    mailbox: str | None
+    #: When the cached token expires (wall clock), if there is one.
+    expires_at: float | None
+    #: The cached token is valid for at least ``min_validity`` seconds.
+    valid: bool
+    #: Consecutive failed fetches, and the last one's error (safe to show) and kind.
+    failures: int = 0
+    last_error: str | None = None
+    error_kind: str | None = None
+    #: A fetch is in progress.
+    fetching: bool = False
+
+
 @dataclass(slots=True)
 class _Entry:
     token: AccessToken
@@ -183,6 +203,8 @@ class _State:
     reported: str | None = None
     #: The background task is refreshing this key.
     refreshing: bool = False
+    #: The last failed fetch's error (kept for status reports until a fetch succeeds).
+    last_error: BrokerError | None = None
 
 
 class CachingTokenSource:
@@ -194,6 +216,7 @@ class CachingTokenSource:
     (default: a private :class:`~broker.cache.memory.MemoryTokenCache`); a cache passed in is
     closed by :meth:`close` only with ``close_cache=True``, so it can outlive this source
     (configuration reloads).
+    ``on_fetch`` is told ``(app, outcome)`` after each fetch (metrics).
     ``clock`` returns wall-clock seconds since the epoch, the time base of
     :attr:`AccessToken.expires_at` (:func:`broker.clock.trio_wall_clock` under a MockClock);
     ``rng`` draws the jitter. The other parameters are seconds; see the module's theory of
@@ -217,6 +240,7 @@ class CachingTokenSource:
         permanent_hold: float = 60.0,
         keep_warm: float = 86400.0,
         fetch_timeout: float = 60.0,
+        on_fetch: Callable[[str, str], None] | None = None,
     ) -> None:
         if not fetch_timeout > 0:
             raise ValueError("fetch_timeout must be positive")
@@ -242,6 +266,9 @@ class CachingTokenSource:
         self._permanent_hold = permanent_hold
         self._keep_warm = keep_warm
         self._fetch_timeout = fetch_timeout
+        #: Told (app, outcome) after each fetch: ``success`` (asked), ``shared_cache``
+        #: (another instance had renewed it), ``temporary`` or ``permanent`` (failed).
+        self._on_fetch = on_fetch
         self._own_cache = cache is None or close_cache
         self._cache: TokenCache = MemoryTokenCache() if cache is None else cache
         self._providers: dict[str, Provider | MailboxProvider] = dict(providers or {})
@@ -325,6 +352,35 @@ class CachingTokenSource:
             return expected
         await trio.lowlevel.checkpoint()
         return expectations_for(self._apps[app])
+
+    def status(self) -> list[TokenStatus]:
+        """Every token this source knows of, and every app-wide token it should have."""
+        now = self._clock()
+        found: list[TokenStatus] = []
+        seen: set[str] = set()
+        for state in self._states.values():
+            entry, error = state.entry, state.last_error
+            seen.add(state.key.app)
+            found.append(
+                TokenStatus(
+                    app=state.key.app,
+                    mailbox=state.key.mailbox,
+                    expires_at=entry.token.expires_at if entry is not None else None,
+                    valid=entry is not None and self._valid(entry, now),
+                    failures=state.failures,
+                    last_error=_describe(error) if error is not None else None,
+                    error_kind=error.kind if error is not None else None,
+                    fetching=state.flight is not None,
+                )
+            )
+        for name in self._apps:
+            if name not in seen and not self._per_mailbox[name]:
+                found.append(TokenStatus(app=name, mailbox=None, expires_at=None, valid=False))
+        return found
+
+    def per_mailbox(self, app: str) -> bool:
+        """Are ``app``'s tokens issued per mailbox?"""
+        return self._per_mailbox[app]
 
     def _state(self, app: str, mailbox: str | None) -> _State:
         key = self._app_keys[app]
@@ -440,21 +496,29 @@ class CachingTokenSource:
         shared = await self._load(key)
         if self._fresh(shared, state):
             assert shared is not None
+            self._told(key.app, "shared_cache")
             return self._entry(shared)
         async with self._cache.exclusive(key):
             shared = await self._load(key)
             if self._fresh(shared, state):
                 assert shared is not None
+                self._told(key.app, "shared_cache")
                 return self._entry(shared)
             obtained_at = self._clock()
             try:
                 token = await self._ask(key)
-            except BrokerError:
+            except BrokerError as exc:
+                self._told(key.app, exc.kind)
                 self._keep_as_fallback(state, shared)
                 raise
+            self._told(key.app, "success")
             cached = CachedToken(token, obtained_at)
             await self._save(key, cached)
         return self._entry(cached)
+
+    def _told(self, app: str, outcome: str) -> None:
+        if self._on_fetch is not None:
+            self._on_fetch(app, outcome)
 
     async def _ask(self, key: CacheKey) -> AccessToken:
         """The provider's new token, if it comes within ``fetch_timeout`` seconds."""
@@ -519,6 +583,7 @@ class CachingTokenSource:
             )
         state.entry = entry
         state.failures = 0
+        state.last_error = None
         state.reported = None
         state.hold_until, state.hold_error = -math.inf, None
         state.next_attempt = entry.refresh_at
@@ -527,6 +592,7 @@ class CachingTokenSource:
     def _failed(self, state: _State, error: BrokerError) -> None:
         now = self._clock()
         state.failures += 1
+        state.last_error = error
         code = f" [{error.code}]" if error.code else ""
         if isinstance(error, PermanentTokenError):
             hold = self._permanent_hold
@@ -567,6 +633,10 @@ class CachingTokenSource:
         state.hold_until, state.hold_error = now + hold, error
         state.next_attempt = now + retry
         self._wake.set()
+
+
+def _describe(error: BrokerError) -> str:
+    return f"{error} [{error.code}]" if error.code else str(error)
 
 
 def _copy_error(error: Exception) -> Exception:

@@ -12,6 +12,7 @@ import functools
 import getpass
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -30,11 +31,13 @@ from broker.cache import open_cache
 from broker.cache.memory import MemoryTokenCache
 from broker.claims import NotAJwtError, decode_claims, decode_header, describe, describe_opaque
 from broker.errors import BrokerError
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import LOG_FORMATS, Config, ConfigError, load_config
 from proxy.identities import hash_password
+from proxy.net import control, notify
 from proxy.net.server import ListenError, ProxyServer
 from proxy.net.tls import client_side_context, upstream_context
-from proxy.ops import doctor, exchange
+from proxy.ops import doctor, exchange, logs
+from proxy.ops.metrics import Metrics
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -55,7 +58,7 @@ DEFAULT_LOG_LEVELS = {"serve": "info", "doctor": "info", "token": "critical"}
 log = logging.getLogger("xoauth2_proxy")
 
 
-def _load(path: Path, *, unusable: int = EXIT_CONFIG) -> Config | int:
+def _load(path: Path, *, unusable: int = EXIT_CONFIG, print_warnings: bool = True) -> Config | int:
     """Load and fully check a configuration; print problems and warnings to stderr.
 
     Returns the configuration, or the exit status: 2 if the file is invalid, ``unusable``
@@ -69,7 +72,8 @@ def _load(path: Path, *, unusable: int = EXIT_CONFIG) -> Config | int:
             print(problem, file=sys.stderr)
         return unusable if exc.unreadable_only else EXIT_CONFIG
     problems = _runtime_problems(config)
-    if log.isEnabledFor(logging.WARNING):  # not for token by default: clients show stderr
+    # Not for token by default (clients show stderr), nor where the caller logs them.
+    if print_warnings and log.isEnabledFor(logging.WARNING):
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     for problem in problems:
@@ -389,21 +393,37 @@ class _Tokens:
 
 async def _reload(server: ProxyServer, tokens: _Tokens, path: Path, nursery: trio.Nursery) -> None:
     log.info("SIGHUP received: reloading %s", path)
-    config = _load(path)
+    notify.notify(*notify.reloading())
+    try:
+        await _reload_now(server, tokens, path, nursery)
+    finally:
+        notify.notify("READY=1", f"STATUS={len(server.config.listeners)} listeners")
+
+
+async def _reload_now(
+    server: ProxyServer, tokens: _Tokens, path: Path, nursery: trio.Nursery
+) -> None:
+    config = _load(path, print_warnings=False)
     if isinstance(config, int):
         log.error("reload refused: the configuration has errors (above); keeping the previous one")
+        server.metrics.reloads.labels("failure").inc()
         return
+    for warning in config.warnings:
+        log.warning("%s", warning)
     if config.cache != server.config.cache:
         log.warning("[cache] changed: the new cache settings take effect only after a restart")
+    if config.log_format != server.config.log_format:
+        log.warning("[logging] changed: the new format takes effect only after a restart")
     if config.apps == server.config.apps:
-        server.reload(config, tokens.source)  # same apps: keep their tokens warm
+        await server.reload(config, tokens.source)  # same apps: keep their tokens warm
         return
     try:
-        source = build_source(config.apps, cache=tokens.cache)
+        source = build_source(config.apps, cache=tokens.cache, on_fetch=server.metrics.token_fetch)
     except ValueError as exc:
         log.error("reload refused: %s; keeping the previous configuration", exc)
+        server.metrics.reloads.labels("failure").inc()
         return
-    if not server.reload(config, source):
+    if not await server.reload(config, source):
         source.close()
         return
     if tokens.refresh is not None:
@@ -426,6 +446,7 @@ async def _serve(server: ProxyServer, tokens: _Tokens, path: Path) -> None:
                         await _reload(server, tokens, path, nursery)
                         continue
                     log.info("%s received: shutting down", signal.Signals(signum).name)
+                    notify.notify("STOPPING=1")
                     server.shutdown()
                     break
             # Every session has ended (or its grace ran out): no more tokens are needed.
@@ -433,16 +454,20 @@ async def _serve(server: ProxyServer, tokens: _Tokens, path: Path) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config, unusable=EXIT_FAILURE)
+    config = _load(args.config, unusable=EXIT_FAILURE, print_warnings=False)
     if isinstance(config, int):
         return config
+    logs.configure(logging.root.level, args.log_format or config.log_format)
+    for warning in config.warnings:  # in the log's own format
+        log.warning("%s", warning)
+    metrics = Metrics(_version())
     try:
         cache = open_cache(config.cache)
     except ValueError as exc:
         print(f"{config.path}: cache: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        source = build_source(config.apps, cache=cache)
+        source = build_source(config.apps, cache=cache, on_fetch=metrics.token_fetch)
     except ValueError as exc:
         cache.close()
         print(f"{config.path}: {exc}", file=sys.stderr)
@@ -450,7 +475,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     tokens = _Tokens(source, cache)
     try:
         try:
-            server = ProxyServer(config, source, grace=args.grace)
+            server = ProxyServer(config, source, grace=args.grace, metrics=metrics)
         except (OSError, ValueError) as exc:  # a certificate replaced since it was checked
             print(f"cannot start: {exc}", file=sys.stderr)
             return EXIT_FAILURE
@@ -471,6 +496,117 @@ def _first(group: BaseExceptionGroup[ListenError]) -> ListenError:
     """The first exception of a (possibly nested) group."""
     first = group.exceptions[0]
     return first if isinstance(first, ListenError) else _first(first)
+
+
+def _control_socket(args: argparse.Namespace) -> Path | None:
+    """The control socket ``status`` and ``unlock`` use: ``--socket``, else the
+    configuration's (printing why there is none)."""
+    if args.socket is not None:
+        return Path(args.socket)
+    config = _load(args.config)
+    if isinstance(config, int):
+        return None
+    if config.control_socket is None:
+        print(
+            f"{config.path}: no [control] socket is configured; add\n"
+            '  [control]\n  socket = "/run/xoauth2-proxy/control.sock"\n'
+            "and restart serve",
+            file=sys.stderr,
+        )
+        return None
+    return config.control_socket
+
+
+def _ask(path: Path, message: dict[str, object]) -> dict[str, object] | None:
+    try:
+        answer = control.request(path, message)
+    except control.ControlError as exc:
+        print(f"cannot reach serve: {exc}", file=sys.stderr)
+        return None
+    if "error" in answer:
+        print(f"serve refused: {answer['error']}", file=sys.stderr)
+        return None
+    return answer
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Print what ``serve`` says about itself: tokens, sessions, lockouts."""
+    path = _control_socket(args)
+    if path is None:
+        return EXIT_CONFIG
+    answer = _ask(path, {"command": "status"})
+    if answer is None:
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(render_status(answer))
+    return 0 if answer.get("ready") else EXIT_FAILURE
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """``status`` for people."""
+    lines = ["ready" if status.get("ready") else "NOT READY"]
+    lines += [f"  {problem}" for problem in status.get("problems", [])]
+    lines.append(f"\nsessions: {status.get('sessions', 0)}")
+    for listener in status.get("listeners", []):
+        lines.append(
+            f"  {listener['name']:<28} {listener['sessions']:>6} open  "
+            f"({', '.join(listener['address'])})"
+        )
+    lines.append("\ntokens:")
+    for token in status.get("tokens", []):
+        who = token["app"] + (f" ({token['mailbox']})" if token.get("mailbox") else "")
+        expires = token.get("expires_in")
+        state = "valid" if token["valid"] else "NOT VALID"
+        when = f", expires in {_duration(expires)}" if expires is not None else ", none yet"
+        lines.append(f"  {who:<28} {state}{when}")
+        if token.get("last_error"):
+            lines.append(
+                f"    last error ({token['error_kind']}, {token['failures']} failed): "
+                f"{token['last_error']}"
+            )
+    queue = status.get("hash_queue", {})
+    lines.append(
+        f"\npassword checks: {queue.get('running', 0)} running, {queue.get('queued', 0)} queued"
+    )
+    lockouts = status.get("lockouts", [])
+    lines.append(f"\nlockouts: {len(lockouts) or 'none'}")
+    for lock in lockouts:
+        where = "" if lock["everywhere"] else " (from networks it has not logged in from)"
+        lines.append(
+            f"  {lock['scope']} {lock['key']}: {lock['failures']} failures, lifted in "
+            f"{_duration(lock['remaining'])}{where}"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 0:
+        return f"-{_duration(-seconds)}"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    """Clear a login's (or a network's) failed-login count in ``serve``."""
+    path = _control_socket(args)
+    if path is None:
+        return EXIT_CONFIG
+    answer = _ask(path, {"command": "unlock", "login": args.login})
+    if answer is None:
+        return EXIT_FAILURE
+    unlocked = answer.get("unlocked")
+    if not isinstance(unlocked, list) or not unlocked:
+        print(f"{args.login}: no failed logins recorded; nothing to unlock", file=sys.stderr)
+        return EXIT_FAILURE
+    for key in unlocked:
+        print(f"unlocked {key}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -511,7 +647,37 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds sessions in progress get after SIGTERM (default 30)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=list(LOG_FORMATS),
+        default=None,
+        help="text (default) or json: one JSON object per line (overrides [logging] format)",
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    def with_socket(p: argparse.ArgumentParser) -> None:
+        with_config(p)
+        p.add_argument(
+            "--socket", help="the control socket (default: the configuration's [control] socket)"
+        )
+
+    status = add_command(
+        "status",
+        help="show what serve is doing: each app's token, sessions per listener, lockouts "
+        "(through the control socket); exits 1 when serve is not ready",
+    )
+    with_socket(status)
+    status.add_argument("--json", action="store_true", help="print the answer as JSON")
+    status.set_defaults(func=_cmd_status)
+
+    unlock = add_command(
+        "unlock",
+        help="clear the failed logins of a login name (every kind of credential it has), a "
+        "source network, or one key as status names it",
+    )
+    with_socket(unlock)
+    unlock.add_argument("login", help="a login name, an address or network, or a status key")
+    unlock.set_defaults(func=_cmd_unlock)
 
     check = add_command("check", help="validate the configuration")
     with_config(check)
@@ -592,11 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not hasattr(args, "log_level"):
         args.log_level = DEFAULT_LOG_LEVELS.get(args.command, "warning")
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(getattr(logging, args.log_level.upper()), "text")
     result: int = args.func(args)
     return result
 

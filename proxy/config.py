@@ -53,10 +53,16 @@ __all__ = [
     "ConfigError",
     "Limits",
     "ListenerConfig",
+    "MetricsSettings",
+    "Network",
     "Protocol",
+    "UpstreamClientAddress",
     "UserConfig",
     "load_config",
 ]
+
+#: An IPv4 or IPv6 network (``trusted_proxies``).
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Protocol(enum.Enum):
@@ -85,6 +91,18 @@ class ClientCertificates(enum.Enum):
 CLIENT_CERTIFICATES: Final = {c.value: c for c in ClientCertificates}
 
 
+class UpstreamClientAddress(enum.Enum):
+    """How the client's address is passed to the upstream, if at all."""
+
+    NONE = "none"
+    #: A PROXY protocol header (version 1 or 2) before anything else on the connection.
+    PROXY_V1 = "proxy-v1"
+    PROXY_V2 = "proxy-v2"
+
+
+UPSTREAM_CLIENT_ADDRESS: Final = {c.value: c for c in UpstreamClientAddress}
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     protocol: Protocol
@@ -105,6 +123,12 @@ class ListenerConfig:
     client_certificates: ClientCertificates = ClientCertificates.NONE
     #: SMTP: the name in our greeting and EHLO (default: this host's fully qualified name).
     hostname: str | None = None
+    #: Connections start with a PROXY protocol header (v1 or v2) from one of
+    #: ``trusted_proxies``, which names the real client; anything else is closed.
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+    #: Pass the client's address on to the upstream (which must be set up to trust us).
+    upstream_client_address: UpstreamClientAddress = UpstreamClientAddress.NONE
 
     @property
     def name(self) -> str:
@@ -189,6 +213,8 @@ class Limits:
     #: What one source network is: the prefix length of IPv4 and of IPv6 addresses.
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
+    #: Seconds a load balancer has to send the whole PROXY protocol header.
+    proxy_header_timeout: float = 10.0
 
     def throttle_policy(self) -> ThrottlePolicy:
         return ThrottlePolicy(
@@ -204,6 +230,18 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The ``[metrics]`` table: the HTTP listener for /metrics, /healthz and /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+#: How log records are written to stderr.
+LOG_FORMATS: Final = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     apps: Mapping[str, App]
@@ -214,6 +252,12 @@ class Config:
     cache: CacheSettings = field(default_factory=CacheSettings)
     #: Problems that do not stop the proxy, as ``FILE: KEY: text`` lines.
     warnings: tuple[str, ...] = ()
+    #: The metrics and health listener, if any.
+    metrics: MetricsSettings | None = None
+    #: The control socket ``status`` and ``unlock`` talk to, if any.
+    control_socket: Path | None = None
+    #: ``text`` or ``json`` (one object per line); ``--log-format`` overrides it.
+    log_format: str = "text"
 
     def user(self, login: str) -> UserConfig | None:
         """Find a user by login name, ignoring case."""
@@ -453,6 +497,9 @@ LISTENER_KEYS: Final = {
     "client_ca_file",
     "client_certificates",
     "hostname",
+    "proxy_protocol",
+    "trusted_proxies",
+    "upstream_client_address",
 }
 USER_KEYS: Final = {
     "password_hash",
@@ -493,6 +540,7 @@ LIMIT_KEYS: Final = {
     "max_early_upstreams",
     "ipv4_prefix",
     "ipv6_prefix",
+    "proxy_header_timeout",
 }
 #: Keys of earlier versions: accepted with a warning saying what replaced them.
 OLD_LIMIT_KEYS: Final = {
@@ -857,6 +905,8 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
             r.fail(f"{key}.client_certificates", 'cannot be "none" with a client_ca_file')
         if client_ca and tls == "none":
             r.fail(f"{key}.client_ca_file", "client certificates need TLS")
+        proxy_protocol, trusted_proxies = _read_proxy_protocol(r, raw, key)
+        forward = r.choice(raw, key, "upstream_client_address", UPSTREAM_CLIENT_ADDRESS, "none")
         if protocol and tls and upstream_tls and listen and upstream:
             listeners.append(
                 ListenerConfig(
@@ -873,9 +923,79 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
                     client_ca_file=client_ca,
                     client_certificates=client_certificates,
                     hostname=hostname,
+                    proxy_protocol=proxy_protocol,
+                    trusted_proxies=trusted_proxies,
+                    upstream_client_address=UPSTREAM_CLIENT_ADDRESS[forward or "none"],
                 )
             )
     return listeners
+
+
+def _read_proxy_protocol(
+    r: _Reader, raw: Mapping[str, object], key: str
+) -> tuple[bool, tuple[Network, ...]]:
+    """``proxy_protocol`` and the ``trusted_proxies`` it needs."""
+    enabled = raw.get("proxy_protocol", False)
+    if not isinstance(enabled, bool):
+        r.fail(f"{key}.proxy_protocol", "must be true or false")
+        enabled = False
+    networks: list[Network] = []
+    for text in r.strings(raw, key, "trusted_proxies") or []:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            r.fail(f"{key}.trusted_proxies", f"not an address or network: {text!r}")
+    if enabled and not networks and "trusted_proxies" not in raw:
+        r.fail(
+            f"{key}.trusted_proxies",
+            "is required with proxy_protocol = true: the load balancers' addresses or "
+            'networks (["10.0.0.0/8"]), whose headers are believed',
+        )
+    if "trusted_proxies" in raw and not enabled:
+        r.fail(f"{key}.trusted_proxies", "only applies with proxy_protocol = true")
+    return enabled, tuple(networks)
+
+
+def _read_metrics(r: _Reader, data: Mapping[str, object]) -> MetricsSettings | None:
+    if "metrics" not in data:
+        return None
+    raw = r.table(data, "metrics", "metrics")
+    r.unknown_keys(raw, "metrics", {"listen"})
+    default = MetricsSettings()
+    text = r.string(raw, "metrics", "listen", f"{default.host}:{default.port}")
+    address = _split_address(text) if text else None
+    if text and address is None:
+        r.fail("metrics.listen", f"must be host:port, not {text!r}")
+    if address is None:
+        return default
+    return MetricsSettings(host=address[0], port=address[1])
+
+
+def _read_control(r: _Reader, data: Mapping[str, object]) -> Path | None:
+    raw = r.table(data, "control", "control")
+    r.unknown_keys(raw, "control", {"socket"})
+    text = r.string(raw, "control", "socket") if "socket" in raw else None
+    if text is None:
+        return None
+    path = r.base / text
+    if not path.parent.is_dir():
+        r.fail("control.socket", f"directory {path.parent} does not exist")
+        return None
+    if stat.S_IMODE(path.parent.stat().st_mode) & 0o002 and not path.parent.stat().st_mode & (
+        stat.S_ISVTX
+    ):
+        r.fail(
+            "control.socket",
+            f"directory {path.parent} is writable by every user: anyone could put their own "
+            "socket there; use a directory only the service may write (/run/xoauth2-proxy)",
+        )
+    return path
+
+
+def _read_logging(r: _Reader, data: Mapping[str, object]) -> str:
+    raw = r.table(data, "logging", "logging")
+    r.unknown_keys(raw, "logging", {"format"})
+    return r.choice(raw, "logging", "format", dict.fromkeys(LOG_FORMATS), "text") or "text"
 
 
 def _read_users(
@@ -1053,6 +1173,7 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
         max_early_upstreams=count("max_early_upstreams", d.max_early_upstreams, least=0),
         ipv4_prefix=count("ipv4_prefix", d.ipv4_prefix, most=32, least=8),
         ipv6_prefix=count("ipv6_prefix", d.ipv6_prefix, most=128, least=16),
+        proxy_header_timeout=seconds("proxy_header_timeout", d.proxy_header_timeout),
     )
     if limits.trusted_lockout_after < limits.lockout_after:
         r.fail(
@@ -1090,13 +1211,18 @@ def load_config(path: Path) -> Config:
             read_trusted(path, private=True)
         except UnsafeFile as exc:
             r.fail("(file)", f"holds inline secrets: {exc}")
-    r.unknown_keys(data, "", {"apps", "listeners", "users", "limits", "cache"})
+    r.unknown_keys(
+        data, "", {"apps", "listeners", "users", "limits", "cache", "metrics", "control", "logging"}
+    )
     apps = _read_apps(r, data)
     app_names = set(r.table(data, "apps", "apps"))
     listeners = _read_listeners(r, data)
     users = _read_users(r, data, apps, app_names)
     limits = _read_limits(r, data)
     cache = _read_cache(r, data)
+    metrics = _read_metrics(r, data)
+    control_socket = _read_control(r, data)
+    log_format = _read_logging(r, data)
     if r.problems:
         raise ConfigError(r.problems, unreadable_only=r.unreadable == len(r.problems))
     return Config(
@@ -1107,4 +1233,7 @@ def load_config(path: Path) -> Config:
         limits=limits,
         cache=cache,
         warnings=tuple(r.warnings),
+        metrics=metrics,
+        control_socket=control_socket,
+        log_format=log_format,
     )

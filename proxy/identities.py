@@ -186,6 +186,7 @@ class Authenticator:
         cache_ttl: float = 300.0,
         dummy_parameters: HashParameters = DEFAULT_PARAMETERS,
         clock: Callable[[], float] = trio.current_time,
+        on_lookup: Callable[[bool], None] | None = None,
     ) -> None:
         self._by_certificate: dict[str, UserConfig] = {}
         self._by_subject: dict[str, UserConfig] = {}
@@ -205,6 +206,8 @@ class Authenticator:
         self._cache_ttl = cache_ttl
         self._clock = clock
         self._cache_key = secrets.token_bytes(32)
+        #: Told whether each password check was answered by the verified cache (metrics).
+        self._on_lookup = on_lookup
         self._verified: OrderedDict[bytes, float] = OrderedDict()
         # A stand-in hash for logins with nothing to check: verifying it costs what verifying
         # a real one does (the cost is in the parameters; the bytes are random).
@@ -355,9 +358,13 @@ class Authenticator:
         if expiry is not None:
             if expiry > self._clock():
                 self._verified.move_to_end(key)
+                if self._on_lookup is not None:
+                    self._on_lookup(True)
                 await trio.lowlevel.checkpoint()
                 return True
             del self._verified[key]
+        if self._on_lookup is not None:
+            self._on_lookup(False)
         candidates = self._candidates(hashes)
 
         def remember() -> None:

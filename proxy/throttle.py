@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 __all__ = [
+    "Lockout",
     "LoginThrottle",
     "SharedFailures",
     "SharedUnavailable",
@@ -87,6 +88,10 @@ class SharedFailures(Protocol):
         ...
 
     async def trust(self, pair: str, ttl: float) -> None: ...
+
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Drop every failure under ``keys`` (an operator's unlock)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -130,6 +135,23 @@ class Verdict:
     locked: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Lockout:
+    """A login or a network locked out now (for status reports; no secret in it)."""
+
+    #: ``login`` or ``network``.
+    scope: str
+    #: The throttle key (``password:LOGIN``, ``certificate:SHA256``, ``app-key:USER``) or
+    #: the network.
+    key: str
+    failures: int
+    #: Seconds until enough failures age out of the window to lift it.
+    remaining: float
+    #: For a login: locked for every network (``trusted_lockout`` reached), or only for
+    #: networks it has not succeeded from.
+    everywhere: bool = True
+
+
 def network_of(address: str, *, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
     """The key of ``address``'s network: by default the IPv4 address itself or the IPv6
     /64 (an IPv4-mapped IPv6 address counts as IPv4)."""
@@ -168,6 +190,16 @@ class _Table:
             if not times:
                 del self._records[key]
         return len(times)
+
+    def snapshot(self) -> list[str]:
+        return list(self._records)
+
+    def nth_newest(self, key: str, n: int) -> float:
+        """The time of ``key``'s ``n``-th newest failure (1: the newest)."""
+        return self._records[key][-n]
+
+    def forget(self, key: str) -> bool:
+        return self._records.pop(key, None) is not None
 
     def add(self, key: str, now: float, keep: int) -> None:
         """Record a failure of ``key``; only the newest ``keep`` times are kept."""
@@ -284,6 +316,48 @@ class LoginThrottle:
                 self._shared_works()
         else:
             await trio.lowlevel.checkpoint()
+
+    def lockouts(self, now: float | None = None) -> list[Lockout]:
+        """The logins and networks this instance sees locked out at ``now`` (default: its
+        clock's now), by its own counts (a shared store holds no names to list)."""
+        policy = self.policy
+        now = self._clock() if now is None else now
+        found: list[Lockout] = []
+        tables = (
+            ("login", self._logins, policy.login_lockout),
+            ("network", self._networks, policy.network_lockout),
+        )
+        for scope, table, ceiling in tables:
+            for key in table.snapshot():
+                failures = table.count(key, now, policy.window)
+                if failures < ceiling:
+                    continue
+                # Lifted when the failure that reached the ceiling ages out.
+                lifted = table.nth_newest(key, ceiling) + policy.window
+                everywhere = scope == "network" or failures >= policy.trusted_lockout
+                found.append(Lockout(scope, key, failures, max(lifted - now, 0.0), everywhere))
+        return found
+
+    async def unlock(self, key: str) -> bool:
+        """Forget every failure of a login (its throttle key, as :meth:`lockouts` names
+        it) or of a network, here and in the shared store; return whether this instance
+        had any. (The store's per-pair counts, which only set delays, age out.)"""
+        key = fold_case(key)  # networks are written in lower case already
+        forgot = self._logins.forget(key) | self._networks.forget(key)
+        prefix = f"{key}\x00"
+        for pair in self._pairs.snapshot():
+            if pair.startswith(prefix):
+                forgot |= self._pairs.forget(pair)
+        if self.shared is not None:
+            try:
+                await self.shared.forget([key])
+            except SharedUnavailable as exc:
+                self._shared_failed(exc)
+            else:
+                self._shared_works()
+        else:
+            await trio.lowlevel.checkpoint()
+        return forgot
 
     def _judge(self, *, logins: int, networks: int, pairs: int, trusted: bool) -> Verdict:
         policy = self.policy

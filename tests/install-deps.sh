@@ -4,7 +4,8 @@
 # the upstream, Redis, the command-line mail clients run by the end-to-end tests,
 # systemd-analyze to check deploy/'s unit file, podman, buildah, runc and debootstrap to
 # build and run deploy/container's image from Debian's packages, and kubectl to render
-# deploy/kubernetes with kustomize; then the npm packages the tests run with node (see
+# deploy/kubernetes with kustomize, HAProxy (in front of the proxy: PROXY protocol) and
+# Prometheus (promtool checks the metrics); then the npm packages the tests run with node (see
 # install_npm_packages).
 # Run as root. The packages' own services are kept from starting on the standard ports.
 # On a system without dpkg, it only says what is missing.
@@ -12,7 +13,7 @@ set -eu
 
 PACKAGES="python3 python3-venv
 dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
-fetchmail msmtp curl systemd
+fetchmail msmtp curl systemd haproxy prometheus
 podman buildah runc catatonit debootstrap uidmap"
 # kubectl: any will do (Debian's kubernetes-client, or one installed otherwise).
 command -v kubectl >/dev/null 2>&1 || PACKAGES="$PACKAGES kubernetes-client"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["relay"]
 
@@ -16,11 +21,15 @@ async def _copy(
     sink: trio.abc.SendStream,
     done: trio.CancelScope,
     endings: list[bool],
+    tap: Callable[[bytes | bytearray], None] | None = None,
 ) -> None:
     """Copy until ``source`` ends; record in ``endings`` whether it ended cleanly (True: an
-    end of stream, for TLS a close_notify) or broke (False)."""
+    end of stream, for TLS a close_notify) or broke (False). ``tap`` is shown each chunk
+    before it is sent on."""
     try:
         while data := await source.receive_some(CHUNK):
+            if tap is not None:
+                tap(data)
             await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         endings.append(False)
@@ -38,8 +47,17 @@ async def _copy(
     done.cancel()
 
 
-async def relay(client: trio.abc.Stream, server: trio.abc.Stream) -> bool:
+async def relay(
+    client: trio.abc.Stream,
+    server: trio.abc.Stream,
+    *,
+    to_server: Callable[[bytes | bytearray], None] | None = None,
+    to_client: Callable[[bytes | bytearray], None] | None = None,
+) -> bool:
     """Copy ``client`` → ``server`` and back until either side ends or breaks.
+
+    ``to_server`` and ``to_client`` are shown every chunk copied in that direction (to
+    count bytes, or to watch the first lines); they must not block.
 
     Returns whether the session ended cleanly: no side broke off (a reset, or TLS cut
     without close_notify). The caller closes both streams afterwards, and should pass a
@@ -48,7 +66,7 @@ async def relay(client: trio.abc.Stream, server: trio.abc.Stream) -> bool:
     """
     endings: list[bool] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_copy, server, client, nursery.cancel_scope, endings)
+        nursery.start_soon(_copy, server, client, nursery.cancel_scope, endings, to_client)
         # The other direction runs in this task: one task fewer per session.
-        await _copy(client, server, nursery.cancel_scope, endings)
+        await _copy(client, server, nursery.cancel_scope, endings, to_server)
     return all(endings)

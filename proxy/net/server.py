@@ -11,16 +11,22 @@ import contextlib
 import errno
 import functools
 import itertools
+import json
 import logging
 import socket
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from proxy.config import ClientCertificates, Protocol
+from proxy.config import ClientCertificates, Protocol, UpstreamClientAddress
 from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
+from proxy.net import notify
+from proxy.net.control import ControlError, open_control_socket, serve_control
+from proxy.net.ops_http import HttpRequest, HttpResponse, serve_ops_http
+from proxy.net.proxy_protocol import is_trusted, read_proxy_header
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
 from proxy.net.shared_throttle import RedisFailures
 from proxy.net.tls import (
@@ -30,17 +36,19 @@ from proxy.net.tls import (
     upstream_context,
 )
 from proxy.net.tlssocket import wrap_tls
+from proxy.ops.metrics import Metrics, ServerState, TokenState
 from proxy.protocol import replies
 from proxy.protocol.imap import ImapAuth
 from proxy.protocol.modes import AuthSettings, ClientTls
 from proxy.protocol.pop3 import Pop3Auth
+from proxy.protocol.proxy_header import ProxyCommand, ProxyHeaderError, encode_v1, encode_v2
 from proxy.protocol.smtp import SmtpAuth, is_hostname
 from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
 
-    from broker.source import TokenSource
+    from broker.source import TokenSource, TokenStatus
     from proxy.config import Config, ListenerConfig
 
 __all__ = ["BoundListener", "ListenError", "ProxyServer", "auth_machine"]
@@ -129,6 +137,58 @@ def _busy_reply(listener: ListenerConfig) -> bytes:
             return replies.SMTP_BUSY
 
 
+@dataclass(eq=False, slots=True)
+class _Listening:
+    """A listener's sockets, the configuration new connections get (replaced by reloads
+    that keep its address) and what it is serving."""
+
+    config: ListenerConfig
+    sockets: list[trio.SocketListener]
+    #: Connections open now.
+    open: int = 0
+    #: The accept loop's scope: cancelled when a reload removes the listener.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def report(self) -> list[BoundListener]:
+        return [BoundListener(self.config, *s.socket.getsockname()[:2]) for s in self.sockets]
+
+    async def aclose(self) -> None:
+        for s in self.sockets:
+            await s.aclose()
+
+
+async def _bind(listeners: tuple[ListenerConfig, ...] | list[ListenerConfig]) -> list[_Listening]:
+    """Open every listener's sockets, or none (:class:`ListenError` says which failed)."""
+    bound: list[_Listening] = []
+    try:
+        for listener in listeners:
+            try:
+                sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
+            except OSError as exc:
+                raise ListenError(describe_listen_error(listener, exc)) from None
+            bound.append(_Listening(listener, sockets))
+    except BaseException:
+        for b in bound:
+            await b.aclose()
+        raise
+    return bound
+
+
+def _log_listening(bound: _Listening) -> None:
+    for b in bound.report():
+        log.info(
+            "listening on %s:%s for %s (tls %s%s) -> %s:%s (upstream tls %s)",
+            b.host,
+            b.port,
+            b.config.protocol.value,
+            b.config.tls.name.lower(),
+            ", PROXY protocol" if b.config.proxy_protocol else "",
+            b.config.upstream_host,
+            b.config.upstream_port,
+            b.config.upstream_tls.name.lower(),
+        )
+
+
 def _contexts(
     config: Config,
 ) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, ssl.SSLContext]]:
@@ -150,7 +210,12 @@ def _contexts(
 
 
 class ProxyServer:
-    """Serve every configured listener until :meth:`shutdown`."""
+    """Serve every configured listener until :meth:`shutdown`.
+
+    Besides the mail listeners: the operations HTTP listener (``[metrics]``: /metrics,
+    /healthz, /readyz) and the control socket (``[control]``: status and unlock), both
+    opened with the listeners and served until every session has ended.
+    """
 
     def __init__(
         self,
@@ -159,9 +224,15 @@ class ProxyServer:
         *,
         authenticator: Authenticator | None = None,
         grace: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        #: The configuration the operations listener and control socket were opened with.
+        self.config_at_start = config
         self.grace = grace
+        self.tokens = tokens
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
         # With the token cache in Redis, failed logins are counted there too: instances
         # behind one load balancer share the bound on guesses.
         shared = RedisFailures.from_settings(config.cache) if config.cache.kind == "redis" else None
@@ -179,9 +250,16 @@ class ProxyServer:
             auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
         self._client_contexts, self._upstream_contexts = _contexts(config)
         self._ids = itertools.count(1)
-        self._connections: collections.Counter[ListenerConfig] = collections.Counter()
+        self._listening: list[_Listening] = []
+        #: Connections open per listener name (removed listeners' sessions included).
+        self._open_by_name: collections.Counter[str] = collections.Counter()
         self._connections_from: collections.Counter[str] = collections.Counter()
         self._stop = trio.Event()
+        self._accepting: trio.Nursery | None = None
+        self._handlers: trio.Nursery | None = None
+        #: Listeners bound and accepting; not stopping.
+        self.ready = False
+        self.stopping = False
 
     def _services(
         self, config: Config, tokens: TokenSource, authenticator: Authenticator | None
@@ -200,11 +278,13 @@ class ProxyServer:
             typical = max(
                 costs, key=lambda p: (p.memory_cost * p.iterations, p.lanes), default=None
             )
+            metrics = self.metrics
             authenticator = Authenticator(
                 config.users,
                 hashes=self.hashes,
                 cache_ttl=config.limits.credential_cache_ttl,
                 dummy_parameters=typical or DEFAULT_PARAMETERS,
+                on_lookup=lambda hit: metrics.credential_lookup(hit=hit),
             )
         return Services(
             authenticator=authenticator,
@@ -213,28 +293,50 @@ class ProxyServer:
             app_providers={name: app.provider for name, app in config.apps.items()},
             throttle=self.throttle,
             early_upstreams=self.early_upstreams,
+            metrics=self.metrics,
         )
 
-    def reload(self, config: Config, tokens: TokenSource) -> bool:
-        """Use ``config`` for new logins; sessions in progress keep what they started with.
+    async def reload(self, config: Config, tokens: TokenSource) -> bool:
+        """Use ``config`` for new connections and logins; sessions in progress keep what
+        they started with, whatever their listener becomes.
 
-        Listeners cannot change without a restart: if they differ, nothing changes and
-        ``False`` is returned.
+        Listeners whose address stays keep their sockets (new connections get the new
+        settings); new ones are opened, removed ones closed. If anything cannot be used
+        (a certificate, an address), nothing changes and ``False`` is returned.
         """
-        if config.listeners != self.config.listeners:
-            log.error(
-                "reload refused: listeners changed, which needs a restart; "
-                "keeping the previous configuration"
-            )
-            return False
         try:
             client_contexts, upstream_contexts = _contexts(config)
+            for listener in config.listeners:
+                auth_machine(listener, app_keys=False)
         except (OSError, ValueError) as exc:
             log.error("reload refused: %s; keeping the previous configuration", exc)
+            self.metrics.reloads.labels("failure").inc()
+            return False
+        kept, added, removed = self._plan(config.listeners)
+        try:
+            opened = await _bind(added)
+        except ListenError as exc:
+            log.error("reload refused: %s; keeping the previous configuration", exc)
+            self.metrics.reloads.labels("failure").inc()
             return False
         # New connections use the new certificates (renewed at the same path, say).
         self._client_contexts, self._upstream_contexts = client_contexts, upstream_contexts
+        for bound, listener in kept:
+            bound.config = listener
+        for bound in removed:
+            bound.scope.cancel()
+            await bound.aclose()
+            self._listening.remove(bound)
+            log.info(
+                "no longer listening on %s (%d sessions in progress go on)",
+                bound.config.name,
+                bound.open,
+            )
+        for bound in opened:
+            await self._start_accepting(bound)
+            _log_listening(bound)
         self.config = config
+        self.tokens = tokens
         # Failure counts survive a reload; the new limits apply to them.
         self.throttle.policy = config.limits.throttle_policy()
         limits = config.limits
@@ -247,11 +349,56 @@ class ProxyServer:
         self.hashes.max_per_network = limits.hash_queue_per_network
         self.services = self._services(config, tokens, None)
         self._app_keys = _has_app_keys(config)
-        log.info("configuration reloaded: %d apps, %d users", len(config.apps), len(config.users))
+        if config.metrics != self.config_at_start.metrics:
+            log.warning("[metrics] changed: the new listener takes effect only after a restart")
+        if config.control_socket != self.config_at_start.control_socket:
+            log.warning("[control] changed: the new socket takes effect only after a restart")
+        self.metrics.reloads.labels("success").inc()
+        log.info(
+            "configuration reloaded: %d apps, %d users, %d listeners",
+            len(config.apps),
+            len(config.users),
+            len(config.listeners),
+        )
         return True
+
+    def _plan(
+        self, listeners: tuple[ListenerConfig, ...]
+    ) -> tuple[list[tuple[_Listening, ListenerConfig]], list[ListenerConfig], list[_Listening]]:
+        """Which bound listeners stay (and their new settings), which to open, which to
+        close. A listener stays if its settings are the same, or its address is (a fixed
+        port: port 0 means a new port each time)."""
+        unmatched = list(self._listening)
+        kept: list[tuple[_Listening, ListenerConfig]] = []
+        rest: list[ListenerConfig] = []
+        for listener in listeners:
+            same = next((b for b in unmatched if b.config == listener), None)
+            if same is None:
+                rest.append(listener)
+                continue
+            unmatched.remove(same)
+            kept.append((same, listener))
+        added: list[ListenerConfig] = []
+        for listener in rest:
+            moved = next(
+                (
+                    b
+                    for b in unmatched
+                    if listener.port != 0
+                    and (b.config.host, b.config.port) == (listener.host, listener.port)
+                ),
+                None,
+            )
+            if moved is None:
+                added.append(listener)
+            else:
+                unmatched.remove(moved)
+                kept.append((moved, listener))
+        return kept, added, unmatched
 
     def shutdown(self) -> None:
         """Stop accepting connections; sessions in progress get ``grace`` seconds."""
+        self.stopping = True
         self._stop.set()
 
     async def serve(
@@ -261,104 +408,234 @@ class ProxyServer:
 
         Raises :class:`ListenError` if a listener cannot be opened (none is left open).
         """
-        bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
+        self.config_at_start = self.config
+        bound = await _bind(self.config.listeners)
         try:
-            for listener in self.config.listeners:
-                try:
-                    sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
-                except OSError as exc:
-                    raise ListenError(describe_listen_error(listener, exc)) from None
-                bound.append((listener, sockets))
+            ops = await self._open_operations()
         except BaseException:
-            for _, sockets in bound:
-                for s in sockets:
-                    await s.aclose()
+            for b in bound:
+                await b.aclose()
             raise
-        report = [
-            BoundListener(listener, *s.socket.getsockname()[:2])
-            for listener, sockets in bound
-            for s in sockets
-        ]
         try:
             async with trio.open_nursery() as workers:
                 await workers.start(self.hashes.run)
-                await self._serve_bound(bound, report, task_status)
+                for start in ops:
+                    await workers.start(start)
+                await self._serve_bound(bound, task_status)
                 workers.cancel_scope.cancel()  # every session has ended
         finally:
+            self._close_control_socket()
             if self.throttle.shared is not None:
                 self.throttle.shared.close()
 
+    async def _open_operations(self) -> list[Any]:
+        """Bind the operations listener and the control socket (what to start, in order)."""
+        starts: list[Any] = []
+        settings = self.config.metrics
+        if settings is not None:
+            try:
+                sockets = await trio.open_tcp_listeners(settings.port, host=settings.host)
+            except OSError as exc:
+                where = _http_host(settings.host, settings.port)
+                raise ListenError(
+                    f"[metrics] listen: cannot listen on {where}: {exc.strerror or exc}"
+                ) from None
+            for s in sockets:
+                host, port = s.socket.getsockname()[:2]
+                log.info("metrics and health on http://%s/metrics", _http_host(host, port))
+            self.operations_address = sockets[0].socket.getsockname()[:2]
+            starts.append(functools.partial(serve_ops_http, sockets, self.answer_http))
+        path = self.config.control_socket
+        if path is not None:
+            try:
+                sock = open_control_socket(path)
+            except BaseException as exc:
+                for start in starts:
+                    for s in start.args[0]:
+                        await s.aclose()
+                if isinstance(exc, ControlError):
+                    raise ListenError(f"[control] socket: {exc}") from None
+                raise
+            log.info("control socket at %s (xoauth2-proxy status, unlock)", path)
+            starts.append(functools.partial(serve_control, sock, self.answer_control))
+        return starts
+
+    def _close_control_socket(self) -> None:
+        path = self.config_at_start.control_socket
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _start_accepting(self, bound: _Listening) -> None:
+        assert self._accepting is not None
+        assert self._handlers is not None
+        handlers = self._handlers
+
+        async def accept(*, task_status: trio.TaskStatus[None]) -> None:
+            with bound.scope:
+                task_status.started()
+                await trio.serve_listeners(
+                    functools.partial(self._handle, bound), bound.sockets, handler_nursery=handlers
+                )
+
+        await self._accepting.start(accept)
+        self._listening.append(bound)
+
     async def _serve_bound(
-        self,
-        bound: list[tuple[ListenerConfig, list[trio.SocketListener]]],
-        report: list[BoundListener],
-        task_status: trio.TaskStatus[list[BoundListener]],
+        self, bound: list[_Listening], task_status: trio.TaskStatus[list[BoundListener]]
     ) -> None:
         async with trio.open_nursery() as handlers:
+            self._handlers = handlers
             async with trio.open_nursery() as accepting:
-                for listener, sockets in bound:
-                    handler = functools.partial(self._handle, listener)
-                    accepting.start_soon(
-                        functools.partial(
-                            trio.serve_listeners, handler, sockets, handler_nursery=handlers
-                        )
-                    )
-                for b in report:
-                    log.info(
-                        "listening on %s:%s for %s (tls %s) -> %s:%s (upstream tls %s)",
-                        b.host,
-                        b.port,
-                        b.config.protocol.value,
-                        b.config.tls.name.lower(),
-                        b.config.upstream_host,
-                        b.config.upstream_port,
-                        b.config.upstream_tls.name.lower(),
-                    )
-                task_status.started(report)
+                self._accepting = accepting
+                for b in bound:
+                    await self._start_accepting(b)
+                    _log_listening(b)
+                self.ready = True
+                notify.notify("READY=1", f"STATUS={self._status_line()}")
+                task_status.started([r for b in bound for r in b.report()])
                 await self._stop.wait()
+                self.stopping = True
                 accepting.cancel_scope.cancel()
-            log.info("no longer accepting; %g s for sessions in progress", self.grace)
+            # Closed, so that new connections are refused at once rather than left waiting
+            # in the backlog.
+            for b in self._listening:
+                await b.aclose()
+            self._accepting = None
+            log.info(
+                "no longer accepting; %g s for %d sessions in progress",
+                self.grace,
+                sum(self._open_by_name.values()),
+            )
+            notify.notify(
+                "STOPPING=1",
+                f"STATUS=stopping: {sum(self._open_by_name.values())} sessions in progress",
+            )
             handlers.cancel_scope.deadline = trio.current_time() + self.grace
 
-    async def _handle(self, listener: ListenerConfig, stream: trio.SocketStream) -> None:
+    @property
+    def sessions_open(self) -> int:
+        """Client connections open now, on every listener."""
+        return sum(self._open_by_name.values())
+
+    def _status_line(self) -> str:
+        return f"{len(self._listening)} listeners, {sum(self._open_by_name.values())} sessions"
+
+    # -- connections ------------------------------------------------------------------------
+
+    async def _handle(self, bound: _Listening, stream: trio.SocketStream) -> None:
+        listener = bound.config  # the settings at accept time, whatever reloads do
         conn_id = f"{listener.protocol.value}#{next(self._ids)}"
+        contexts = self._client_contexts.get(listener), self._upstream_contexts.get(listener)
         try:
             peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
         except OSError:  # already gone
             await trio.aclose_forcefully(stream)
             return
-        address = str(peer[0])
+        client = (str(peer[0]), int(peer[1]))
+        via = ""
+        if listener.proxy_protocol:
+            header_client = await self._proxy_header(listener, stream, conn_id, client)
+            if header_client is None:
+                await trio.aclose_forcefully(stream)
+                return
+            if header_client != client:
+                via = f" via {client[0]}:{client[1]}"
+                client = header_client
+        self.metrics.sessions.labels(listener.name).inc()
+        address = client[0]
         limits = self.config.limits
         network = self.throttle.policy.network_of(address)
         if (
-            self._connections[listener] >= limits.max_connections
+            bound.open >= limits.max_connections
             or self._connections_from[network] >= limits.max_connections_per_network
         ):
             log.warning(
-                "%s: connection from %s:%s on %s refused: too many connections (%d on the "
+                "%s: connection from %s:%s%s on %s refused: too many connections (%d on the "
                 "listener, %d from network %s)",
                 conn_id,
                 address,
-                peer[1],
+                client[1],
+                via,
                 listener.name,
-                self._connections[listener],
+                bound.open,
                 self._connections_from[network],
                 network,
             )
+            self.metrics.refused.labels(listener.name, "too_many").inc()
             if listener.tls is not ClientTls.IMPLICIT:  # a TLS client could not read it
                 with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(_busy_reply(listener))
             await trio.aclose_forcefully(stream)
             return
-        self._connections[listener] += 1
+        bound.open += 1
+        self._open_by_name[listener.name] += 1
         self._connections_from[network] += 1
         try:
-            await self._serve_connection(listener, stream, conn_id, peer)
+            await self._serve_connection(
+                listener,
+                stream,
+                conn_id,
+                client,
+                via,
+                contexts,
+                _upstream_preface(listener, client, (str(local[0]), int(local[1]))),
+            )
         finally:
-            self._connections[listener] -= 1
+            bound.open -= 1
+            self._open_by_name[listener.name] -= 1
+            if not self._open_by_name[listener.name]:
+                del self._open_by_name[listener.name]
             self._connections_from[network] -= 1
             if not self._connections_from[network]:
                 del self._connections_from[network]
+
+    async def _proxy_header(
+        self,
+        listener: ListenerConfig,
+        stream: trio.SocketStream,
+        conn_id: str,
+        peer: tuple[str, int],
+    ) -> tuple[str, int] | None:
+        """The client a trusted balancer's PROXY header names (the balancer itself for a
+        LOCAL header), or ``None`` to close the connection."""
+        if not is_trusted(peer[0], listener.trusted_proxies):
+            log.warning(
+                "%s: connection from %s:%s on %s closed: not in trusted_proxies, and this "
+                "listener expects a PROXY protocol header",
+                conn_id,
+                peer[0],
+                peer[1],
+                listener.name,
+            )
+            self.metrics.refused.labels(listener.name, "untrusted_proxy").inc()
+            return None
+        timeout = self.config.limits.proxy_header_timeout
+        try:
+            with trio.fail_after(timeout):
+                header = await read_proxy_header(stream)
+        except (ProxyHeaderError, trio.TooSlowError, OSError) as exc:
+            why = (
+                f"no PROXY header within {timeout:g}s"
+                if isinstance(exc, trio.TooSlowError)
+                else str(exc)
+                if isinstance(exc, ProxyHeaderError)
+                else f"connection broken: {exc.strerror or exc}"
+            )
+            log.warning(
+                "%s: connection from proxy %s:%s on %s closed: %s",
+                conn_id,
+                peer[0],
+                peer[1],
+                listener.name,
+                why,
+            )
+            self.metrics.refused.labels(listener.name, "bad_proxy_header").inc()
+            return None
+        if header.command is ProxyCommand.LOCAL or header.source is None:
+            return peer  # the balancer's own connection (a health check)
+        return header.source
 
     async def _serve_connection(
         self,
@@ -366,11 +643,24 @@ class ProxyServer:
         stream: trio.SocketStream,
         conn_id: str,
         peer: tuple[str, int],
+        via: str,
+        contexts: tuple[ssl.SSLContext | None, ssl.SSLContext | None],
+        upstream_preface: bytes,
     ) -> None:
         client: trio.abc.Stream = stream
+        context, upstream = contexts
         try:
-            log.info("%s: connection from %s:%s on %s", conn_id, peer[0], peer[1], listener.name)
-            context = self._client_contexts[listener]
+            log.info(
+                "%s: connection from %s:%s%s on %s",
+                conn_id,
+                peer[0],
+                peer[1],
+                via,
+                listener.name,
+                extra={"conn": conn_id, "listener": listener.name},
+            )
+            if upstream is None:  # a listener a reload has just replaced
+                return
             if listener.tls is ClientTls.IMPLICIT:
                 assert context is not None  # config guarantees a certificate
                 try:
@@ -391,15 +681,16 @@ class ProxyServer:
             machine, timeout_reply = auth_machine(listener, app_keys=self._app_keys)
             session = Session(
                 conn_id=conn_id,
-                peer=str(peer[0]),
+                peer=peer[0],
                 listener=listener,
                 machine=machine,
                 services=self.services,
                 client=client,
                 client_context=context,
-                upstream_context=self._upstream_contexts[listener],
+                upstream_context=upstream,
                 timeout_reply=timeout_reply,
                 client_certificate=certificate,
+                upstream_preface=upstream_preface,
             )
             del machine  # the session's alone: it lets go of it once logged in
             await session.run()
@@ -410,3 +701,176 @@ class ProxyServer:
             # Whatever happened, cancellation at shutdown included. The session has closed
             # its streams already when it ran; closing again does nothing.
             await trio.aclose_forcefully(client)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def state(self) -> ServerState:
+        """What the metrics report at each scrape."""
+        lockouts: collections.Counter[str] = collections.Counter(
+            lockout.scope for lockout in self.throttle.lockouts()
+        )
+        now = time.time()
+        soonest: dict[str, float | None] = {}
+        for token in self._token_statuses():
+            expires = token.expires_at - now if token.expires_at is not None else None
+            current = soonest.get(token.app)
+            if expires is not None and (current is None or expires < current):
+                soonest[token.app] = expires
+            else:
+                soonest.setdefault(token.app, current)
+        return ServerState(
+            sessions_open=dict(self._open_by_name),
+            hash_queued=self.hashes.queued,
+            hash_running=self.hashes.running,
+            lockouts=dict(lockouts),
+            tokens=tuple(TokenState(app, expires) for app, expires in soonest.items()),
+        )
+
+    def _token_statuses(self) -> list[TokenStatus]:
+        status = getattr(self.tokens, "status", None)
+        return list(status()) if callable(status) else []
+
+    def readiness(self) -> list[str]:
+        """What keeps the proxy from being ready to serve (empty: ready)."""
+        if self.stopping:
+            return ["shutting down: no longer accepting connections"]
+        if not self.ready:
+            return ["listeners not open yet"]
+        problems: list[str] = []
+        by_app: dict[str, list[TokenStatus]] = collections.defaultdict(list)
+        for token in self._token_statuses():
+            by_app[token.app].append(token)
+        for app in self.config.apps:
+            tokens = by_app.get(app, [])
+            # Ready with a valid token, or when the last fetch succeeded (a token being
+            # renewed); an app whose tokens are per mailbox and that has none yet is not
+            # known to be failing.
+            if any(t.valid or (t.failures == 0 and t.expires_at is not None) for t in tokens):
+                continue
+            if not tokens and app not in self._app_wide():
+                continue
+            failing = [t for t in tokens if t.failures]
+            if failing:
+                error = failing[0].last_error or "unknown error"
+                problems.append(f"app {app}: no valid token; the last request failed: {error}")
+            else:
+                problems.append(f"app {app}: no token yet")
+        return problems
+
+    def _app_wide(self) -> set[str]:
+        per_mailbox = getattr(self.tokens, "per_mailbox", None)
+        if not callable(per_mailbox):
+            return set(self.config.apps)
+        return {app for app in self.config.apps if not per_mailbox(app)}
+
+    def answer_http(self, request: HttpRequest) -> HttpResponse:
+        """/metrics, /healthz and /readyz."""
+        if request.path == "/metrics":
+            body, content_type = self.metrics.exposition(request.accept)
+            return HttpResponse(200, body, content_type)
+        if request.path == "/healthz":
+            return _json(200, {"status": "ok"})
+        if request.path == "/readyz":
+            problems = self.readiness()
+            if problems:
+                return _json(503, {"status": "not ready", "problems": problems})
+            return _json(200, {"status": "ready"})
+        return HttpResponse(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    async def answer_control(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's commands: ``status`` and ``unlock``."""
+        command = message.get("command")
+        if command == "status":
+            await trio.lowlevel.checkpoint()
+            return self.status()
+        if command == "unlock":
+            name = message.get("login")
+            if not isinstance(name, str) or not name:
+                return {"error": "unlock needs a login (or a network, or a throttle key)"}
+            return {"unlocked": await self.unlock(name)}
+        await trio.lowlevel.checkpoint()
+        return {"error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``xoauth2-proxy status`` shows (no secret: names, times, counts)."""
+        now = time.time()
+        listeners = [
+            {
+                "name": b.config.name,
+                "address": [f"{r.host}:{r.port}" for r in b.report()],
+                "protocol": b.config.protocol.value,
+                "sessions": b.open,
+                "proxy_protocol": b.config.proxy_protocol,
+            }
+            for b in self._listening
+        ]
+        tokens = [
+            {
+                "app": t.app,
+                "mailbox": t.mailbox,
+                "valid": t.valid,
+                "expires_in": round(t.expires_at - now) if t.expires_at is not None else None,
+                "failures": t.failures,
+                "last_error": t.last_error,
+                "error_kind": t.error_kind,
+                "fetching": t.fetching,
+            }
+            for t in sorted(self._token_statuses(), key=lambda t: (t.app, t.mailbox or ""))
+        ]
+        lockouts = [
+            {
+                "scope": lock.scope,
+                "key": lock.key,
+                "failures": lock.failures,
+                "remaining": round(lock.remaining),
+                "everywhere": lock.everywhere,
+            }
+            for lock in self.throttle.lockouts()
+        ]
+        return {
+            "ready": not self.readiness(),
+            "problems": self.readiness(),
+            "listeners": listeners,
+            "sessions": sum(self._open_by_name.values()),
+            "tokens": tokens,
+            "lockouts": lockouts,
+            "hash_queue": {"queued": self.hashes.queued, "running": self.hashes.running},
+        }
+
+    async def unlock(self, name: str) -> list[str]:
+        """Clear the failures of a login (every kind of credential it has), a network, or
+        one throttle key; return the keys that had failures."""
+        if ":" in name and name.split(":", 1)[0] in ("password", "certificate", "app-key"):
+            keys = [name]
+        else:
+            keys = [name, f"password:{name}", f"app-key:{name}"]
+            user = self.config.user(name)
+            if user is not None:
+                keys += [f"certificate:{f}" for f in sorted(user.certificate_fingerprints)]
+            with contextlib.suppress(ValueError):
+                keys.append(self.throttle.policy.network_of(name))
+        unlocked = [key for key in dict.fromkeys(keys) if await self.throttle.unlock(key)]
+        if unlocked:
+            log.warning("unlocked by the control socket: %s", ", ".join(unlocked))
+        return unlocked
+
+
+def _json(status: int, body: dict[str, Any]) -> HttpResponse:
+    return HttpResponse(status, json.dumps(body).encode() + b"\n", "application/json")
+
+
+def _http_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _upstream_preface(
+    listener: ListenerConfig, client: tuple[str, int], local: tuple[str, int]
+) -> bytes:
+    """The PROXY header naming the client to the upstream, if the listener says so."""
+    match listener.upstream_client_address:
+        case UpstreamClientAddress.NONE:
+            return b""
+        case UpstreamClientAddress.PROXY_V1:
+            return encode_v1(client, local)
+        case UpstreamClientAddress.PROXY_V2:
+            return encode_v2(client, local)

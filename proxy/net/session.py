@@ -35,9 +35,11 @@ from broker.errors import BrokerError
 from proxy.config import Protocol as MailProtocol
 from proxy.hashpool import Busy
 from proxy.identities import BadCredentials, LockedOut
+from proxy.net.postlogin import TAIL, FirstLines, token_expired
 from proxy.net.relay import relay
 from proxy.net.tls import describe_tls_error, peer_certificate
 from proxy.net.tlssocket import wrap_tls
+from proxy.ops.metrics import LoginResult, Metrics, Phase, UpstreamFailure
 from proxy.protocol.actions import (
     Action,
     BeginRelay,
@@ -120,6 +122,7 @@ class Services:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     #: Upstream connections opened for clients that have not sent a command yet.
     early_upstreams: EarlyUpstreams = field(default_factory=lambda: EarlyUpstreams())
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(slots=True)
@@ -159,6 +162,7 @@ class _Refused:
     result: AuditResult
     reason: str
     mailbox: str = ""
+    counted_as: LoginResult = LoginResult.BAD_CREDENTIALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +178,8 @@ class _Attempt:
     mailbox: str
     kind: str
     last_note: str = ""
+    #: When the token went to the machine (the upstream login's start), trio time.
+    started: float = 0.0
 
 
 class _Stop(Exception):
@@ -189,9 +195,16 @@ class UpstreamUnavailable(Exception):
         self.tls = tls
 
 
-async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> trio.abc.Stream:
-    """Connect to the listener's upstream; with implicit TLS, finish the handshake
-    (certificate and host name always verified). The caller sets the deadline.
+def _idp_result(error: BrokerError) -> LoginResult:
+    return LoginResult.IDP_PERMANENT if error.kind == "permanent" else LoginResult.IDP_TEMPORARY
+
+
+async def open_upstream(
+    listener: ListenerConfig, context: ssl.SSLContext, *, preface: bytes = b""
+) -> trio.abc.Stream:
+    """Connect to the listener's upstream; send ``preface`` (a PROXY protocol header) before
+    anything else; with implicit TLS, finish the handshake (certificate and host name
+    always verified). The caller sets the deadline.
 
     Raises :exc:`UpstreamUnavailable`, saying where and why, on any other failure.
     """
@@ -200,6 +213,12 @@ async def open_upstream(listener: ListenerConfig, context: ssl.SSLContext) -> tr
         stream: trio.abc.Stream = await trio.open_tcp_stream(
             listener.upstream_host, listener.upstream_port
         )
+        if preface:
+            try:
+                await stream.send_all(preface)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
         if listener.upstream_tls is UpstreamTls.STARTTLS:
             return stream
         tls = wrap_tls(stream, context, server_hostname=listener.upstream_host)
@@ -231,6 +250,7 @@ class Session:
         upstream_context: ssl.SSLContext,
         timeout_reply: bytes,
         client_certificate: bytes | None = None,
+        upstream_preface: bytes = b"",
     ) -> None:
         self.conn_id = conn_id
         self.peer = peer
@@ -246,7 +266,7 @@ class Session:
         self._readers: dict[Side, tuple[trio.CancelScope, trio.Event]] = {}
         self._held: dict[Side, bytes | None] = {Side.CLIENT: None, Side.SERVER: None}
         self._pending: deque[Event] = deque()
-        self._log = logging.LoggerAdapter(log, {"conn": conn_id})
+        self._log = logging.LoggerAdapter(log, {"conn": conn_id, "listener": listener.name})
         self._nursery: trio.Nursery | None = None
         #: A login whose token went upstream and whose outcome is not known yet.
         self._attempt: _Attempt | None = None
@@ -264,6 +284,12 @@ class Session:
         #: An attempt whose credentials are being checked: (login, kind), audited as
         #: abandoned if the client goes away before it is decided.
         self._deciding: tuple[str, str] | None = None
+        #: Sent to the upstream before anything else (a PROXY header naming the client).
+        self._upstream_preface = upstream_preface
+        #: A login the upstream accepted, judged once its first lines are seen.
+        self._accepted: _Attempt | None = None
+        self._first_lines: FirstLines | None = None
+        self._last_from_upstream: bytes | bytearray = b""
 
     def __repr__(self) -> str:
         return f"<Session {self.conn_id} on {self.listener.name}>"
@@ -288,16 +314,40 @@ class Session:
             if relay_plan is None or self.server is None:
                 return
             self._end_authentication()
+            metrics, protocol = self.services.metrics, self.listener.protocol.value
+            sent = metrics.relayed.labels(protocol, "client_to_upstream").inc
+            received = metrics.relayed.labels(protocol, "upstream_to_client").inc
             if relay_plan.to_server:
                 await self.server.send_all(relay_plan.to_server)
+                sent(len(relay_plan.to_server))
             if relay_plan.to_client:
+                self._from_upstream(relay_plan.to_client)
                 await self.client.send_all(relay_plan.to_client)
-            graceful = await relay(self.client, self.server)
+                received(len(relay_plan.to_client))
+
+            def upstream_said(data: bytes | bytearray) -> None:
+                self._from_upstream(data)
+                received(len(data))
+
+            graceful = await relay(
+                self.client,
+                self.server,
+                to_server=lambda data: sent(len(data)),
+                to_client=upstream_said,
+            )
             self._log.info("%s: session ended%s", self.conn_id, "" if graceful else " (broken off)")
+            if token_expired(self._last_from_upstream):
+                metrics.token_expired.labels(protocol).inc()
+                self._log.info(
+                    "%s: the upstream ended the session because its token expired "
+                    "(AccessTokenExpired); the client reconnects with a fresh one",
+                    self.conn_id,
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             graceful = False
             self._log.info("%s: connection broken: %s", self.conn_id, exc)
         finally:
+            self._conclude_login()
             # Shielded and bounded. After a clean end (LOGOUT, QUIT) the streams get TLS
             # close_notify, so that clients do not take the end for a truncation.
             with trio.CancelScope(shield=True):
@@ -309,6 +359,56 @@ class Session:
                             await stream.aclose()
                     else:
                         await trio.aclose_forcefully(stream)
+
+    # -- after the login ------------------------------------------------------------------
+
+    def _from_upstream(self, data: bytes | bytearray) -> None:
+        # Only the last TAIL bytes are kept (an idle session must not hold its last 64 KiB
+        # read); a small chunk is joined to what came before it.
+        if len(data) >= TAIL:
+            self._last_from_upstream = bytes(data[-TAIL:])
+        else:
+            self._last_from_upstream = bytes(self._last_from_upstream[len(data) - TAIL :]) + data
+        watch = self._first_lines
+        if watch is None:
+            return
+        watch.feed(data)
+        if watch.done:
+            self._conclude_login()
+
+    def _conclude_login(self) -> None:
+        """Stop watching the upstream's first lines after the login; if they refused the
+        mailbox, say so (log, audit, metrics)."""
+        attempt, watch = self._accepted, self._first_lines
+        self._accepted = self._first_lines = None
+        if attempt is None or watch is None:
+            return
+        refusal = watch.refusal
+        watch.finish()
+        if not refusal:
+            return
+        protocol = self.listener.protocol.value
+        self._log.error(
+            "%s: login %r: the upstream accepted the token but refused mailbox %r: %r. "
+            "The app may not open this mailbox. Fix: in Exchange Online, register the app's "
+            "service principal (New-ServicePrincipal) and give it the mailbox "
+            "(Add-MailboxPermission -AccessRights FullAccess; for SMTP also "
+            "Add-RecipientPermission -AccessRights SendAs); `xoauth2-proxy exchange-setup` "
+            "prints the commands, `xoauth2-proxy doctor` checks the result.",
+            self.conn_id,
+            attempt.login,
+            attempt.mailbox,
+            refusal,
+        )
+        # A second line for the attempt: the success line said the upstream took the token.
+        self._audit(
+            attempt.login,
+            AuditResult.FAILURE,
+            f"the upstream accepted the token, then refused the mailbox: {refusal}",
+            attempt.mailbox,
+            attempt.kind,
+        )
+        self.services.metrics.not_connected.labels(protocol).inc()
 
     def _end_authentication(self) -> None:
         """Let go of what only the authentication phase uses: the machine, the event
@@ -370,6 +470,7 @@ class Session:
                         "the connection ended before the answer",
                         kind=kind,
                     )
+                    self.services.metrics.login(self.listener.protocol.value, LoginResult.ABANDONED)
         return outcome if isinstance(outcome, BeginRelay) else None
 
     async def _execute(
@@ -404,6 +505,15 @@ class Session:
                     self._deciding = (credentials.login, CREDENTIAL_KINDS[type(credentials)])
                     nursery.start_soon(self._obtain_token, credentials)
                 case BeginRelay(to_server=to_server, to_client=to_client):
+                    # The upstream's first lines may still refuse the mailbox: watched.
+                    self._accepted = self._attempt
+                    if self._accepted is not None:
+                        self._first_lines = FirstLines()
+                        self.services.metrics.phase(
+                            self.listener.protocol.value,
+                            Phase.UPSTREAM_LOGIN,
+                            trio.current_time() - self._accepted.started,
+                        )
                     self._finish_attempt(AuditResult.SUCCESS, "logged in upstream")
                     held_client = await self._stop_reader(Side.CLIENT)
                     held_server = await self._stop_reader(Side.SERVER)
@@ -473,16 +583,22 @@ class Session:
 
     async def _connect_upstream(self) -> None:
         timeout = self.services.limits.upstream_timeout
+        metrics, name = self.services.metrics, self.listener.name
         try:
             with trio.fail_after(timeout):
-                stream = await open_upstream(self.listener, self._upstream_context)
+                stream = await open_upstream(
+                    self.listener, self._upstream_context, preface=self._upstream_preface
+                )
         except trio.TooSlowError:
+            metrics.upstream_failure(name, UpstreamFailure.TIMEOUT)
             where = f"{self.listener.upstream_host}:{self.listener.upstream_port}"
             await self._tx.send(
                 ServerUnavailable(f"upstream {where}: no connection within {timeout:g}s")
             )
             return
         except UpstreamUnavailable as exc:
+            kind = UpstreamFailure.TLS if exc.tls else UpstreamFailure.CONNECT
+            metrics.upstream_failure(name, kind)
             await self._tx.send(ServerUnavailable(str(exc)))
             return
         if self.server is not None:
@@ -575,6 +691,12 @@ class Session:
             )
             text = "timed out" if isinstance(exc, trio.TooSlowError) else describe_tls_error(exc)
             if side is Side.SERVER:
+                self.services.metrics.upstream_failure(
+                    self.listener.name,
+                    UpstreamFailure.TIMEOUT
+                    if isinstance(exc, trio.TooSlowError)
+                    else UpstreamFailure.TLS,
+                )
                 self._pending.appendleft(ServerUnavailable(f"{what}: STARTTLS {text}"))
                 return
             self._log.info("%s: %s: TLS handshake %s", self.conn_id, what, text)
@@ -592,10 +714,13 @@ class Session:
         self._deciding = None
         if isinstance(decision, _Refused):
             self._audit(credentials.login, decision.result, decision.reason, decision.mailbox, kind)
+            self.services.metrics.login(self.listener.protocol.value, decision.counted_as)
             await self._tx.send(TokenRefused(decision.refusal))
             return
         # Audited once the upstream has answered (see _execute).
-        self._attempt = _Attempt(decision.login, decision.issued.mailbox, kind)
+        self._attempt = _Attempt(
+            decision.login, decision.issued.mailbox, kind, started=trio.current_time()
+        )
         await self._tx.send(decision.issued)
 
     async def _decide(self, credentials: AnyCredentials) -> _Accepted | _Refused:
@@ -636,7 +761,12 @@ class Session:
                 self.peer,
                 verdict.locked,
             )
-            return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, verdict.locked)
+            return _Refused(
+                Refusal.CREDENTIALS,
+                AuditResult.FAILURE,
+                verdict.locked,
+                counted_as=LoginResult.LOCKED_OUT,
+            )
         if verdict.delay:
             self._log.info(
                 "%s: login %r from %s delayed %gs after recent failures",
@@ -659,6 +789,7 @@ class Session:
             # all passed the first check before any of them failed.
             return throttle.local_verdict(key, self.peer).locked
 
+        started = trio.current_time()
         try:
             identity = await self.services.authenticator.authenticate(
                 credentials,
@@ -676,20 +807,44 @@ class Session:
                 self.peer,
                 exc,
             )
-            return _Refused(Refusal.UNAVAILABLE, AuditResult.TEMPORARY_FAILURE, f"busy: {exc}")
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                f"busy: {exc}",
+                counted_as=LoginResult.BUSY,
+            )
         except BadCredentials as exc:
+            self._phase(Phase.PASSWORD_CHECK, started)
             if not isinstance(exc, LockedOut):
                 await throttle.failed(key, self.peer)
             self._log.info("%s: login %r refused: %s", self.conn_id, credentials.login, exc.reason)
-            return _Refused(Refusal.CREDENTIALS, AuditResult.FAILURE, exc.reason)
+            return _Refused(
+                Refusal.CREDENTIALS,
+                AuditResult.FAILURE,
+                exc.reason,
+                counted_as=(
+                    LoginResult.LOCKED_OUT
+                    if isinstance(exc, LockedOut)
+                    else LoginResult.BAD_CREDENTIALS
+                ),
+            )
+        self._phase(Phase.PASSWORD_CHECK, started)
         await throttle.succeeded(key, self.peer)
         return identity
 
+    def _phase(self, phase: Phase, started: float) -> None:
+        self.services.metrics.phase(
+            self.listener.protocol.value, phase, trio.current_time() - started
+        )
+
     async def _fetch_token(self, login: str, identity: Identity) -> AccessToken | _Refused:
         timeout = self.services.limits.token_timeout
+        started = trio.current_time()
         try:
             with trio.fail_after(timeout):
-                return await self.services.tokens.token(identity.app, mailbox=identity.mailbox)
+                token = await self.services.tokens.token(identity.app, mailbox=identity.mailbox)
+            self._phase(Phase.TOKEN, started)
+            return token
         except trio.TooSlowError:
             self._log.warning(
                 "%s: login %r: no token for app %r within %gs",
@@ -703,6 +858,7 @@ class Session:
                 AuditResult.TEMPORARY_FAILURE,
                 "no token in time",
                 identity.mailbox,
+                LoginResult.IDP_TEMPORARY,
             )
         except BrokerError as exc:
             code = f" {exc.code}" if exc.code else ""
@@ -721,6 +877,7 @@ class Session:
                 AuditResult.TEMPORARY_FAILURE,
                 f"no token ({exc.kind} error{code})",
                 identity.mailbox,
+                _idp_result(exc),
             )
 
     async def _check_claims(
@@ -751,6 +908,7 @@ class Session:
                 AuditResult.TEMPORARY_FAILURE,
                 "token not checked",
                 identity.mailbox,
+                _idp_result(exc) if isinstance(exc, BrokerError) else LoginResult.IDP_TEMPORARY,
             )
         problems = check_token(expected, token)
         for problem in problems:
@@ -772,6 +930,7 @@ class Session:
                 f"token {problems[0].claim} is {problems[0].value}, "
                 f"expected {problems[0].expected}",
                 identity.mailbox,
+                LoginResult.TOKEN_INVALID,
             )
         if self.services.app_providers.get(app) != "microsoft":
             return None
@@ -800,6 +959,7 @@ class Session:
             AuditResult.TEMPORARY_FAILURE,
             f"token lacks the {role} role",
             identity.mailbox,
+            LoginResult.MISSING_ROLE,
         )
 
     def _progress(self) -> None:
@@ -811,31 +971,32 @@ class Session:
         if attempt is not None:
             reason = reason or attempt.last_note or "the upstream refused the login"
             self._audit(attempt.login, result, reason, attempt.mailbox, attempt.kind)
+            self.services.metrics.login(
+                self.listener.protocol.value,
+                LoginResult.SUCCESS
+                if result is AuditResult.SUCCESS
+                else LoginResult.UPSTREAM_REFUSED,
+            )
 
     def _audit(
         self, login: str, result: AuditResult, reason: str, mailbox: str = "", kind: str = ""
     ) -> None:
         """One structured line per authentication attempt (never a secret)."""
-        audit_log.info(
-            "%s",
-            json.dumps(
-                {
-                    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-                    "conn": self.conn_id,
-                    "listener": self.listener.name,
-                    "protocol": self.listener.protocol.value,
-                    "source": self.peer,
-                    "login": login,
-                    "kind": kind,
-                    "mailbox": mailbox,
-                    "result": result.value,
-                    "reason": reason,
-                },
-                # Escaped: a name of bidi overrides or zero-width characters must not
-                # display as another in a log viewer.
-                ensure_ascii=True,
-            ),
-        )
+        fields = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "conn": self.conn_id,
+            "listener": self.listener.name,
+            "protocol": self.listener.protocol.value,
+            "source": self.peer,
+            "login": login,
+            "kind": kind,
+            "mailbox": mailbox,
+            "result": result.value,
+            "reason": reason,
+        }
+        # Escaped: a name of bidi overrides or zero-width characters must not display as
+        # another in a log viewer. The JSON log format writes the fields themselves.
+        audit_log.info("%s", json.dumps(fields, ensure_ascii=True), extra={"audit": fields})
 
     async def _send_quietly(self, stream: trio.abc.SendStream, data: bytes) -> None:
         """Best effort, bounded: the connection is about to close anyway."""

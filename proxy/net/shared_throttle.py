@@ -123,6 +123,10 @@ class RedisFailures:
         name = self._name("trust", pair)
         await self._call(lambda: self._client.set(name, b"1", ex=max(1, math.ceil(ttl))))
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        names = [self._name("throttle", key) for key in keys]
+        await self._call(lambda: self._client.delete(*names))
+
     async def _call(self, command: Callable[[], T]) -> T:
         if self._clock() < self._down_until:
             await trio.lowlevel.checkpoint()

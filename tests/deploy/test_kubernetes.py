@@ -110,13 +110,9 @@ def test_the_proxy_deployment(rendered: list[Object]) -> None:
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
     assert "memory" in container["resources"]["limits"]
 
-    # Probes on what the proxy offers today.
-    assert container["readinessProbe"]["tcpSocket"]["port"] == "imaps"
-    assert container["livenessProbe"]["exec"]["command"][:3] == [
-        "xoauth2-proxy",
-        "check",
-        "--connect",
-    ]
+    # Probes on the operations listener: readiness knows about tokens and stopping.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
     # The drain: the preStop pause, then serve's --grace, must fit in the kill deadline.
     args = container["args"]
@@ -137,7 +133,7 @@ def test_services_and_budget_select_the_pods(rendered: list[Object]) -> None:
         995: "pop3s",
         587: "submission",
     }
-    assert set(ports) == {"imaps", "pop3s", "submission"}
+    assert set(ports) == {"imaps", "pop3s", "submission", "metrics"}
     assert service["spec"]["externalTrafficPolicy"] == "Local"  # clients' own addresses
     budget = find(rendered, "PodDisruptionBudget", "xoauth2-proxy")
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -150,7 +146,8 @@ def test_the_configuration_matches_the_manifests(rendered: list[Object]) -> None
     pods = find(rendered, "Deployment", "xoauth2-proxy")["spec"]["template"]["spec"]
     container_ports = {p["containerPort"] for p in pods["containers"][0]["ports"]}
     listen_ports = {int(listener["listen"].rsplit(":", 1)[1]) for listener in config["listeners"]}
-    assert listen_ports == container_ports
+    metrics_port = int(config["metrics"]["listen"].rsplit(":", 1)[1])
+    assert listen_ports | {metrics_port} == container_ports
 
     # Both replicas use the example Redis through its Service, with its password.
     assert config["cache"]["kind"] == "redis"

@@ -1,8 +1,8 @@
 """deploy/systemd's unit, read by systemd's own tools: ``systemd-analyze verify`` accepts it
 without a warning (every key known, every value valid, the executables present), and the
 stop timeout leaves room for ``serve``'s drain time. The unit is started for real by
-systemd (PID 1 in a container) in tests/e2e/test_container.py. ``Type=exec``: the proxy
-does not speak sd_notify (yet), so systemd knows it started, not that it listens.
+systemd (PID 1 in a container) in tests/e2e/test_container.py. ``Type=notify``: serve
+says READY=1 once its listeners are open, so systemd knows it listens.
 """
 
 from __future__ import annotations

@@ -121,6 +121,8 @@ class ProxyRig:
     cache: dict[str, str] = field(default_factory=dict)
     #: Further apps of the emulated tenant, by name: their client ids.
     apps: dict[str, str] = field(default_factory=dict)
+    #: Further top-level tables (``metrics``, ``control``, ``logging``), values as TOML text.
+    tables: dict[str, dict[str, str]] = field(default_factory=dict)
     #: The cost of the users' password hashes: cheap, unless a test needs what users run.
     hash_parameters: HashParameters = TEST_HASH
     _hashes: dict[str, str] = field(default_factory=dict)
@@ -183,6 +185,8 @@ class ProxyRig:
         lines += ["[limits]", *(f"{key} = {value}" for key, value in limits.items()), ""]
         if self.cache:
             lines += ["[cache]", *(f"{key} = {value}" for key, value in self.cache.items()), ""]
+        for table, values in self.tables.items():
+            lines += [f"[{table}]", *(f"{key} = {value}" for key, value in values.items()), ""]
         for login, user in self.users.items():
             lines += [f'[users."{login}"]', f'app = "{user.app}"', f'mailbox = "{user.mailbox}"']
             if user.password is not None:

@@ -134,14 +134,33 @@ def msmtp_send(pki: TestPki, port: int, home: Path, *, auth: str, secret: str, b
 class ServeProcess:
     """``xoauth2-proxy serve`` as a process of the code under test, logging to ``log``."""
 
-    def __init__(self, config: Path, log: Path, *, grace: float = 2) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        grace: float = 2,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "-c", str(config), "--grace", str(grace)],
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "serve",
+                "-c",
+                str(config),
+                "--grace",
+                str(grace),
+                *args,
+            ],
             cwd=ROOT,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def text(self) -> str:
@@ -161,6 +180,14 @@ class ServeProcess:
         found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.text())
         assert found is not None
         return int(found.group(1))
+
+    def ports(self, count: int) -> list[int]:
+        """The first ``count`` listeners' ports, in the order they were logged."""
+        self.wait_for(
+            lambda: len(re.findall(r"listening on 127\.0\.0\.1:\d+", self.text())) >= count,
+            f"{count} listeners",
+        )
+        return [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.text())]
 
     def close(self) -> None:
         if self.process.poll() is None:

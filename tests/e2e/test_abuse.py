@@ -134,7 +134,7 @@ async def test_connections_per_network_are_limited(
     assert "too many connections" in caplog.text
     # Once the proxy has seen them closed, the address may connect again.
     with trio.fail_after(30):
-        while sum(proxy.server._connections.values()):  # noqa: ASYNC110 (no event to wait on)
+        while proxy.server.sessions_open:  # noqa: ASYNC110 (no event to wait on)
             await trio.sleep(0.01)
     again, greeting = await in_thread(lambda: connect(ATTACKER))
     again.close()

@@ -161,7 +161,7 @@ async def test_random_breaks_at_every_stage_cause_no_internal_error(
             how = chosen.choice(["garbage", "partial"])
         await in_thread(functools.partial(one, stage, how, cut))
     with trio.fail_after(30):  # until the proxy has finished every session
-        while sum(proxy.server._connections.values()):  # noqa: ASYNC110 (no event to wait on)
+        while proxy.server.sessions_open:  # noqa: ASYNC110 (no event to wait on)
             await trio.sleep(0.05)
     assert "internal error" not in caplog.text
     assert "Traceback" not in caplog.text

@@ -354,7 +354,7 @@ async def test_shutdown_closes_a_connection_in_its_tls_handshake(
                 proxy = await start_proxy(nursery, path)
                 client.connect(("127.0.0.1", proxy.port))
                 with trio.fail_after(30):  # until the proxy waits in the handshake
-                    while not sum(proxy.server._connections.values()):  # noqa: ASYNC110
+                    while not proxy.server.sessions_open:  # noqa: ASYNC110
                         await trio.sleep(0.01)
                     await trio.testing.wait_all_tasks_blocked()
                 proxy.server.shutdown()

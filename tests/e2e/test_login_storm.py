@@ -247,7 +247,7 @@ async def test_a_reload_keeps_the_one_hash_pool_and_its_queue(
     pool = proxy.server.hashes
     storm_rig.limits.update(hash_concurrency=2, hash_queue=5)
     storm_rig.write([Listener(upstream_port=dovecot.ports.imaps)])
-    assert proxy.server.reload(load_config(path), proxy.tokens)
+    assert await proxy.server.reload(load_config(path), proxy.tokens)
     assert proxy.server.hashes is pool
     assert proxy.server.services.authenticator._hashes is pool
     assert (pool.concurrency, pool.max_queue) == (1, 5)  # the queue's limits follow

@@ -804,3 +804,61 @@ def test_every_bad_secret_source_is_named(
     assert found[0].startswith(f"{path}: apps.contoso.client_secret: ")
     assert problem.format(dir=tmp_path) in found[0]
     assert "plain-text-secret" not in found[0]
+
+
+def test_operations_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    base = good_config(tmp_path)
+    config = load_config(write(tmp_path, base))
+    assert (config.metrics, config.control_socket, config.log_format) == (None, None, "text")
+    listener = config.listeners[0]
+    assert not listener.proxy_protocol
+    (tmp_path / "run").mkdir()
+    extra = '\n[metrics]\n\n[control]\nsocket = "run/control.sock"\n\n[logging]\nformat = "json"\n'
+    config = load_config(write(tmp_path, base + extra))
+    assert config.metrics is not None
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)  # loopback
+    assert config.control_socket == tmp_path / "run" / "control.sock"
+    assert config.log_format == "json"
+    proxied = base.replace(
+        'upstream_tls = "implicit"',
+        'upstream_tls = "implicit"\nproxy_protocol = true\n'
+        'trusted_proxies = ["10.0.0.0/8", "2001:db8::1"]\nupstream_client_address = "proxy-v2"',
+    )
+    config = load_config(write(tmp_path, proxied + '\n[metrics]\nlisten = "[::1]:9100"\n'))
+    listener = config.listeners[0]
+    assert listener.proxy_protocol
+    assert [str(n) for n in listener.trusted_proxies] == ["10.0.0.0/8", "2001:db8::1/128"]
+    assert listener.upstream_client_address.value == "proxy-v2"
+    assert config.metrics is not None
+    assert (config.metrics.host, config.metrics.port) == ("::1", 9100)
+
+
+def test_operations_settings_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "the-client-secret")
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    base = good_config(tmp_path).replace(
+        'upstream_tls = "implicit"',
+        'upstream_tls = "implicit"\nproxy_protocol = true\nupstream_client_address = "x"',
+    )
+    text = base + (
+        '\n[metrics]\nlisten = "nowhere"\nport = 1\n\n[control]\nsocket = "open/c.sock"\n'
+        '\n[logging]\nformat = "xml"\n'
+    )
+    found = problems(write(tmp_path, text))
+    path = tmp_path / "config.toml"
+    assert f"{path}: listeners[0].trusted_proxies: is required with proxy_protocol = true" in (
+        "\n".join(found)
+    )
+    assert any("listeners[0].upstream_client_address: must be one of" in p for p in found)
+    assert f"{path}: metrics.listen: must be host:port, not 'nowhere'" in found
+    assert f"{path}: metrics.port: unknown key" in found
+    assert any("control.socket: directory" in p and "writable by every user" in p for p in found)
+    assert any("logging.format: must be one of text, json" in p for p in found)
+    lonely = good_config(tmp_path).replace(
+        'upstream_tls = "implicit"', 'upstream_tls = "implicit"\ntrusted_proxies = ["bad"]'
+    )
+    found = problems(write(tmp_path, lonely))
+    assert f"{path}: listeners[0].trusted_proxies: not an address or network: 'bad'" in found
+    assert f"{path}: listeners[0].trusted_proxies: only applies with proxy_protocol = true" in found

@@ -116,6 +116,9 @@ async def test_without_redis_each_instance_counts_for_itself(
         assert len([w for w in warnings if "shared store is unavailable" in w]) == 1
         # While it is down, Redis is left alone for a while: no timeout per login.
         assert "failed recently; not asked again yet" in str(throttle._outage)
+        # An operator's unlock still clears this instance's own counts.
+        assert await throttle.unlock(LOGIN)
+        assert (await throttle.verdict(LOGIN, ATTACKER)).locked is None
     finally:
         shared.close()
 
@@ -157,3 +160,27 @@ async def test_when_redis_is_back_the_instances_count_together_again(
     assert sum("shared store is back" in m for m in messages) == 1
     # Trust given while Redis was down is still this instance's own.
     assert verdict.locked is None
+
+
+async def test_unlock_clears_the_login_in_redis_for_every_instance(
+    redis_server: RedisServer,
+) -> None:
+    secret = secrets.token_bytes(32)
+    wall = Clock()
+    one, other = (
+        LoginThrottle(POLICY, shared=store(redis_server, secret), wall_clock=wall) for _ in range(2)
+    )
+    try:
+        for _ in range(POLICY.login_lockout):
+            await one.failed(LOGIN, ATTACKER)
+        assert (await other.verdict(LOGIN, "203.0.113.1")).locked is not None
+        # The operator unlocks through the other instance, which never saw the failures.
+        assert not await other.unlock(LOGIN)
+        assert (await other.verdict(LOGIN, "203.0.113.1")).locked is None
+        # The instance that counted them still has its own, until it is told too.
+        assert await one.unlock(LOGIN)
+        assert (await one.verdict(LOGIN, "203.0.113.1")).locked is None
+    finally:
+        for throttle in (one, other):
+            assert throttle.shared is not None
+            throttle.shared.close()

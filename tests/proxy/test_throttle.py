@@ -255,3 +255,45 @@ async def test_memory_is_bounded(clock: Clock) -> None:
 def test_policy_validation(settings: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ThrottlePolicy(**settings)
+
+
+async def test_lockouts_lists_logins_and_networks_with_when_they_lift(
+    throttle: LoginThrottle, clock: Clock
+) -> None:
+    assert throttle.lockouts() == []
+    for n in range(POLICY.login_lockout):
+        clock.now = 1000.0 + n
+        await throttle.failed("password:Reports@contoso.com", f"192.0.2.{n}")
+    (lock,) = throttle.lockouts()
+    assert (lock.scope, lock.key, lock.failures) == (
+        "login",
+        "password:reports@contoso.com",
+        POLICY.login_lockout,
+    )
+    assert not lock.everywhere  # a network it worked from gets the higher ceiling
+    # Lifted when the first failure ages out of the window.
+    assert lock.remaining == 1000.0 + POLICY.window - clock.now
+    clock.now = 1000.0 + POLICY.window
+    assert throttle.lockouts() == []
+
+
+async def test_unlock_forgets_a_login_and_its_pairs_but_nothing_else(
+    throttle: LoginThrottle, clock: Clock
+) -> None:
+    for _ in range(POLICY.login_lockout):
+        await throttle.failed("password:reports@contoso.com", "192.0.2.1")
+        await throttle.failed("password:other@contoso.com", "198.51.100.1")
+    assert (await throttle.verdict("password:reports@contoso.com", "203.0.113.9")).locked
+    assert await throttle.unlock("password:REPORTS@contoso.com")  # any case, as logins are
+    assert await throttle.verdict("password:reports@contoso.com", "203.0.113.9") == Verdict()
+    # The network the failures came from keeps its own count (a delay, no lockout yet).
+    assert (await throttle.verdict("password:reports@contoso.com", "192.0.2.1")).locked is None
+    assert (await throttle.verdict("password:other@contoso.com", "203.0.113.9")).locked
+    assert not await throttle.unlock("password:reports@contoso.com")  # nothing left
+    # A network's failures.
+    for _ in range(POLICY.network_lockout):
+        await throttle.failed(f"password:guess{clock.now}", "198.51.100.7")
+        clock.now += 1
+    assert (await throttle.verdict("password:new@contoso.com", "198.51.100.7")).locked
+    assert await throttle.unlock("198.51.100.7")
+    assert (await throttle.verdict("password:new@contoso.com", "198.51.100.7")).locked is None
