@@ -30,6 +30,7 @@ from proxy.net.proxy_protocol import is_trusted, read_proxy_header
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
 from proxy.net.shared_throttle import RedisFailures
 from proxy.net.tls import (
+    SessionCache,
     client_side_context,
     describe_tls_error,
     peer_certificate,
@@ -191,10 +192,11 @@ def _log_listening(bound: _Listening) -> None:
 
 def _contexts(
     config: Config,
-) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, ssl.SSLContext]]:
-    """The TLS contexts of every listener, towards its clients and its upstream."""
+) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, SessionCache]]:
+    """The TLS contexts of every listener: towards its clients, and towards its upstream
+    (with the sessions it resumes there, which a new context starts without)."""
     clients: dict[ListenerConfig, ssl.SSLContext | None] = {}
-    upstreams: dict[ListenerConfig, ssl.SSLContext] = {}
+    upstreams: dict[ListenerConfig, SessionCache] = {}
     for listener in config.listeners:
         clients[listener] = (
             client_side_context(
@@ -205,7 +207,7 @@ def _contexts(
             if listener.certificate
             else None
         )
-        upstreams[listener] = upstream_context(listener.upstream_ca_file)
+        upstreams[listener] = SessionCache(upstream_context(listener.upstream_ca_file))
     return clients, upstreams
 
 
@@ -644,11 +646,12 @@ class ProxyServer:
         conn_id: str,
         peer: tuple[str, int],
         via: str,
-        contexts: tuple[ssl.SSLContext | None, ssl.SSLContext | None],
+        contexts: tuple[ssl.SSLContext | None, SessionCache | None],
         upstream_preface: bytes,
     ) -> None:
         client: trio.abc.Stream = stream
         context, upstream = contexts
+        closed_by_session = False
         try:
             log.info(
                 "%s: connection from %s:%s%s on %s",
@@ -687,20 +690,23 @@ class ProxyServer:
                 services=self.services,
                 client=client,
                 client_context=context,
-                upstream_context=upstream,
+                upstream_context=upstream.context,
+                upstream_sessions=upstream,
                 timeout_reply=timeout_reply,
                 client_certificate=certificate,
                 upstream_preface=upstream_preface,
             )
             del machine  # the session's alone: it lets go of it once logged in
+            # From here the session closes the streams, whatever happens (Session.run).
+            closed_by_session = True
             await session.run()
         except Exception:
             # A bug in one session must not take every other session down with it.
             log.exception("%s: internal error; connection closed", conn_id)
         finally:
-            # Whatever happened, cancellation at shutdown included. The session has closed
-            # its streams already when it ran; closing again does nothing.
-            await trio.aclose_forcefully(client)
+            # Whatever happened before the session ran, cancellation at shutdown included.
+            if not closed_by_session:
+                await trio.aclose_forcefully(client)
 
     # -- operations -------------------------------------------------------------------------
 
