@@ -15,7 +15,6 @@ __all__ = [
     "DEFAULT_SCOPE",
     "DELEGATED_SCOPE",
     "GOOGLE_AUTHORIZATION_URL",
-    "GOOGLE_DEVICE_URL",
     "GOOGLE_SCOPE",
     "GOOGLE_TOKEN_URL",
     "GOOGLE_USERINFO_URL",
@@ -32,7 +31,6 @@ GOOGLE_SCOPE: Final = "https://mail.google.com/"
 GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
 #: Google's endpoints for a person's sign-in (OAuth clients of type "Desktop app").
 GOOGLE_AUTHORIZATION_URL: Final = "https://accounts.google.com/o/oauth2/v2/auth"
-GOOGLE_DEVICE_URL: Final = "https://oauth2.googleapis.com/device/code"
 GOOGLE_USERINFO_URL: Final = "https://openidconnect.googleapis.com/v1/userinfo"
 #: What a Microsoft delegated app asks for by default: IMAP, POP3 and SMTP as the person who
 #: signed in (``offline_access``, for a refresh token, is always added).
