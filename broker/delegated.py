@@ -124,13 +124,31 @@ class SignInRequired(PermanentTokenError):
     asks the identity provider again only once the person has signed in anew."""
 
     def __init__(
-        self, message: str, *, code: str | None = None, fix: str = "", revoked: bool = False
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        fix: str = "",
+        revoked: bool = False,
+        account: str = "",
+        command: str = "",
     ) -> None:
         super().__init__(message, code=code, fix=fix)
         self.revoked = revoked
+        #: The account that must sign in, and the command that signs in a user (followed
+        #: by the user's login name), when the token source knows them.
+        self.account = account
+        self.command = command
 
     def __copy__(self) -> SignInRequired:
-        copied = SignInRequired(str(self), code=self.code, fix=self.fix, revoked=self.revoked)
+        copied = SignInRequired(
+            str(self),
+            code=self.code,
+            fix=self.fix,
+            revoked=self.revoked,
+            account=self.account,
+            command=self.command,
+        )
         copied.__cause__ = self.__cause__
         return copied
 

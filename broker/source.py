@@ -832,6 +832,8 @@ class CachingTokenSource:
             code=error.code,
             fix=f"{error.fix.rstrip()} {fix}".strip(),
             revoked=error.revoked,
+            account=key.mailbox or "",
+            command=self._authorize_command,
         )
 
     def _logins(self, key: CacheKey) -> tuple[str, ...]:

@@ -135,6 +135,15 @@ _PERMANENT: Final[dict[int, str]] = {
     7000114: "The application is disabled in the tenant. Re-enable its enterprise application.",
     53003: "Conditional Access blocked the app. Review the tenant's Conditional Access policies.",
     700025: "The app is registered as a public client. Register it as a confidential (web) app.",
+    9002331: (
+        'The app registration accepts personal Microsoft accounts only: set tenant = "consumers".'
+    ),
+    50194: (
+        "The app registration accepts accounts of its own tenant only: set tenant to that "
+        'tenant\'s ID or domain instead of "common" or "organizations", or let it accept '
+        f"accounts of other directories ({_REGISTRATION} > Authentication > Supported "
+        "account types)."
+    ),
 }
 
 #: AADSTS codes Entra documents as transient.

@@ -291,6 +291,7 @@ class ProxyServer:
             tokens=tokens,
             limits=config.limits,
             app_providers={name: app.provider for name, app in config.apps.items()},
+            delegated=frozenset(name for name, app in config.apps.items() if app.delegated),
             throttle=self.throttle,
             early_upstreams=self.early_upstreams,
             metrics=self.metrics,

@@ -59,7 +59,9 @@ class Visit:
 
 class Browser:
     """Signs in as ``login``, consenting unless ``consent`` is false; ``user_code`` for
-    device sign-ins. ``verify`` is the TLS trust for the identity provider."""
+    device sign-ins. ``verify`` is the TLS trust for the identity provider. A redirect to an
+    address starting with ``stop_at`` is not followed (a browser on another machine than
+    the one it is sent to): the visit ends there, the address being its last URL."""
 
     def __init__(
         self,
@@ -68,10 +70,12 @@ class Browser:
         login: str,
         consent: bool = True,
         user_code: str = "",
+        stop_at: str = "",
     ) -> None:
         self.login = login
         self.consent = consent
         self.user_code = user_code
+        self.stop_at = stop_at
         self._client = httpx.Client(verify=verify, timeout=30, follow_redirects=False)
 
     def close(self) -> None:
@@ -85,6 +89,8 @@ class Browser:
             if response.is_redirect:
                 target = urljoin(str(response.url), response.headers["location"])
                 urls.append(target)
+                if self.stop_at and target.startswith(self.stop_at):
+                    return Visit(response, urls)
                 response = self._client.get(target)
                 continue
             parser = _Forms()

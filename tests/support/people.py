@@ -163,6 +163,7 @@ class SignIns:
         self._devices: dict[str, _Device] = {}
         self._requests: dict[str, _Request] = {}
         self._codes: dict[str, _Code] = {}
+        self._all_codes: list[str] = []
         self._refresh: dict[str, SignIn] = {}
 
     # -- what tests do ------------------------------------------------------------------------
@@ -189,6 +190,12 @@ class SignIns:
     def refresh_tokens_of(self, login: str) -> list[str]:
         with self._lock:
             return [t for t, s in self._refresh.items() if s.login == login.lower()]
+
+    def secrets_issued(self) -> list[str]:
+        """Every device code, authorization code and refresh token issued so far (what a
+        secrets scan looks for)."""
+        with self._lock:
+            return [*self._devices, *self._all_codes, *self._refresh]
 
     # -- the device sign-in ---------------------------------------------------------------------
 
@@ -304,6 +311,7 @@ class SignIns:
             else:
                 person.consents.setdefault(request.client_id, set()).update(request.scopes)
                 code = secrets.token_urlsafe(32)
+                self._all_codes.append(code)
                 self._codes[code] = _Code(
                     SignIn(person.login, request.client_id, request.scopes, request.nonce),
                     request.redirect_uri,
