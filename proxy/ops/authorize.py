@@ -182,15 +182,33 @@ async def _sign_in(
     async def flow(provider: DelegatedProvider) -> Renewal:
         if method == "device":
             return await device_sign_in(provider, show=show_device)
-        send, receive = trio.open_memory_channel[str](4)
-        async with trio.open_nursery() as nursery:
-            if stdin is not None:
-                nursery.start_soon(_read_lines, stdin, send)
-            renewal = await browser_sign_in(
-                provider, redirect_uri=redirect_uri, show=show_browser, port=port, pasted=receive
+        if stdin is None:
+            return await browser_sign_in(
+                provider, redirect_uri=redirect_uri, show=show_browser, port=port
             )
-            nursery.cancel_scope.cancel()
-        return renewal
+        send, receive = trio.open_memory_channel[str](4)
+        # The sign-in's outcome leaves the nursery as itself, not in an ExceptionGroup.
+        outcome: list[Renewal] = []
+        failure: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_lines, stdin, send)
+            try:
+                outcome.append(
+                    await browser_sign_in(
+                        provider,
+                        redirect_uri=redirect_uri,
+                        show=show_browser,
+                        port=port,
+                        pasted=receive,
+                    )
+                )
+            except BaseException as exc:  # re-raised below
+                failure.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     try:
         done = await sign_in(source, app, account, flow)

@@ -815,3 +815,15 @@ async def test_redis_with_a_password(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_file_cache_renewals_may_not_wait_a_negative_time(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="renew_wait must not be negative"):
         FileTokenCache(tmp_path / "tokens", new_key(), renew_wait=-1)
+
+
+async def test_file_cache_renews_without_a_lock_it_cannot_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "tokens.renew.lock").mkdir()  # something in its place that is not a file
+    cache = FileTokenCache(tmp_path / "tokens", new_key())
+    async with cache.exclusive(KEY):
+        pass
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "renewing without the lock" in warning.getMessage()
+    cache.close()

@@ -19,7 +19,9 @@ import trio
 from broker.cache.memory import MemoryTokenCache
 from broker.claims import decode_claims
 from broker.delegated import SignInFailed, SignInRequired
+from broker.errors import PermanentTokenError, TemporaryTokenError
 from broker.model import DELEGATED_SCOPE, App, Secret
+from broker.providers.microsoft_delegated import MicrosoftDelegatedProvider
 from broker.signin import SLOW_DOWN_STEP, browser_sign_in, device_sign_in, sign_in
 from broker.source import CachingTokenSource, SignInState
 from tests.support.browser import Browser
@@ -369,8 +371,6 @@ async def test_consumers_tenant(
 
 
 async def test_scope_without_a_permission_is_refused(entra: EntraEmulator) -> None:
-    from broker.providers.microsoft_delegated import MicrosoftDelegatedProvider
-
     with pytest.raises(ValueError, match="names no permission"):
         MicrosoftDelegatedProvider(delegated_app(entra, scope="openid offline_access"))
 
@@ -379,3 +379,49 @@ async def test_refresh_token_text_never_in_errors(source: CachingTokenSource) ->
     with pytest.raises(SignInRequired) as caught:
         await source.provider("personal").refresh("made-up-refresh-token-value-1234567890")
     assert "made-up-refresh-token-value" not in f"{caught.value} {caught.value.fix}"
+
+
+async def test_provider_errors(entra: EntraEmulator, source: CachingTokenSource) -> None:
+    provider = source.provider("personal")
+    entra.fail_next(503, count=1)
+    with pytest.raises(TemporaryTokenError, match="HTTP 503"):
+        await provider.refresh("any-refresh-token")
+    # Entra's answer for a client it does not know is not about the sign-in.
+    unknown = MicrosoftDelegatedProvider(
+        delegated_app(entra, "eeeeeeee-1111-2222-3333-444444444444")
+    )
+    with pytest.raises(PermanentTokenError) as caught:
+        await unknown.refresh("any-refresh-token")
+    assert not isinstance(caught.value, SignInRequired)
+    assert caught.value.code == "AADSTS700016"
+    with pytest.raises(PermanentTokenError, match="no app-only token"):
+        await unknown.fetch()
+    unknown.close()
+    with pytest.raises(ValueError, match="not delegated"):
+        MicrosoftDelegatedProvider(delegated_app(entra, delegated=False))
+    # A device code Entra never issued, and an answer whose state is not the request's.
+    started = await provider.start_device_sign_in()
+    assert isinstance(started.handle, dict)
+    started.handle["device_code"] = "not-a-device-code"
+    with pytest.raises(SignInFailed) as failed:
+        await provider.poll_device_sign_in(started)
+    assert failed.value.code == "bad_verification_code"
+    request = await provider.authorization_request("http://127.0.0.1:1/")
+    with pytest.raises(SignInFailed) as failed:
+        await provider.redeem(request, {"code": "some-code", "state": "another-state"})
+    assert failed.value.code == "STATE_MISMATCH"
+    with pytest.raises(SignInFailed) as failed:
+        await provider.redeem(request, {"error": "server_error", "state": request.state})
+    assert "without a code" in str(failed.value)
+
+
+async def test_an_identity_provider_that_cannot_be_reached(entra: EntraEmulator) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    provider = MicrosoftDelegatedProvider(
+        delegated_app(entra, authority=f"https://127.0.0.1:{port}")
+    )
+    with pytest.raises(TemporaryTokenError, match="unreachable"):
+        await provider.refresh("any-refresh-token")
+    provider.close()

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import poplib
 import re
 import secrets
 import signal
@@ -186,13 +187,30 @@ def oidc_dovecot(
 
 
 def write_config(
-    directory: Path, pki: TestPki, dovecot: Dovecot, app: str, users: tuple[str, ...]
+    directory: Path,
+    pki: TestPki,
+    dovecot: Dovecot,
+    app: str,
+    users: tuple[str, ...],
+    *,
+    pop3: bool = False,
 ) -> Path:
-    """One IMAP listener in front of ``dovecot``, the file cache, ``app`` as [apps.people],
-    and a user per mailbox in ``users`` (login: its local part) with the test password."""
+    """One IMAP listener in front of ``dovecot`` (and a POP3 one with ``pop3``), the file
+    cache, ``app`` as [apps.people], and a user per mailbox in ``users`` (login: its local
+    part) with the test password."""
     cert = pki.issue("proxy", "localhost", "127.0.0.1")
     private_file(directory / "cache.key", CACHE_KEY)
     hashed = hash_password(PASSWORD, TEST_HASH)
+    pop3_listener = f"""
+[[listeners]]
+protocol = "pop3"
+listen = "127.0.0.1:0"
+tls = "implicit"
+certificate = {{ file = "{cert}" }}
+upstream = "127.0.0.1:{dovecot.ports.pop3s}"
+upstream_tls = "implicit"
+upstream_ca_file = "{dovecot.ca_file}"
+"""
     blocks = "".join(
         f'[users."{mailbox.split("@")[0]}"]\npassword_hash = "{hashed}"\napp = "people"\n'
         f'mailbox = "{mailbox}"\n\n'
@@ -215,7 +233,7 @@ certificate = {{ file = "{cert}" }}
 upstream = "127.0.0.1:{dovecot.ports.imaps}"
 upstream_tls = "implicit"
 upstream_ca_file = "{dovecot.ca_file}"
-
+{pop3_listener if pop3 else ""}
 [limits]
 login_timeout = 20
 upstream_timeout = 5
@@ -376,6 +394,44 @@ def test_microsoft_from_nothing_to_a_login(
     assert "nobody has signed in yet" in out
     assert "authorize -c" in out
     assert " bob`" in out
+
+
+def test_a_permission_not_granted_refuses_that_protocol_only(
+    tmp_path: Path, pki: TestPki, entra: EntraEmulator, person_dovecot: Dovecot
+) -> None:
+    """Jane consented to IMAP only: IMAP logins work, POP3 ones get the temporary reply and
+    the log names the missing permission; the doctor says the same."""
+    app = entra_app(entra) + 'scope = "https://outlook.office.com/IMAP.AccessAsUser.All"\n'
+    config = write_config(tmp_path, pki, person_dovecot, app, (JANE,), pop3=True)
+    process = device_sign_in(config, "jane", entra.ca_file, JANE)
+    assert process.finish() == 0, process.output
+    serve = ServeProcess(config, tmp_path / "serve.log")
+    try:
+        imap_port = serve.port()
+        ports = [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", serve.text())]
+        since = len(person_dovecot.log_text())
+        assert login_reply(pki, imap_port, "jane", PASSWORD).startswith(b"a1 OK")
+        logged_in(person_dovecot, since, JANE)
+        pop3 = poplib.POP3_SSL(
+            "127.0.0.1",
+            next(p for p in ports if p != imap_port),
+            context=ssl.create_default_context(cafile=str(pki.ca_file)),
+            timeout=30,
+        )
+        try:
+            pop3.user("jane")
+            with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+                pop3.pass_(PASSWORD)
+        finally:
+            pop3.close()
+        serve.wait_for(lambda: "lacks the POP.AccessAsUser.All permission" in serve.text(), "log")
+    finally:
+        serve.close()
+    out = doctor(config, "jane")
+    assert "the sign-in granted IMAP.AccessAsUser.All" in out, out
+    assert "the sign-in did not grant POP.AccessAsUser.All: POP3 logins are refused" in out
+    out = doctor(config)
+    assert f"sign-in of {JANE}: signed in as {JANE}" in out, out
 
 
 def test_microsoft_browser_sign_in(

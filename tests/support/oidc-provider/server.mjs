@@ -92,7 +92,11 @@ const provider = new Provider(issuer, {
     deviceFlow: {
       enabled: true,
       userCodeInputSource: (ctx, form, out, err) => {
-        ctx.body = page('Enter the code', `${err ? '<p>That code is not valid.</p>' : ''}${form}
+        // After an error (a declined or interrupted sign-in, a wrong code) the person is
+        // told, and stops: no form to send again.
+        ctx.body = err
+          ? page('Sign-in ended', `<p>${escape(err.error_description ?? err.message)}</p>`)
+          : page('Enter the code', `${form}
 <button type="submit" form="op.deviceInputForm">Continue</button>`);
       },
       userCodeConfirmSource: (ctx, form, client, deviceInfo, userCode) => {
