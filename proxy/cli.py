@@ -36,7 +36,7 @@ from proxy.identities import hash_password
 from proxy.net import control, notify
 from proxy.net.server import ListenError, ProxyServer
 from proxy.net.tls import client_side_context, upstream_context
-from proxy.ops import authorize, doctor, exchange, logs
+from proxy.ops import authorize, doctor, emailproxy, exchange, logs
 from proxy.ops.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -394,6 +394,37 @@ def _cmd_authorize(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         stdin=sys.stdin,
     )
+
+
+def _cmd_import_emailproxy(args: argparse.Namespace) -> int:
+    """Print (or write) a configuration equivalent to an emailproxy.config."""
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        result = emailproxy.convert(text, source=str(args.file))
+    except emailproxy.NotEmailproxyConfig as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.output is None:
+        print(result.toml, end="")
+    else:
+        try:
+            descriptor = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"{args.output}: cannot create: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(result.toml)
+    print(
+        f"{args.file}: {result.listeners} listeners, {result.apps} apps, {result.users} users; "
+        f"{len(result.left_behind)} settings not carried over (listed at the top, with what "
+        "to do before use)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _cmd_exchange_setup(args: argparse.Namespace) -> int:
@@ -821,6 +852,21 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for the sign-in (default {authorize.DEFAULT_TIMEOUT:g})",
     )
     signin.set_defaults(func=_cmd_authorize)
+
+    importer = add_command(
+        "import-emailproxy",
+        help="print a configuration equivalent to an emailproxy.config (Email OAuth 2.0 "
+        "Proxy): listeners, apps and users, with what to do before use and every setting "
+        "that has no equivalent",
+    )
+    importer.add_argument("file", type=Path, help="the emailproxy.config to read")
+    importer.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write the configuration to this new file (mode 600) instead of printing it",
+    )
+    importer.set_defaults(func=_cmd_import_emailproxy)
 
     setup = add_command(
         "exchange-setup",
