@@ -233,6 +233,8 @@ class TokenStatus:
     error_kind: str | None = None
     #: A fetch is in progress.
     fetching: bool = False
+    #: A delegated app's account without a usable sign-in (``sign_in_status`` says more).
+    sign_in_required: bool = False
 
 
 @dataclass(slots=True)
@@ -462,6 +464,7 @@ class CachingTokenSource:
                     valid=entry is not None and self._valid(entry, now),
                     failures=state.failures,
                     last_error=_describe(error) if error is not None else None,
+                    sign_in_required=isinstance(error, SignInRequired),
                     error_kind=error.kind if error is not None else None,
                     fetching=state.flight is not None,
                 )

@@ -651,6 +651,20 @@ def render_status(status: dict[str, Any]) -> str:
                 f"    last error ({token['error_kind']}, {token['failures']} failed): "
                 f"{token['last_error']}"
             )
+    sign_ins = status.get("sign_ins", [])
+    if sign_ins:
+        lines.append("\nsign-ins (delegated apps):")
+    for sign_in in sign_ins:
+        who = f"{sign_in['app']} ({sign_in['account']})"
+        if sign_in["state"] == "signed in":
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sign_in["signed_in_at"]))
+            lines.append(f"  {who:<28} signed in as {sign_in['signed_in_as']} on {when}")
+        else:
+            lines.append(f"  {who:<28} {sign_in['state'].upper()}")
+            if sign_in.get("reason"):
+                lines.append(f"    {sign_in['reason']}")
+            if sign_in.get("fix"):
+                lines.append(f"    fix: {sign_in['fix']}")
     queue = status.get("hash_queue", {})
     lines.append(
         f"\npassword checks: {queue.get('running', 0)} running, {queue.get('queued', 0)} queued"

@@ -15,7 +15,7 @@ import trio.testing
 from broker.cache import CachedToken, CacheError, CacheKey, Grant
 from broker.cache.memory import MemoryTokenCache
 from broker.clock import trio_wall_clock
-from broker.delegated import SignInRequired
+from broker.delegated import SignInRequired, account_names, matching_account
 from broker.errors import TemporaryTokenError
 from broker.source import SIGN_IN_WATCH, CachingTokenSource, SignInState
 from tests.broker.helpers import FakeDelegatedProvider, fake_app
@@ -307,3 +307,19 @@ async def test_status_and_provider_of_an_app_only_app() -> None:
 class _NoProvider:
     async def fetch(self) -> Any:
         raise AssertionError("not asked")
+
+
+def test_the_names_an_account_goes_by() -> None:
+    claims = {
+        "email": "Jane@Example.com",
+        "preferred_username": "jane@example.com",
+        "upn": "jdoe@corp.example.com",
+    }
+    assert account_names(claims) == ["jane@example.com", "jdoe@corp.example.com"]
+    assert matching_account(claims, "JDOE@corp.example.com") == "jdoe@corp.example.com"
+    assert matching_account(claims, "bob@example.com") is None
+    # An address the identity provider says it has not verified names nobody.
+    unverified = {"email": "jane@example.com", "email_verified": False}
+    assert account_names(unverified) == []
+    assert matching_account({**unverified, "email_verified": "false"}, "jane@example.com") is None
+    assert account_names({"email": " ", "upn": 7}) == []

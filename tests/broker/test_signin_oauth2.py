@@ -11,13 +11,16 @@ import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import jwt
 import pytest
 import trio
 
 from broker.cache.memory import MemoryTokenCache
 from broker.claims import decode_claims
 from broker.delegated import Renewal, SignInFailed, SignInRequired
-from broker.model import AccessToken, App
+from broker.errors import PermanentTokenError
+from broker.model import AccessToken, App, Secret
+from broker.providers._http import TokenResponse
 from broker.providers.delegated_oauth2 import DelegatedOAuth2Provider
 from broker.signin import browser_sign_in, device_sign_in, sign_in
 from broker.source import CachingTokenSource
@@ -232,3 +235,37 @@ async def test_endpoints_the_configuration_lacks(tmp_path: Path) -> None:
     assert await provider.identity(Renewal(token, None, {"email": JANE})) == {"email": JANE}
     with pytest.raises(ValueError, match="not delegated"):
         DelegatedOAuth2Provider(replace(bare, delegated=False))
+
+
+def test_an_id_token_for_another_client_or_issuer_names_nobody() -> None:
+    """Who signed in is read only from an ID token for this client, from the issuer."""
+
+    def id_token(**claims: object) -> str:
+        return jwt.encode({"email": JANE, **claims}, "k" * 32, algorithm="HS256")
+
+    google = DelegatedOAuth2Provider(
+        App(
+            name="gmail",
+            provider="google",
+            client_id="desktop-client",
+            client_secret=Secret("s"),
+            auth_method="client_secret_post",
+            token_url="https://127.0.0.1:1/token",
+            scope="https://mail.google.com/",
+            authority="",
+            delegated=True,
+        )
+    )
+    token = AccessToken("ya29.opaque", 0.0, "https://mail.google.com/")
+    good = id_token(aud="desktop-client", iss="https://accounts.google.com")
+    renewal = google._renewal(TokenResponse(token, True, "refresh", good))
+    assert renewal.identity["email"] == JANE
+    for bad in (
+        id_token(aud="another-client", iss="https://accounts.google.com"),
+        id_token(aud="desktop-client", iss="https://evil.example"),
+        id_token(iss="https://accounts.google.com"),
+        "not-a-jwt",
+    ):
+        with pytest.raises(PermanentTokenError) as caught:
+            google._renewal(TokenResponse(token, True, "refresh", bad))
+        assert caught.value.code == "ID_TOKEN"

@@ -194,6 +194,7 @@ def write_config(
     users: tuple[str, ...],
     *,
     pop3: bool = False,
+    control: Path | None = None,
 ) -> Path:
     """One IMAP listener in front of ``dovecot`` (and a POP3 one with ``pop3``), the file
     cache, ``app`` as [apps.people], and a user per mailbox in ``users`` (login: its local
@@ -234,6 +235,7 @@ upstream = "127.0.0.1:{dovecot.ports.imaps}"
 upstream_tls = "implicit"
 upstream_ca_file = "{dovecot.ca_file}"
 {pop3_listener if pop3 else ""}
+{f'[control]{chr(10)}socket = "{control}"{chr(10)}' if control else ""}
 [limits]
 login_timeout = 20
 upstream_timeout = 5
@@ -361,7 +363,10 @@ def test_microsoft_from_nothing_to_a_login(
     tmp_path: Path, pki: TestPki, entra: EntraEmulator, person_dovecot: Dovecot
 ) -> None:
     """README's path: configure, authorize (device code), serve, log in with a password."""
-    config = write_config(tmp_path, pki, person_dovecot, entra_app(entra), (JANE, BOB))
+    control = tmp_path / "control.sock"
+    config = write_config(
+        tmp_path, pki, person_dovecot, entra_app(entra), (JANE, BOB), control=control
+    )
     serve = ServeProcess(config, tmp_path / "serve.log")
     try:
         port = serve.port()
@@ -384,6 +389,22 @@ def test_microsoft_from_nothing_to_a_login(
         logged_in(person_dovecot, since, JANE)
         # Bob has not signed in: his logins alone are refused, temporarily.
         assert login_reply(pki, port, "bob", PASSWORD).startswith(b"a1 NO [UNAVAILABLE]")
+        # status shows both sign-ins; Bob's missing one does not make the proxy unready.
+        shown = subprocess.run(
+            [sys.executable, "-m", "proxy", "status", "-c", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert shown.stdout.startswith("ready")
+        assert f"people ({JANE})" in shown.stdout
+        assert f"signed in as {JANE} on " in shown.stdout
+        assert f"people ({BOB})" in shown.stdout
+        assert "NOT SIGNED IN" in shown.stdout
+        assert re.search(r"fix: Run `xoauth2-proxy authorize -c \S+ bob`", shown.stdout)
     finally:
         serve.close()
     out = doctor(config, "jane")
