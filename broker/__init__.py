@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from broker.cache import CacheSettings, TokenCache
     from broker.model import App
@@ -33,24 +33,35 @@ def build_source(
     *,
     cache: TokenCache | None = None,
     on_fetch: Callable[[str, str], None] | None = None,
+    grants: TokenCache | None = None,
+    accounts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    authorize_command: str = "xoauth2-proxy authorize",
 ) -> CachingTokenSource:
     """A :class:`~broker.source.CachingTokenSource` for ``apps`` with the configured cache.
 
     ``cache``, if given, is used instead of opening one from ``settings``, and is not closed
-    by the source. ``on_fetch`` is told ``(app, outcome)`` after every fetch (metrics).
-    ``ValueError`` (with a message for the operator) if an app or the cache
-    cannot be set up. No I/O happens here, and nothing runs until
-    :meth:`~broker.source.CachingTokenSource.run` is started.
+    by the source; so is ``grants``, where delegated apps' sign-ins are kept (default: the
+    cache). ``accounts`` and ``authorize_command``: see the source. ``on_fetch`` is told
+    ``(app, outcome)`` after every fetch (metrics). ``ValueError`` (with a message for the
+    operator) if an app or the cache cannot be set up. No I/O happens here, and nothing
+    runs until :meth:`~broker.source.CachingTokenSource.run` is started.
     """
     # Imported here: importing ``broker`` (e.g. for broker.model) stays light.
     from broker.cache import CacheSettings, open_cache
     from broker.source import CachingTokenSource
 
-    if cache is not None:
-        return CachingTokenSource(apps, cache=cache, on_fetch=on_fetch)
-    opened = open_cache(settings or CacheSettings())
+    opened = cache if cache is not None else open_cache(settings or CacheSettings())
     try:
-        return CachingTokenSource(apps, cache=opened, close_cache=True, on_fetch=on_fetch)
+        return CachingTokenSource(
+            apps,
+            cache=opened,
+            close_cache=cache is None,
+            grants=grants,
+            accounts=accounts,
+            authorize_command=authorize_command,
+            on_fetch=on_fetch,
+        )
     except BaseException:
-        opened.close()
+        if cache is None:
+            opened.close()
         raise

@@ -185,6 +185,10 @@ def expectations_for(app: App, *, tenant_id: str = "") -> Expectations:
     providers: ``iss`` the issuer (with discovery), ``aud`` the ``expect_audience`` (default:
     the resources asked for), scope the ``expect_scope`` (default: the scope asked for).
     """
+    if app.provider == "microsoft" and app.delegated:
+        # Personal accounts' tokens are not JWTs: what each protocol needs is checked in the
+        # scope granted (proxy.net.session), who signed in at sign-in (broker.signin).
+        return Expectations("microsoft")
     if app.provider == "microsoft":
         tenant = tenant_id or (app.tenant.lower() if is_tenant_id(app.tenant) else "")
         audience = exchange_audience(app.scope)
@@ -192,7 +196,8 @@ def expectations_for(app: App, *, tenant_id: str = "") -> Expectations:
             "microsoft", audiences=(audience,) if audience else (), tenant_id=tenant
         )
     if app.provider == "google":
-        return Expectations("google", scopes=app.scopes or (GOOGLE_SCOPE,))
+        provider = "google-delegated" if app.delegated else "google"
+        return Expectations(provider, scopes=app.scopes or (GOOGLE_SCOPE,))
     audiences = app.expect_audience if app.expect_audience is not None else app.resources
     scopes = app.expect_scope if app.expect_scope is not None else app.scopes
     return Expectations(app.provider, issuer=app.issuer, audiences=audiences, scopes=scopes)
@@ -262,7 +267,7 @@ def check_token(
                     "scope", token.scope or "(empty)", " ".join(expected.scopes), fixes["scope"]
                 )
             )
-        elif claims is None and not scope_stated and expected.provider != "google":
+        elif claims is None and not scope_stated and not expected.provider.startswith("google"):
             found.append(
                 Mismatch(
                     "scope",
@@ -305,6 +310,16 @@ _FIXES: Final[dict[str, dict[str, str]]] = {
         "opaque": "Google's tokens are opaque; nothing but the scope can be checked.",
         "aud": "Check scope.",
         "iss": "Check the service account's token_uri.",
+        "tid": "Not applicable to Google.",
+        "unstated": "Check scope.",
+    },
+    "google-delegated": {
+        "scope": "The person did not let the app use Gmail at sign-in: run authorize again "
+        "and tick 'Read, compose, send and permanently delete all your email from Gmail'; "
+        "keep scope at https://mail.google.com/.",
+        "opaque": "Google's tokens are opaque; nothing but the scope can be checked.",
+        "aud": "Check scope.",
+        "iss": "Check the app's token_url.",
         "tid": "Not applicable to Google.",
         "unstated": "Check scope.",
     },

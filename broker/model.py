@@ -11,9 +11,14 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTH_METHODS",
     "DEFAULT_AUTHORITY",
+    "DEFAULT_REDIRECT_URI",
     "DEFAULT_SCOPE",
+    "DELEGATED_SCOPE",
+    "GOOGLE_AUTHORIZATION_URL",
     "GOOGLE_SCOPE",
     "GOOGLE_TOKEN_URL",
+    "GOOGLE_USERINFO_URL",
+    "PUBLIC_CLIENT",
     "AccessToken",
     "App",
     "Secret",
@@ -24,6 +29,19 @@ DEFAULT_SCOPE: Final = "https://outlook.office365.com/.default"
 #: Full IMAP/POP3/SMTP access to Gmail, the scope XOAUTH2 needs.
 GOOGLE_SCOPE: Final = "https://mail.google.com/"
 GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
+#: Google's endpoints for a person's sign-in (OAuth clients of type "Desktop app").
+GOOGLE_AUTHORIZATION_URL: Final = "https://accounts.google.com/o/oauth2/v2/auth"
+GOOGLE_USERINFO_URL: Final = "https://openidconnect.googleapis.com/v1/userinfo"
+#: What a Microsoft delegated app asks for by default: IMAP, POP3 and SMTP as the person who
+#: signed in (``offline_access``, for a refresh token, is always added).
+DELEGATED_SCOPE: Final = (
+    "https://outlook.office.com/IMAP.AccessAsUser.All "
+    "https://outlook.office.com/POP.AccessAsUser.All "
+    "https://outlook.office.com/SMTP.Send"
+)
+#: Where the browser sign-in sends its answer: this host's loopback, on a port chosen then
+#: (RFC 8252 section 7.3).
+DEFAULT_REDIRECT_URI: Final = "http://127.0.0.1"
 #: How an ``oauth2`` client authenticates (RFC 6749 2.3.1, RFC 7523 2.2, OpenID Connect
 #: Core 9, RFC 8705 2).
 AUTH_METHODS: Final = (
@@ -34,6 +52,9 @@ AUTH_METHODS: Final = (
     "tls_client_auth",
     "self_signed_tls_client_auth",
 )
+#: A public client (RFC 6749 2.1) authenticates with nothing but its ID: only people sign in
+#: to it (delegated apps; PKCE protects the browser sign-in).
+PUBLIC_CLIENT: Final = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +98,10 @@ class App:
     """One OAuth client: an Entra app registration, a Google service account, or a client of
     any OAuth 2.0 authorization server (``provider`` = ``microsoft``, ``google``, ``oauth2``).
 
-    For Google, ``client_id`` is the service account's e-mail address, ``private_key`` its
-    key, ``key_id`` the key's ID and ``token_url`` its ``token_uri``.
+    For a Google service account, ``client_id`` is its e-mail address, ``private_key`` its
+    key, ``key_id`` the key's ID and ``token_url`` its ``token_uri``. A ``delegated`` app is
+    a client people sign in to (a Google "Desktop app" client, a public or confidential
+    Entra app, any OAuth 2.0 client), whose tokens are theirs.
     """
 
     name: str
@@ -114,6 +137,18 @@ class App:
     expect_scope: tuple[str, ...] | None = None
     #: ``oauth2`` tls_client_auth / self_signed_tls_client_auth: PEM key and certificate.
     client_certificate: Secret | None = None
+    #: Tokens belong to one person each, who signs in once (``xoauth2-proxy authorize``);
+    #: renewed with that sign-in's refresh token. Otherwise: app-only tokens.
+    delegated: bool = False
+    #: Delegated ``google``/``oauth2``: where the browser sign-in starts (RFC 6749 3.1),
+    #: where the device sign-in starts (RFC 8628 3.1), and who the token belongs to (OpenID
+    #: Connect UserInfo); from the issuer's metadata when empty.
+    authorization_url: str = ""
+    device_authorization_url: str = ""
+    userinfo_url: str = ""
+    #: Delegated apps: the loopback redirect URI registered for the browser sign-in (a port
+    #: is added when it names none).
+    redirect_uri: str = DEFAULT_REDIRECT_URI
 
     @property
     def scopes(self) -> tuple[str, ...]:

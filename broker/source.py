@@ -57,12 +57,39 @@ error, without asking the provider.
   hour, so a broken app is never hammered.
 
 While a still-valid token is cached, logins keep getting it whatever the provider says.
+
+**Delegated apps** (:class:`~broker.delegated.DelegatedProvider`): tokens belong to a
+person, one key per *account* (the ``mailbox`` argument names it), and are renewed with the
+refresh token of that person's sign-in (:class:`~broker.cache.Grant`), which lives in the
+*grant store* -- the cache, unless another is given (the doctor keeps its tokens in memory
+but must use and update the real sign-ins). A renewal runs under the store's
+:meth:`~broker.cache.TokenCache.exclusive` lock and reads the sign-in again inside it, so
+no two processes ever use one refresh token at once (identity providers that rotate refresh
+tokens refuse, and may revoke, one used twice).
+
+- *Rotation*: a new refresh token is stored -- replacing the old one in one atomic write --
+  before the new access token is, and before anyone can use it. If the store fails, the new
+  refresh token is kept in memory, used for the next renewal, and stored again then: until
+  it is stored, the old one remains in the store, so a crash never loses both.
+- *No sign-in, or a revoked one* (:class:`~broker.delegated.SignInRequired`): logins get
+  the error (the temporary reply), which names the users of the account and the command
+  that signs them in; it is logged once. A refresh token the identity provider refused is
+  marked revoked in the store (and dropped: it is worth nothing), so that restarts and
+  other instances know without asking. From then on nobody asks the identity provider for
+  that account: logins re-read the store at most every :data:`SIGN_IN_RECHECK` seconds and
+  the background task every :data:`SIGN_IN_WATCH` seconds, and renew as soon as someone
+  has signed in again (``xoauth2-proxy authorize``). Other accounts and apps are not
+  affected.
+- :meth:`CachingTokenSource.sign_in_status` says, for ``status`` and ``doctor``, whether an
+  account is signed in, since when, or why not -- reading the store, never asking the
+  identity provider.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import logging
 import math
 import random
@@ -71,25 +98,31 @@ from typing import TYPE_CHECKING, Final, NoReturn, Protocol, runtime_checkable
 
 import trio
 
-from broker.cache import CachedToken, CacheError, CacheKey
+from broker.cache import CachedToken, CacheError, CacheKey, Grant
 from broker.cache.memory import MemoryTokenCache
 from broker.claims import expectations_for
 from broker.clock import wall_clock
+from broker.delegated import DelegatedProvider, SignInRequired
 from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from broker.cache import TokenCache
     from broker.claims import Expectations
     from broker.clock import Clock
+    from broker.delegated import Renewal
     from broker.model import AccessToken, App
 
 __all__ = [
     "MIN_VALIDITY",
+    "SIGN_IN_RECHECK",
+    "SIGN_IN_WATCH",
     "CachingTokenSource",
     "MailboxProvider",
     "Provider",
+    "SignInState",
+    "SignInStatus",
     "TokenSource",
     "TokenStatus",
 ]
@@ -103,6 +136,42 @@ MIN_VALIDITY: Final = 60.0
 MAX_NAP: Final = 60.0
 #: Longest pause between background retries of a permanently failing key (seconds).
 MAX_PERMANENT_BACKOFF: Final = 3600.0
+#: Seconds logins of an account without a usable sign-in get that error before the store
+#: is read again (never the identity provider).
+SIGN_IN_RECHECK: Final = 5.0
+#: Seconds between the background task's looks at the store for such an account.
+SIGN_IN_WATCH: Final = 30.0
+
+
+class SignInState(enum.Enum):
+    """Where a delegated account's sign-in stands."""
+
+    SIGNED_IN = "signed in"
+    NOT_SIGNED_IN = "not signed in"
+    REVOKED = "revoked"
+    #: The store cannot be read now.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class SignInStatus:
+    """What is known of one account's sign-in (no secret): for ``status`` and ``doctor``."""
+
+    app: str
+    account: str
+    state: SignInState
+    #: The account that signed in, as the identity provider named it.
+    signed_in_as: str = ""
+    #: When it signed in, its refresh token was last rotated, it was found revoked.
+    signed_in_at: float | None = None
+    rotated_at: float | None = None
+    revoked_at: float | None = None
+    #: Why it is revoked, or why the store cannot be read.
+    reason: str = ""
+    #: The expiry of the access token this process holds, if any.
+    token_expires_at: float | None = None
+    #: The command that signs it in again, when it needs one.
+    fix: str = ""
 
 
 class TokenSource(Protocol):
@@ -164,6 +233,8 @@ class TokenStatus:
     error_kind: str | None = None
     #: A fetch is in progress.
     fetching: bool = False
+    #: A delegated app's account without a usable sign-in (``sign_in_status`` says more).
+    sign_in_required: bool = False
 
 
 @dataclass(slots=True)
@@ -205,6 +276,10 @@ class _State:
     refreshing: bool = False
     #: The last failed fetch's error (kept for status reports until a fetch succeeds).
     last_error: BrokerError | None = None
+    #: Delegated keys: the sign-in last read or written (used if the store cannot be read).
+    grant: Grant | None = None
+    #: A rotated sign-in the store did not take yet, and the refresh token it replaces.
+    unsaved: tuple[Grant, str] | None = None
 
 
 class CachingTokenSource:
@@ -215,7 +290,11 @@ class CachingTokenSource:
     (``ValueError`` here for a misconfigured app). ``cache`` is where tokens are shared
     (default: a private :class:`~broker.cache.memory.MemoryTokenCache`); a cache passed in is
     closed by :meth:`close` only with ``close_cache=True``, so it can outlive this source
-    (configuration reloads).
+    (configuration reloads). ``grants`` is where delegated apps' sign-ins are kept (default:
+    ``cache``; never closed here). ``accounts`` names, per delegated app, each account and
+    the users (login names) it serves: their tokens are renewed from the start, and messages
+    about a missing sign-in name them with ``authorize_command`` (the command that signs a
+    user in, followed by the login name).
     ``on_fetch`` is told ``(app, outcome)`` after each fetch (metrics).
     ``clock`` returns wall-clock seconds since the epoch, the time base of
     :attr:`AccessToken.expires_at` (:func:`broker.clock.trio_wall_clock` under a MockClock);
@@ -227,9 +306,12 @@ class CachingTokenSource:
         self,
         apps: Mapping[str, App],
         *,
-        providers: Mapping[str, Provider | MailboxProvider] | None = None,
+        providers: Mapping[str, Provider | MailboxProvider | DelegatedProvider] | None = None,
         cache: TokenCache | None = None,
         close_cache: bool = False,
+        grants: TokenCache | None = None,
+        accounts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+        authorize_command: str = "xoauth2-proxy authorize",
         clock: Clock = wall_clock,
         rng: random.Random | None = None,
         refresh_margin: float = 600.0,
@@ -271,8 +353,16 @@ class CachingTokenSource:
         self._on_fetch = on_fetch
         self._own_cache = cache is None or close_cache
         self._cache: TokenCache = MemoryTokenCache() if cache is None else cache
-        self._providers: dict[str, Provider | MailboxProvider] = dict(providers or {})
-        self._owned: list[Provider | MailboxProvider] = []
+        self._grants: TokenCache = self._cache if grants is None else grants
+        self._accounts = {
+            app: {account.lower(): tuple(logins) for account, logins in by_account.items()}
+            for app, by_account in (accounts or {}).items()
+        }
+        self._authorize_command = authorize_command
+        self._providers: dict[str, Provider | MailboxProvider | DelegatedProvider] = dict(
+            providers or {}
+        )
+        self._owned: list[Provider | MailboxProvider | DelegatedProvider] = []
         missing = [name for name in self._apps if name not in self._providers]
         if missing:
             # Imported here so that importing the interface does not load msal and httpx.
@@ -282,8 +372,12 @@ class CachingTokenSource:
                 provider = build_provider(self._apps[name])
                 self._providers[name] = provider
                 self._owned.append(provider)
+        self._delegated = {
+            name: isinstance(p, DelegatedProvider) for name, p in self._providers.items()
+        }
         self._per_mailbox = {
-            name: isinstance(p, MailboxProvider) for name, p in self._providers.items()
+            name: isinstance(p, MailboxProvider) or self._delegated[name]
+            for name, p in self._providers.items()
         }
         # Keyed by the name the caller uses (the mapping's key), whatever App.name says.
         self._app_keys = {
@@ -312,9 +406,10 @@ class CachingTokenSource:
     async def token(self, app: str, *, mailbox: str | None = None) -> AccessToken:
         self._apps[app]  # KeyError for an unknown app, as TokenSource promises
         if self._per_mailbox[app] and not mailbox:
+            what = "account" if self._delegated[app] else "mailbox"
             raise PermanentTokenError(
-                f"app {app!r} issues tokens per mailbox, and no mailbox was named",
-                fix="Name the mailbox the token is for.",
+                f"app {app!r} issues tokens per {what}, and no {what} was named",
+                fix=f"Name the {what} the token is for.",
             )
         state = self._state(app, mailbox if self._per_mailbox[app] else None)
         now = self._clock()
@@ -369,6 +464,7 @@ class CachingTokenSource:
                     valid=entry is not None and self._valid(entry, now),
                     failures=state.failures,
                     last_error=_describe(error) if error is not None else None,
+                    sign_in_required=isinstance(error, SignInRequired),
                     error_kind=error.kind if error is not None else None,
                     fetching=state.flight is not None,
                 )
@@ -382,10 +478,81 @@ class CachingTokenSource:
         """Are ``app``'s tokens issued per mailbox?"""
         return self._per_mailbox[app]
 
-    def _state(self, app: str, mailbox: str | None) -> _State:
+    # -- sign-ins of delegated apps -----------------------------------------------------------
+
+    def is_delegated(self, app: str) -> bool:
+        """Do ``app``'s tokens belong to people who sign in (``KeyError`` if unknown)?"""
+        return self._delegated[app]
+
+    def provider(self, app: str) -> DelegatedProvider:
+        """The provider of the delegated app ``app``, for its sign-in flows."""
+        provider = self._providers[app]
+        if not isinstance(provider, DelegatedProvider):
+            raise ValueError(f"app {app!r} is not delegated: nobody signs in to it")
+        return provider
+
+    async def sign_in_status(self, app: str, account: str) -> SignInStatus:
+        """Where ``account``'s sign-in for the delegated ``app`` stands, from the store and
+        what this process knows; never asks the identity provider. No secret in it."""
+        self.provider(app)
+        key = self._key(app, account)
+        state = self._states.get(key)
+        expires = state.entry.token.expires_at if state and state.entry else None
+        base = SignInStatus(app, key.mailbox or "", SignInState.UNKNOWN, token_expires_at=expires)
+        try:
+            grant = await self._grants.load_grant(key)
+        except CacheError as exc:
+            return dataclasses.replace(base, reason=f"the token cache cannot be read: {exc}")
+        if grant is None and state is not None and state.unsaved is not None:
+            grant = state.unsaved[0]
+        if grant is None:
+            return dataclasses.replace(
+                base, state=SignInState.NOT_SIGNED_IN, fix=self._authorize_fix(key)
+            )
+        seen = dataclasses.replace(
+            base,
+            signed_in_as=grant.account,
+            signed_in_at=grant.signed_in_at,
+            rotated_at=grant.rotated_at,
+        )
+        if grant.revoked:
+            return dataclasses.replace(
+                seen,
+                state=SignInState.REVOKED,
+                revoked_at=grant.revoked_at,
+                reason=grant.revoked,
+                fix=self._authorize_fix(key),
+            )
+        return dataclasses.replace(seen, state=SignInState.SIGNED_IN)
+
+    async def complete_sign_in(
+        self, app: str, account: str, renewal: Renewal, *, signed_in_as: str
+    ) -> None:
+        """Keep the sign-in that just succeeded for ``account`` (checked by the caller to be
+        the person ``signed_in_as``): its refresh token replaces any earlier sign-in, and
+        its token serves logins at once. :class:`~broker.cache.CacheError` if the store
+        cannot keep it; ``ValueError`` if the sign-in gave no refresh token."""
+        if not renewal.refresh_token:
+            raise ValueError("the sign-in gave no refresh token")
+        key = self._key(app, account)
+        now = self._clock()
+        grant = Grant(renewal.refresh_token, signed_in_as.lower(), now, now)
+        async with self._grants.exclusive(key):
+            await self._grants.store_grant(key, grant)
+        cached = CachedToken(renewal.token, now)
+        await self._save(key, cached)
+        state = self._state(app, account)
+        state.grant, state.unsaved = grant, None
+        self._succeeded(state, self._entry(cached))
+
+    def _key(self, app: str, mailbox: str | None) -> CacheKey:
         key = self._app_keys[app]
         if mailbox is not None:
             key = CacheKey(key.app, key.identity, key.scope, mailbox.lower())
+        return key
+
+    def _state(self, app: str, mailbox: str | None) -> _State:
+        key = self._key(app, mailbox)
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = _State(key, last_used=self._clock())
@@ -401,7 +568,8 @@ class CachingTokenSource:
     ) -> NoReturn:
         """Keep tokens fresh until cancelled. Start it with ``await nursery.start(source.run)``.
 
-        Fetches every app-wide token at once (mailbox tokens are fetched at first use), then
+        Fetches every app-wide token and every configured account's token at once (other
+        mailbox tokens are fetched at first use), then
         renews each token used in the last ``keep_warm`` seconds at its refresh point, and
         retries failures after their backoff. Errors are logged (see the module's theory of
         operation); only bugs escape. One ``run()`` per source at a time.
@@ -412,12 +580,20 @@ class CachingTokenSource:
         try:
             async with trio.open_nursery() as nursery:
                 now = self._clock()
-                for name in self._apps:
-                    if not self._per_mailbox[name]:
-                        state = self._state(name, None)
-                        state.last_used = now
-                        if state.entry is None and state.next_attempt is None:
-                            state.next_attempt = now
+                wanted: list[tuple[str, str | None]] = [
+                    (name, None) for name in self._apps if not self._per_mailbox[name]
+                ]
+                wanted += [
+                    (name, account)
+                    for name, by_account in self._accounts.items()
+                    if self._delegated.get(name)
+                    for account in by_account
+                ]
+                for name, account in wanted:
+                    state = self._state(name, account)
+                    state.last_used = now
+                    if state.entry is None and state.next_attempt is None:
+                        state.next_attempt = now
                 task_status.started()
                 while True:
                     self._wake = trio.Event()
@@ -492,6 +668,8 @@ class CachingTokenSource:
 
     async def _obtain(self, state: _State) -> _Entry:
         """A fresh token for the key: from the shared cache if someone renewed it, else asked."""
+        if self._delegated[state.key.app]:
+            return await self._obtain_delegated(state)
         key = state.key
         shared = await self._load(key)
         if self._fresh(shared, state):
@@ -520,6 +698,175 @@ class CachingTokenSource:
         if self._on_fetch is not None:
             self._on_fetch(app, outcome)
 
+    # -- delegated apps ---------------------------------------------------------------------
+
+    async def _obtain_delegated(self, state: _State) -> _Entry:
+        """A fresh token for a person's key: shared, or renewed with their sign-in."""
+        key = state.key
+        shared = await self._load(key)
+        if self._fresh(shared, state):
+            assert shared is not None
+            self._told(key.app, "shared_cache")
+            return self._entry(shared)
+        async with self._grants.exclusive(key):
+            shared = await self._load(key)
+            if self._fresh(shared, state):
+                assert shared is not None
+                self._told(key.app, "shared_cache")
+                return self._entry(shared)
+            grant = await self._current_grant(state)
+            obtained_at = self._clock()
+            provider = self._providers[key.app]
+            assert isinstance(provider, DelegatedProvider)
+            try:
+                renewal = await self._within_deadline(key, provider.refresh(grant.refresh_token))
+            except SignInRequired as exc:
+                self._told(key.app, exc.kind)
+                await self._revoked(state, grant, exc)
+                raise self._sign_in_error(key, exc) from None
+            except BrokerError as exc:
+                self._told(key.app, exc.kind)
+                self._keep_as_fallback(state, shared)
+                raise
+            self._told(key.app, "success")
+            if renewal.refresh_token and renewal.refresh_token != grant.refresh_token:
+                await self._rotate(state, grant, renewal.refresh_token)
+            cached = CachedToken(renewal.token, obtained_at)
+            await self._save(key, cached)
+        return self._entry(cached)
+
+    async def _current_grant(self, state: _State) -> Grant:
+        """The sign-in to renew with: the store's, or one it has not taken yet; else
+        :class:`SignInRequired` (without asking the identity provider)."""
+        key = state.key
+        try:
+            stored = await self._grants.load_grant(key)
+        except CacheError as exc:
+            if state.grant is None:
+                raise TemporaryTokenError(
+                    f"{key}: the sign-in cannot be read from the token cache: {exc}",
+                    code="CACHE",
+                    fix="Check the token cache (file permissions, Redis); the broker retries.",
+                ) from None
+            log.warning(
+                "%s: token cache unavailable, renewing with the sign-in in memory: %s", key, exc
+            )
+            stored = state.grant
+        if state.unsaved is not None:
+            pending, replaced = state.unsaved
+            if stored is None or stored.refresh_token == replaced:
+                stored = pending  # the store never took our rotation: it is the live one
+                await self._store_rotation(state, pending, replaced)
+            else:
+                state.unsaved = None  # the store moved on: a new sign-in, or another instance
+        state.grant = stored
+        if stored is None:
+            raise self._sign_in_error(
+                key,
+                SignInRequired(
+                    "nobody has signed in yet",
+                    code="NOT_SIGNED_IN",
+                    fix="Nobody has signed in for this account yet.",
+                ),
+            )
+        if stored.revoked:
+            raise self._sign_in_error(
+                key,
+                SignInRequired(
+                    f"the identity provider refused its sign-in ({stored.revoked})",
+                    code="SIGN_IN_REVOKED",
+                    fix="The identity provider no longer accepts the sign-in.",
+                    revoked=True,
+                ),
+            )
+        return stored
+
+    async def _rotate(self, state: _State, grant: Grant, refresh_token: str) -> None:
+        """Keep the new refresh token: stored in place of the old one, or in memory."""
+        rotated = dataclasses.replace(grant, refresh_token=refresh_token, rotated_at=self._clock())
+        state.grant = rotated
+        await self._store_rotation(state, rotated, grant.refresh_token)
+
+    async def _store_rotation(self, state: _State, rotated: Grant, replaced: str) -> None:
+        try:
+            await self._grants.store_grant(state.key, rotated)
+        except CacheError as exc:
+            state.unsaved = (rotated, replaced)
+            log.error(
+                "%s: the identity provider replaced the refresh token, and the new one could "
+                "not be stored (%s); it is kept in memory and stored at the next renewal. "
+                "Fix the token cache: if this process stops first, the sign-in may be lost.",
+                state.key,
+                exc,
+            )
+        else:
+            state.unsaved = None
+
+    async def _revoked(self, state: _State, grant: Grant, error: SignInRequired) -> None:
+        """Mark the sign-in revoked in the store (dropping its refresh token), unless
+        someone replaced it meanwhile (a new sign-in)."""
+        state.grant = state.unsaved = None
+        try:
+            stored = await self._grants.load_grant(state.key)
+            if stored is not None and stored.refresh_token != grant.refresh_token:
+                return
+            reason = f"{error.code}: {error}" if error.code else str(error)
+            marked = dataclasses.replace(
+                grant, refresh_token="", revoked=reason, revoked_at=self._clock()
+            )
+            await self._grants.store_grant(state.key, marked)
+        except CacheError as exc:
+            log.warning(
+                "%s: cannot record in the token cache that the sign-in was revoked: %s",
+                state.key,
+                exc,
+            )
+
+    def _sign_in_error(self, key: CacheKey, error: SignInRequired) -> SignInRequired:
+        """``error`` for ``key``, saying who must sign in again and how."""
+        fix = self._authorize_fix(key)
+        text = str(error)
+        message = text if text.startswith(str(key)) else f"{key}: {text}"
+        users = self._logins(key)
+        if users:
+            message += f" (user{'s' if len(users) > 1 else ''} {', '.join(map(repr, users))})"
+        return SignInRequired(
+            message,
+            code=error.code,
+            fix=f"{error.fix.rstrip()} {fix}".strip(),
+            revoked=error.revoked,
+            account=key.mailbox or "",
+            command=self._authorize_command,
+        )
+
+    def _logins(self, key: CacheKey) -> tuple[str, ...]:
+        return self._accounts.get(key.app, {}).get(key.mailbox or "", ())
+
+    def _authorize_fix(self, key: CacheKey) -> str:
+        users = self._logins(key)
+        who = users[0] if users else "USER"
+        also = f" (or any of its users: {', '.join(users)})" if len(users) > 1 else ""
+        return (
+            f"Run `{self._authorize_command} {who}`{also} as the user the proxy runs as, and "
+            f"sign in as {key.mailbox}."
+        )
+
+    # -- asking the provider ----------------------------------------------------------------
+
+    async def _within_deadline(self, key: CacheKey, request: Awaitable[Renewal]) -> Renewal:
+        """``request``'s answer, if it comes within ``fetch_timeout`` seconds."""
+        with trio.move_on_after(self._fetch_timeout):
+            return await request
+        raise self._timed_out(key)
+
+    def _timed_out(self, key: CacheKey) -> TemporaryTokenError:
+        return TemporaryTokenError(
+            f"{key}: the identity provider did not answer within {self._fetch_timeout:g} s",
+            code="FETCH_TIMEOUT",
+            fix="Nothing to change: the broker retries. If it persists, check the network "
+            "path (and any HTTPS proxy) to the identity provider, and its status.",
+        )
+
     async def _ask(self, key: CacheKey) -> AccessToken:
         """The provider's new token, if it comes within ``fetch_timeout`` seconds."""
         provider = self._providers[key.app]
@@ -527,13 +874,9 @@ class CachingTokenSource:
             if isinstance(provider, MailboxProvider):
                 assert key.mailbox is not None
                 return await provider.fetch_for(key.mailbox)
+            assert isinstance(provider, Provider)
             return await provider.fetch()
-        raise TemporaryTokenError(
-            f"{key}: the identity provider did not answer within {self._fetch_timeout:g} s",
-            code="FETCH_TIMEOUT",
-            fix="Nothing to change: the broker retries. If it persists, check the network "
-            "path (and any HTTPS proxy) to the identity provider, and its status.",
-        )
+        raise self._timed_out(key)
 
     def _fresh(self, shared: CachedToken | None, state: _State) -> bool:
         """Is the cache's token one we should use instead of asking the provider?"""
@@ -574,7 +917,9 @@ class CachingTokenSource:
             log.warning("%s: token not shared: %s", key, exc)
 
     def _succeeded(self, state: _State, entry: _Entry) -> None:
-        if state.failures:
+        if isinstance(state.hold_error, SignInRequired):
+            log.info("%s: signed in again; tokens are renewed again", state.key)
+        elif state.failures:
             log.info(
                 "%s: token obtained again after %d failed attempt%s",
                 state.key,
@@ -594,7 +939,18 @@ class CachingTokenSource:
         state.failures += 1
         state.last_error = error
         code = f" [{error.code}]" if error.code else ""
-        if isinstance(error, PermanentTokenError):
+        if isinstance(error, SignInRequired):
+            # Nobody asks the identity provider until someone signs in: only the store is
+            # read again, by logins and by the background task.
+            hold, retry = min(self._permanent_hold, SIGN_IN_RECHECK), SIGN_IN_WATCH
+            # Found revoked, then read as revoked from the store: one event, logged once.
+            signature = "sign-in revoked" if error.revoked else "no sign-in"
+            if state.reported != signature:
+                state.reported = signature
+                log.error("%s%s\n  fix: %s", error, code, error.fix)
+            else:
+                log.debug("%s: still no usable sign-in%s", state.key, code)
+        elif isinstance(error, PermanentTokenError):
             hold = self._permanent_hold
             retry = min(
                 max(self._permanent_hold, 1.0) * 2 ** min(state.failures - 1, 16),

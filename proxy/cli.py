@@ -36,7 +36,7 @@ from proxy.identities import hash_password
 from proxy.net import control, notify
 from proxy.net.server import ListenError, ProxyServer
 from proxy.net.tls import client_side_context, upstream_context
-from proxy.ops import doctor, exchange, logs
+from proxy.ops import authorize, doctor, emailproxy, exchange, logs
 from proxy.ops.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -274,14 +274,25 @@ def _cmd_token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if config.apps[args.app].provider == "google" and not args.mailbox:
+    app = config.apps[args.app]
+    if (app.provider == "google" or app.delegated) and not args.mailbox:
+        what = "signed-in account" if app.delegated else "mailbox"
         print(
-            f"apps.{args.app} issues tokens per mailbox: name one with --mailbox",
+            f"apps.{args.app} issues tokens per {what}: name one with --mailbox",
             file=sys.stderr,
         )
         return EXIT_CONFIG
     try:
-        source = build_source({args.app: config.apps[args.app]}, config.cache)
+        source = build_source(
+            {args.app: config.apps[args.app]},
+            config.cache,
+            accounts={
+                name: by_account
+                for name, by_account in config.delegated_accounts().items()
+                if name == args.app
+            },
+            authorize_command=authorize.authorize_command(config),
+        )
     except ValueError as exc:
         print(f"{config.path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -329,11 +340,24 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if isinstance(config, int):
         return config
+    grants = None
     try:
         # Its own cache in memory: the doctor asks the identity provider itself, and never
-        # writes the service's cache (as root, a new cache file would be root's).
-        source = build_source(config.apps, cache=MemoryTokenCache())
+        # writes the service's tokens (as root, a new cache file would be root's). People's
+        # sign-ins are the service's, though: they are read -- and, renewed, rotated -- in
+        # the configured cache.
+        if any(app.delegated for app in config.apps.values()):
+            grants = open_cache(config.cache)
+        source = build_source(
+            config.apps,
+            cache=MemoryTokenCache(),
+            grants=grants,
+            accounts=config.delegated_accounts(),
+            authorize_command=authorize.authorize_command(config),
+        )
     except ValueError as exc:
+        if grants is not None:
+            grants.close()
         print(f"{config.path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # The report carries what the proxy logs about each step; the log itself is for
@@ -348,10 +372,59 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         )
     finally:
         source.close()
+        if grants is not None:
+            grants.close()
     print(doctor.render(findings))
     failed = sum(f.status is doctor.Status.FAILED for f in findings)
     print(f"\n{len(findings)} checks, {failed} failed")
     return EXIT_FAILURE if failed else 0
+
+
+def _cmd_authorize(args: argparse.Namespace) -> int:
+    """A person signs in once for a user of a delegated app (see proxy.ops.authorize)."""
+    config = _load(args.config)
+    if isinstance(config, int):
+        return config
+    method = "browser" if args.browser else "device" if args.device else ""
+    return authorize.run(
+        config,
+        args.user,
+        method=method,
+        port=args.port,
+        timeout=args.timeout,
+        stdin=sys.stdin,
+    )
+
+
+def _cmd_import_emailproxy(args: argparse.Namespace) -> int:
+    """Print (or write) a configuration equivalent to an emailproxy.config."""
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        result = emailproxy.convert(text, source=str(args.file))
+    except emailproxy.NotEmailproxyConfig as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.output is None:
+        print(result.toml, end="")
+    else:
+        try:
+            descriptor = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"{args.output}: cannot create: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(result.toml)
+    print(
+        f"{args.file}: {result.listeners} listeners, {result.apps} apps, {result.users} users; "
+        f"{len(result.left_behind)} settings not carried over (listed at the top, with what "
+        "to do before use)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _cmd_exchange_setup(args: argparse.Namespace) -> int:
@@ -418,7 +491,13 @@ async def _reload_now(
         await server.reload(config, tokens.source)  # same apps: keep their tokens warm
         return
     try:
-        source = build_source(config.apps, cache=tokens.cache, on_fetch=server.metrics.token_fetch)
+        source = build_source(
+            config.apps,
+            cache=tokens.cache,
+            accounts=config.delegated_accounts(),
+            authorize_command=authorize.authorize_command(config),
+            on_fetch=server.metrics.token_fetch,
+        )
     except ValueError as exc:
         log.error("reload refused: %s; keeping the previous configuration", exc)
         server.metrics.reloads.labels("failure").inc()
@@ -467,7 +546,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"{config.path}: cache: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        source = build_source(config.apps, cache=cache, on_fetch=metrics.token_fetch)
+        source = build_source(
+            config.apps,
+            cache=cache,
+            accounts=config.delegated_accounts(),
+            authorize_command=authorize.authorize_command(config),
+            on_fetch=metrics.token_fetch,
+        )
     except ValueError as exc:
         cache.close()
         print(f"{config.path}: {exc}", file=sys.stderr)
@@ -566,6 +651,20 @@ def render_status(status: dict[str, Any]) -> str:
                 f"    last error ({token['error_kind']}, {token['failures']} failed): "
                 f"{token['last_error']}"
             )
+    sign_ins = status.get("sign_ins", [])
+    if sign_ins:
+        lines.append("\nsign-ins (delegated apps):")
+    for sign_in in sign_ins:
+        who = f"{sign_in['app']} ({sign_in['account']})"
+        if sign_in["state"] == "signed in":
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sign_in["signed_in_at"]))
+            lines.append(f"  {who:<28} signed in as {sign_in['signed_in_as']} on {when}")
+        else:
+            lines.append(f"  {who:<28} {sign_in['state'].upper()}")
+            if sign_in.get("reason"):
+                lines.append(f"    {sign_in['reason']}")
+            if sign_in.get("fix"):
+                lines.append(f"    fix: {sign_in['fix']}")
     queue = status.get("hash_queue", {})
     lines.append(
         f"\npassword checks: {queue.get('running', 0)} running, {queue.get('queued', 0)} queued"
@@ -712,7 +811,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(token)
     token.add_argument("app", help="the app's name, as in [apps.NAME]")
     token.add_argument(
-        "--mailbox", help="the mailbox the token is for (required for per-mailbox providers)"
+        "--mailbox",
+        help="the mailbox the token is for (required for per-mailbox providers), or for a "
+        "delegated app the account that signed in",
     )
     token.add_argument(
         "--decode",
@@ -731,6 +832,55 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("user", nargs="?", help="a login name from [users]")
     doc.add_argument("--mailbox", help="a mailbox other than the user's default (with USER)")
     doc.set_defaults(func=_cmd_doctor)
+
+    signin = add_command(
+        "authorize",
+        help="sign in once, as the person behind a user of a delegated app, so that the "
+        "proxy can renew that user's tokens (device code; --browser for a browser sign-in)",
+    )
+    with_config(signin)
+    signin.add_argument("user", help="a login name from [users] whose app is delegated")
+    flows = signin.add_mutually_exclusive_group()
+    flows.add_argument(
+        "--browser",
+        action="store_true",
+        help="sign in with a browser: authorization code with PKCE, the answer coming back "
+        "to a listener on 127.0.0.1 (the default for Google, which allows Gmail only so)",
+    )
+    flows.add_argument(
+        "--device",
+        action="store_true",
+        help="sign in with a code entered in any browser, on any device (the default)",
+    )
+    signin.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="with --browser: the loopback port to listen on (default: any free port), "
+        "e.g. to forward it with ssh -L",
+    )
+    signin.add_argument(
+        "--timeout",
+        type=float,
+        default=authorize.DEFAULT_TIMEOUT,
+        help=f"seconds to wait for the sign-in (default {authorize.DEFAULT_TIMEOUT:g})",
+    )
+    signin.set_defaults(func=_cmd_authorize)
+
+    importer = add_command(
+        "import-emailproxy",
+        help="print a configuration equivalent to an emailproxy.config (Email OAuth 2.0 "
+        "Proxy): listeners, apps and users, with what to do before use and every setting "
+        "that has no equivalent",
+    )
+    importer.add_argument("file", type=Path, help="the emailproxy.config to read")
+    importer.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write the configuration to this new file (mode 600) instead of printing it",
+    )
+    importer.set_defaults(func=_cmd_import_emailproxy)
 
     setup = add_command(
         "exchange-setup",

@@ -10,6 +10,7 @@ Secrets never sit in the file unless the operator insists: ``{ env = "NAME" }`` 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import json
@@ -25,9 +26,13 @@ from broker.cache.sealing import KEY_HELP, parse_key
 from broker.model import (
     AUTH_METHODS,
     DEFAULT_AUTHORITY,
+    DEFAULT_REDIRECT_URI,
     DEFAULT_SCOPE,
+    DELEGATED_SCOPE,
+    GOOGLE_AUTHORIZATION_URL,
     GOOGLE_SCOPE,
     GOOGLE_TOKEN_URL,
+    PUBLIC_CLIENT,
     App,
     Secret,
 )
@@ -154,6 +159,14 @@ class UserConfig:
     app_key_hashes: frozenset[str] = field(default=frozenset(), repr=False)
     #: The mailboxes it may open: addresses, or patterns with ``*`` (``*@reports.contoso.com``).
     mailboxes: tuple[str, ...] = ()
+    #: Delegated apps: the account whose sign-in the user's tokens come from (default: the
+    #: mailbox), e.g. a person who may open a shared mailbox.
+    account: str = ""
+
+    @property
+    def signs_in_as(self) -> str:
+        """The account that signs in for this user (delegated apps)."""
+        return self.account or self.mailbox
 
     @property
     def has_certificate(self) -> bool:
@@ -262,6 +275,15 @@ class Config:
     def user(self, login: str) -> UserConfig | None:
         """Find a user by login name, ignoring case."""
         return self.users.get(fold_case(login))
+
+    def delegated_accounts(self) -> dict[str, dict[str, list[str]]]:
+        """For each delegated app, each account that signs in and the users it serves."""
+        accounts: dict[str, dict[str, list[str]]] = {}
+        for user in self.users.values():
+            if user.app in self.apps and self.apps[user.app].delegated:
+                by_account = accounts.setdefault(user.app, {})
+                by_account.setdefault(user.signs_in_as.lower(), []).append(user.login)
+        return accounts
 
 
 class ConfigError(Exception):
@@ -465,11 +487,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-#: The keys each provider takes (all take provider, scope and ca_file).
+#: The keys each provider takes (all take provider, scope, ca_file and delegated).
 PROVIDER_KEYS: Final = {
-    "microsoft": {"tenant", "client_id", "client_secret", "certificate", "authority"},
-    "google": {"service_account"},
+    "microsoft": {
+        "tenant",
+        "client_id",
+        "client_secret",
+        "certificate",
+        "authority",
+        "redirect_uri",
+    },
+    "google": {
+        "service_account",
+        "client_id",
+        "client_secret",
+        "token_url",
+        "authorization_url",
+        "redirect_uri",
+    },
     "oauth2": {
+        "authorization_url",
+        "device_authorization_url",
+        "userinfo_url",
+        "redirect_uri",
         "issuer",
         "token_url",
         "client_id",
@@ -484,7 +524,15 @@ PROVIDER_KEYS: Final = {
         "expect_scope",
     },
 }
-APP_KEYS: Final = {"provider", "scope", "ca_file"}.union(*PROVIDER_KEYS.values())
+#: Keys for apps people sign in to (``delegated = true``) only, and for the others only.
+DELEGATED_ONLY_KEYS: Final = {
+    "microsoft": {"redirect_uri"},
+    "google": {"client_id", "client_secret", "token_url", "authorization_url", "redirect_uri"},
+    "oauth2": {"redirect_uri", "authorization_url", "device_authorization_url", "userinfo_url"},
+}
+APP_ONLY_KEYS: Final = {"microsoft": set(), "google": {"service_account"}, "oauth2": set()}
+COMMON_APP_KEYS: Final = {"provider", "scope", "ca_file", "delegated"}
+APP_KEYS: Final = COMMON_APP_KEYS.union(*PROVIDER_KEYS.values())
 LISTENER_KEYS: Final = {
     "protocol",
     "listen",
@@ -505,6 +553,7 @@ USER_KEYS: Final = {
     "password_hash",
     "app",
     "mailbox",
+    "account",
     "protocols",
     "certificate_fingerprint",
     "certificate_subject",
@@ -559,27 +608,67 @@ def _read_apps(r: _Reader, data: Mapping[str, object]) -> dict[str, App]:
             continue
         r.unknown_keys(raw, key, APP_KEYS)
         provider = r.choice(raw, key, "provider", dict.fromkeys(PROVIDERS))
+        delegated = raw.get("delegated", False)
+        if not isinstance(delegated, bool):
+            r.fail(f"{key}.delegated", "must be true or false")
+            delegated = False
         if provider is not None:
-            for other in sorted((set(raw) & APP_KEYS) - {"provider", "scope", "ca_file"}):
+            for other in sorted((set(raw) & APP_KEYS) - COMMON_APP_KEYS):
                 if other not in PROVIDER_KEYS[provider]:
                     r.fail(f"{key}.{other}", f"does not apply to provider {provider!r}")
+                elif other in DELEGATED_ONLY_KEYS[provider] and not delegated:
+                    r.fail(f"{key}.{other}", "only applies with delegated = true")
+                elif other in APP_ONLY_KEYS[provider] and delegated:
+                    r.fail(f"{key}.{other}", "does not apply with delegated = true")
         ca_file = r.path(raw, key, "ca_file")
         # An unknown provider is still checked as Microsoft's, to report what else is wrong.
-        if provider == "google":
+        if provider == "google" and delegated:
+            app = _read_google_client(r, raw, key, name, ca_file)
+        elif provider == "google":
             app = _read_google(r, raw, key, name, ca_file)
         elif provider == "oauth2":
-            app = _read_oauth2(r, raw, key, name, ca_file)
+            app = _read_oauth2(r, raw, key, name, ca_file, delegated=delegated)
         else:
-            app = _read_microsoft(r, raw, key, name, ca_file)
+            app = _read_microsoft(r, raw, key, name, ca_file, delegated=delegated)
+        if app is not None and delegated:
+            redirect = r.string(raw, key, "redirect_uri", DEFAULT_REDIRECT_URI)
+            if redirect is not None and not _is_loopback_redirect(redirect):
+                r.fail(
+                    f"{key}.redirect_uri",
+                    "must be http://127.0.0.1 or http://localhost, with a port and path if "
+                    "the app's registration names them (RFC 8252 loopback redirect)",
+                )
+            app = dataclasses.replace(app, redirect_uri=redirect or DEFAULT_REDIRECT_URI)
         if app is not None and provider is not None:
             apps[name] = app
     return apps
 
 
+def _is_loopback_redirect(uri: str) -> bool:
+    parts = urlsplit(uri)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and parts.hostname in ("127.0.0.1", "localhost")
+        and not parts.query
+        and not parts.fragment
+    )
+
+
 def _read_microsoft(
-    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+    r: _Reader,
+    raw: Mapping[str, object],
+    key: str,
+    name: str,
+    ca_file: Path | None,
+    *,
+    delegated: bool = False,
 ) -> App | None:
-    tenant = r.string(raw, key, "tenant")
+    # People sign in with work or personal accounts alike unless the app says otherwise.
+    tenant = r.string(raw, key, "tenant", "common" if delegated else None)
     client_id = r.string(raw, key, "client_id")
     secret = r.secret(raw, key, "client_secret")
     certificate = r.secret(raw, key, "certificate", strip=False)
@@ -588,14 +677,43 @@ def _read_microsoft(
             f"{key}.certificate",
             "must be a PEM file holding the private key and the certificate",
         )
-    if secret is None and certificate is None and not ({"client_secret", "certificate"} & set(raw)):
+    if (
+        not delegated
+        and secret is None
+        and certificate is None
+        and not ({"client_secret", "certificate"} & set(raw))
+    ):
         r.fail(key, "needs client_secret or certificate")
     if secret is not None and certificate is not None:
         r.fail(key, "set client_secret or certificate, not both")
+    if (
+        not delegated
+        and tenant is not None
+        and tenant.lower() in ("common", "organizations", "consumers")
+    ):
+        r.fail(
+            f"{key}.tenant",
+            f"{tenant!r} cannot issue app-only tokens: use the tenant's ID or domain (or set "
+            "delegated = true for an app people sign in to)",
+        )
     authority = r.string(raw, key, "authority", DEFAULT_AUTHORITY)
     if authority is not None and not authority.startswith("https://"):
         r.fail(f"{key}.authority", "must be an https:// URL")
-    scope = r.string(raw, key, "scope", DEFAULT_SCOPE)
+    scope = r.string(raw, key, "scope", DELEGATED_SCOPE if delegated else DEFAULT_SCOPE)
+    if delegated and scope is not None:
+        resources = [s for s in scope.split() if s.lower() not in _OPENID_SCOPES]
+        if not resources:
+            r.fail(
+                f"{key}.scope",
+                "names no permission: list the delegated permissions, e.g. "
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+            )
+        elif any(s.endswith("/.default") for s in resources):
+            r.fail(
+                f"{key}.scope",
+                "a /.default scope is for app-only tokens; a delegated app lists its "
+                f"permissions (default: {DELEGATED_SCOPE})",
+            )
     if not (tenant and client_id and authority and scope):
         return None
     return App(
@@ -608,6 +726,49 @@ def _read_microsoft(
         authority=authority.rstrip("/"),
         scope=scope,
         ca_file=ca_file,
+        delegated=delegated,
+    )
+
+
+#: Scopes of OpenID Connect; msal asks for them itself.
+_OPENID_SCOPES: Final = frozenset({"openid", "profile", "offline_access", "email"})
+
+
+def _read_google_client(
+    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+) -> App | None:
+    """A Google OAuth client of type "Desktop app" that people sign in to."""
+    client_id = r.string(raw, key, "client_id")
+    secret = r.secret(raw, key, "client_secret")
+    if secret is None and "client_secret" not in raw:
+        r.fail(
+            f"{key}.client_secret",
+            "is required: the Desktop app client's secret (Google Cloud console > APIs & "
+            "Services > Credentials)",
+        )
+    scope = r.string(raw, key, "scope", GOOGLE_SCOPE)
+    urls = {}
+    for setting, default in (
+        ("token_url", GOOGLE_TOKEN_URL),
+        ("authorization_url", GOOGLE_AUTHORIZATION_URL),
+    ):
+        urls[setting] = r.string(raw, key, setting, default)
+        if urls[setting] is not None and not str(urls[setting]).startswith("https://"):
+            r.fail(f"{key}.{setting}", "must be an https:// URL")
+    if not (client_id and secret and scope and urls["token_url"] and urls["authorization_url"]):
+        return None
+    return App(
+        name=name,
+        provider="google",
+        client_id=client_id,
+        client_secret=secret,
+        auth_method="client_secret_post",
+        token_url=str(urls["token_url"]),
+        authorization_url=str(urls["authorization_url"]),
+        authority="",
+        scope=scope,
+        ca_file=ca_file,
+        delegated=True,
     )
 
 
@@ -655,7 +816,13 @@ def _read_google(
 
 
 def _read_oauth2(
-    r: _Reader, raw: Mapping[str, object], key: str, name: str, ca_file: Path | None
+    r: _Reader,
+    raw: Mapping[str, object],
+    key: str,
+    name: str,
+    ca_file: Path | None,
+    *,
+    delegated: bool = False,
 ) -> App | None:
     issuer = r.string(raw, key, "issuer") if "issuer" in raw else None
     token_url = r.string(raw, key, "token_url") if "token_url" in raw else None
@@ -693,7 +860,8 @@ def _read_oauth2(
             "is required: what the mail server's tokens must carry "
             "(or resource, the audience they are for)",
         )
-    method = r.choice(raw, key, "auth_method", dict.fromkeys(AUTH_METHODS), AUTH_METHODS[0])
+    methods = (*AUTH_METHODS, PUBLIC_CLIENT) if delegated else AUTH_METHODS
+    method = r.choice(raw, key, "auth_method", dict.fromkeys(methods), AUTH_METHODS[0])
     secret = r.secret(raw, key, "client_secret")
     private_key = r.secret(raw, key, "private_key", strip=False)
     certificate = r.secret(raw, key, "client_certificate", strip=False)
@@ -738,6 +906,21 @@ def _read_oauth2(
         r.fail(f"{key}.assertion_audience", '"issuer" needs issuer')
     expect_audience = r.strings(raw, key, "expect_audience")
     expect_scope = r.strings(raw, key, "expect_scope")
+    endpoints = {}
+    for setting in ("authorization_url", "device_authorization_url", "userinfo_url"):
+        endpoints[setting] = r.string(raw, key, setting) if setting in raw else ""
+        if endpoints[setting] and not str(endpoints[setting]).startswith("https://"):
+            r.fail(f"{key}.{setting}", "must be an https:// URL")
+    if (
+        delegated
+        and token_url
+        and not (endpoints["authorization_url"] or endpoints["device_authorization_url"])
+    ):
+        r.fail(
+            key,
+            "a delegated app without issuer needs authorization_url (browser sign-in) or "
+            "device_authorization_url (device sign-in) besides token_url",
+        )
     if not ((token_url or issuer) and client_id and scope is not None and method):
         return None
     return App(
@@ -758,6 +941,10 @@ def _read_oauth2(
         authority="",
         scope=scope,
         ca_file=ca_file,
+        delegated=delegated,
+        authorization_url=str(endpoints["authorization_url"] or ""),
+        device_authorization_url=str(endpoints["device_authorization_url"] or ""),
+        userinfo_url=str(endpoints["userinfo_url"] or ""),
     )
 
 
@@ -999,7 +1186,7 @@ def _read_logging(r: _Reader, data: Mapping[str, object]) -> str:
 
 
 def _read_users(
-    r: _Reader, data: Mapping[str, object], apps: Mapping[str, object], app_names: set[str]
+    r: _Reader, data: Mapping[str, object], apps: Mapping[str, App], app_names: set[str]
 ) -> dict[str, UserConfig]:
     from proxy.identities import check_hash_format, outdated_parameters  # no import cycle
 
@@ -1084,6 +1271,12 @@ def _read_users(
                     r.fail(f"{key}.protocols", f"unknown protocol {p!r}")
         if "mailbox" in raw and mailbox and patterns and match_mailbox(patterns, mailbox) is None:
             r.fail(f"{key}.mailbox", f"{mailbox!r} is not in the user's mailboxes")
+        account = r.string(raw, key, "account") if "account" in raw else ""
+        if account and has_control_characters(account):
+            r.fail(f"{key}.account", "contains control characters")
+            account = ""
+        if "account" in raw and app is not None and app in apps and not apps[app].delegated:
+            r.fail(f"{key}.account", "only applies to users of delegated apps")
         folded = fold_case(login)
         if folded in users:
             r.fail(key, "the same login name, ignoring case, appears twice")
@@ -1098,6 +1291,7 @@ def _read_users(
                 certificate_subjects=frozenset(subjects),
                 app_key_hashes=frozenset(key_hashes),
                 mailboxes=tuple(patterns or ()),
+                account=account or "",
             )
     _check_unique_credentials(r, users)
     return users
@@ -1220,6 +1414,19 @@ def load_config(path: Path) -> Config:
     users = _read_users(r, data, apps, app_names)
     limits = _read_limits(r, data)
     cache = _read_cache(r, data)
+    raw_apps = data.get("apps")
+    delegated = sorted(
+        name
+        for name, raw in (raw_apps.items() if isinstance(raw_apps, dict) else ())
+        if isinstance(raw, dict) and raw.get("delegated") is True
+    )
+    if delegated and cache.kind == "memory":
+        r.fail(
+            "cache.kind",
+            f"delegated apps ({', '.join(f'apps.{n}' for n in delegated)}) keep people's "
+            'sign-ins in the token cache, which "memory" would lose at every restart: set '
+            '[cache] kind = "file" (with path and key) or "redis"',
+        )
     metrics = _read_metrics(r, data)
     control_socket = _read_control(r, data)
     log_format = _read_logging(r, data)

@@ -157,6 +157,8 @@ class Identity:
     app: str
     #: How it proved itself: ``password``, ``certificate`` or ``app-key``.
     kind: str = "password"
+    #: Delegated apps: the account whose sign-in its tokens come from.
+    account: str = ""
 
 
 class BadCredentials(Exception):
@@ -311,7 +313,13 @@ class Authenticator:
         mailbox = user.mailbox_for(wanted)
         if mailbox is None:
             raise BadCredentials(f"mailbox {wanted!r} is not in user {user.login!r}'s mailboxes")
-        return Identity(login=user.login, mailbox=mailbox, app=user.app, kind=kind)
+        return Identity(
+            login=user.login,
+            mailbox=mailbox,
+            app=user.app,
+            kind=kind,
+            account=user.signs_in_as,
+        )
 
     def _certificate_owner(self, certificate: bytes | None) -> UserConfig:
         if certificate is None:

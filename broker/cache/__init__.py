@@ -17,13 +17,21 @@ registration never gets an old token; for other servers also the issuer and the 
 asked for), the scope and, for per-mailbox providers, the mailbox.
 Values (:class:`CachedToken`) carry when the token was obtained, so a reader can tell its
 lifetime. Encrypted caches seal every value with AES-256-GCM (:mod:`broker.cache.sealing`).
+
+Beside the tokens, a cache keeps the *sign-ins* of delegated apps (:class:`Grant`: a person's
+refresh token, who signed in, and whether the identity provider has revoked it), under the
+same keys, in a separate place (a ``grants`` section of the file, ``PREFIX:grant:`` keys in
+Redis). A sign-in never expires from the cache by itself, and each write replaces the
+previous one atomically: a reader sees the old refresh token or the new one, never neither.
+The memory cache keeps them too, for tests and tools; the configuration refuses it for
+delegated apps, since a restart would lose every sign-in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from broker.model import AccessToken
@@ -39,6 +47,7 @@ __all__ = [
     "CacheKey",
     "CacheSettings",
     "CachedToken",
+    "Grant",
     "TokenCache",
     "open_cache",
 ]
@@ -65,6 +74,8 @@ class CacheKey:
         parts = [app.provider, app.authority, app.tenant, app.client_id, app.token_url]
         if app.issuer or app.resources:  # only then: older keys stay valid
             parts += [app.issuer, " ".join(app.resources)]
+        if app.delegated:  # a person's tokens are never an app's, nor the other way round
+            parts.append("delegated")
         identity = hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
         return cls(app.name, identity, app.scope, mailbox.lower() if mailbox else None)
 
@@ -120,6 +131,56 @@ class CachedToken:
         return cls(AccessToken(value, expires_at, scope), obtained_at)
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A person's sign-in for a delegated app: the refresh token (never shown), the account
+    that signed in, and when; ``revoked`` says why the identity provider refused it (empty
+    while it works)."""
+
+    refresh_token: str = field(repr=False)
+    #: The account that signed in (as the identity provider names it, lower case).
+    account: str
+    #: When the person signed in (wall clock).
+    signed_in_at: float
+    #: When the refresh token was last replaced (rotation), or the sign-in if never.
+    rotated_at: float
+    #: Why the identity provider refused the refresh token; empty: usable.
+    revoked: str = ""
+    revoked_at: float = 0.0
+
+    def __repr__(self) -> str:
+        state = f"revoked {self.revoked!r}" if self.revoked else "active"
+        return f"Grant(<refresh token redacted>, account={self.account!r}, {state})"
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "refresh_token": self.refresh_token,
+                "account": self.account,
+                "signed_in_at": self.signed_in_at,
+                "rotated_at": self.rotated_at,
+                "revoked": self.revoked,
+                "revoked_at": self.revoked_at,
+            }
+        ).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | object) -> Grant:
+        """From :meth:`to_json` output, or its parsed dict (``ValueError`` if bad)."""
+        raw = json.loads(data) if isinstance(data, bytes) else data
+        if not isinstance(raw, dict):
+            raise ValueError("a sign-in must be a JSON object")
+        try:
+            token, account, revoked = raw["refresh_token"], raw["account"], raw["revoked"]
+            signed_in_at, rotated_at = float(raw["signed_in_at"]), float(raw["rotated_at"])
+            revoked_at = float(raw["revoked_at"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("a sign-in lacks a field") from None
+        if not all(isinstance(v, str) for v in (token, account, revoked)):
+            raise ValueError("a sign-in has a field of the wrong type")
+        return cls(token, account, signed_in_at, rotated_at, revoked, revoked_at)
+
+
 class TokenCache(Protocol):
     """Where tokens are kept beyond one source. Methods raise :class:`CacheError`."""
 
@@ -131,12 +192,21 @@ class TokenCache(Protocol):
         """Keep ``entry`` under ``key``, replacing what was there."""
         ...
 
+    async def load_grant(self, key: CacheKey) -> Grant | None:
+        """The sign-in stored under ``key``, or ``None``."""
+        ...
+
+    async def store_grant(self, key: CacheKey, grant: Grant) -> None:
+        """Keep ``grant`` under ``key``, replacing what was there in one atomic step."""
+        ...
+
     def exclusive(self, key: CacheKey) -> AbstractAsyncContextManager[None]:
         """Hold the right to ask the identity provider for ``key``, among all sharers.
 
-        Only shared caches do anything here; the others return at once. If the lock cannot
-        be taken because the cache is unreachable, it is skipped (and logged) rather than
-        failing the token request: availability first.
+        Caches shared between processes (a file, Redis) lock; the memory cache returns at
+        once. If the lock cannot be taken because the cache is unreachable or a stopped
+        process holds it too long, it is skipped (and logged) rather than failing the token
+        request: availability first.
         """
         ...
 

@@ -10,7 +10,7 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from broker.cache import CachedToken, CacheKey
+    from broker.cache import CachedToken, CacheKey, Grant
 
 __all__ = ["MemoryTokenCache"]
 
@@ -20,6 +20,7 @@ class MemoryTokenCache:
 
     def __init__(self) -> None:
         self._entries: dict[CacheKey, CachedToken] = {}
+        self._grants: dict[CacheKey, Grant] = {}
 
     def __repr__(self) -> str:
         return f"MemoryTokenCache(entries={len(self._entries)})"
@@ -31,6 +32,14 @@ class MemoryTokenCache:
     async def store(self, key: CacheKey, entry: CachedToken) -> None:
         await trio.lowlevel.checkpoint()
         self._entries[key] = entry
+
+    async def load_grant(self, key: CacheKey) -> Grant | None:
+        await trio.lowlevel.checkpoint()
+        return self._grants.get(key)
+
+    async def store_grant(self, key: CacheKey, grant: Grant) -> None:
+        await trio.lowlevel.checkpoint()
+        self._grants[key] = grant
 
     @asynccontextmanager
     async def exclusive(self, key: CacheKey) -> AsyncIterator[None]:

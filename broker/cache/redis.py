@@ -8,6 +8,11 @@ Redis key name as associated data, so a value moved to another key does not decr
 expire in Redis when the token does. Anyone who can read Redis but lacks the key learns
 nothing but how many tokens there are.
 
+**Sign-ins** of delegated apps (:class:`~broker.cache.Grant`) live under
+``PREFIX:grant:<sha256 of the key>``, sealed the same way, without expiry. Each is one Redis
+value that ``SET`` replaces at once, and they are renewed under the same lock as tokens, so
+only one instance at a time uses a refresh token that the identity provider may rotate.
+
 **One identity-provider request across all instances.** Each instance already runs at most
 one fetch per key (:class:`~broker.source.CachingTokenSource`). That fetch runs inside
 :meth:`RedisTokenCache.exclusive`, a lock on ``PREFIX:lock:<sha256>`` taken with ``SET NX PX``
@@ -54,7 +59,7 @@ import redis.exceptions
 import trio
 from redis.lock import Lock
 
-from broker.cache import CachedToken, CacheError
+from broker.cache import CachedToken, CacheError, Grant
 from broker.cache.sealing import Sealer, SealError
 
 if TYPE_CHECKING:
@@ -109,18 +114,9 @@ class RedisTokenCache:
 
     async def load(self, key: CacheKey) -> CachedToken | None:
         name = self._name("token", key)
-        raw = await self._call(lambda: self._client.get(name))
-        if raw is None:
-            return None
-        if not isinstance(raw, bytes):
-            raise CacheError(f"redis {self._where}: {name} is not a string value")
+        data = await self._opened(name)
         try:
-            return CachedToken.from_json(self._sealer.open(raw, name.encode("utf-8")))
-        except SealError as exc:
-            raise CacheError(
-                f"redis {self._where}: the value of {name} {exc}; do all instances "
-                "share the same cache key?"
-            ) from None
+            return None if data is None else CachedToken.from_json(data)
         except ValueError:
             raise CacheError(f"redis {self._where}: the value of {name} is damaged") from None
 
@@ -129,6 +125,34 @@ class RedisTokenCache:
         sealed = self._sealer.seal(entry.to_json(), name.encode("utf-8"))
         expires_ms = math.ceil(entry.token.expires_at * 1000)
         await self._call(lambda: self._client.set(name, sealed, pxat=expires_ms))
+
+    async def load_grant(self, key: CacheKey) -> Grant | None:
+        name = self._name("grant", key)
+        data = await self._opened(name)
+        try:
+            return None if data is None else Grant.from_json(data)
+        except ValueError:
+            raise CacheError(f"redis {self._where}: the value of {name} is damaged") from None
+
+    async def _opened(self, name: str) -> bytes | None:
+        """The plaintext of the value at ``name``, or ``None`` if there is none."""
+        raw = await self._call(lambda: self._client.get(name))
+        if raw is None:
+            return None
+        if not isinstance(raw, bytes):
+            raise CacheError(f"redis {self._where}: {name} is not a string value")
+        try:
+            return self._sealer.open(raw, name.encode("utf-8"))
+        except SealError as exc:
+            raise CacheError(
+                f"redis {self._where}: the value of {name} {exc}; do all instances "
+                "share the same cache key?"
+            ) from None
+
+    async def store_grant(self, key: CacheKey, grant: Grant) -> None:
+        name = self._name("grant", key)
+        sealed = self._sealer.seal(grant.to_json(), name.encode("utf-8"))
+        await self._call(lambda: self._client.set(name, sealed))
 
     @asynccontextmanager
     async def exclusive(self, key: CacheKey) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from broker.delegated import DelegatedProvider
     from broker.model import App
     from broker.source import MailboxProvider, Provider
 
@@ -17,8 +18,16 @@ __all__ = ["PROVIDERS", "build_provider"]
 PROVIDERS = ("microsoft", "google", "oauth2")
 
 
-def build_provider(app: App) -> Provider | MailboxProvider:
+def build_provider(app: App) -> Provider | MailboxProvider | DelegatedProvider:
     """The provider adapter for ``app.provider`` (``ValueError`` if unknown or misconfigured)."""
+    if app.delegated and app.provider == "microsoft":
+        from broker.providers.microsoft_delegated import MicrosoftDelegatedProvider
+
+        return MicrosoftDelegatedProvider(app)
+    if app.delegated and app.provider in ("google", "oauth2"):
+        from broker.providers.delegated_oauth2 import DelegatedOAuth2Provider
+
+        return DelegatedOAuth2Provider(app)
     if app.provider == "microsoft":
         from broker.providers.microsoft import MicrosoftProvider
 

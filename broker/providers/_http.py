@@ -20,7 +20,7 @@ import os
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import httpx
@@ -45,6 +45,7 @@ __all__ = [
     "TokenResponse",
     "exception_chain",
     "find_cause",
+    "json_object",
     "oauth_fix",
     "read_limited",
     "retry_after",
@@ -164,10 +165,13 @@ def retry_after(value: str | None) -> float | None:
 @dataclass(frozen=True, slots=True)
 class TokenResponse:
     """A successful token response: the token, and whether the response said which scope
-    it granted (RFC 6749 lets it omit ``scope`` when it is the one asked for)."""
+    it granted (RFC 6749 lets it omit ``scope`` when it is the one asked for); for a
+    person's sign-in also its refresh token and ID token, if any (never shown)."""
 
     token: AccessToken
     scope_stated: bool
+    refresh_token: str | None = field(default=None, repr=False)
+    id_token: str | None = field(default=None, repr=False)
 
 
 class TokenEndpoint:
@@ -219,11 +223,26 @@ class TokenEndpoint:
         headers: Mapping[str, str] | None = None,
         scope: str = "",
         url: str = "",
+        classify: Callable[[OAuthError], BrokerError | None] | None = None,
     ) -> TokenResponse:
         """POST ``form`` (a list value repeats its field) to ``url`` (default: the
-        endpoint's); the token, or a classified error. Cancellation is safe."""
+        endpoint's); the token, or a classified error (``classify`` first, if given, then
+        the endpoint's own). Cancellation is safe."""
         target = url or self.url
         started = time.time()
+        response, content = await self.post(form, headers=headers, url=target)
+        return self._parse(response, content, started, scope, target, classify)
+
+    async def post(
+        self,
+        form: Mapping[str, str | list[str]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        url: str = "",
+    ) -> tuple[httpx.Response, bytes]:
+        """POST ``form`` to ``url`` (default: the endpoint's); the response and its body
+        (at most :data:`MAX_RESPONSE` bytes), or a broker error if there is none."""
+        target = url or self.url
         try:
             # A client per request: one request an hour gains nothing from a pool, and
             # nothing is left open for the garbage collector to warn about.
@@ -241,11 +260,10 @@ class TokenEndpoint:
                 f"{self._where}: {target} answered with more than {MAX_RESPONSE} bytes",
                 fix=f"Check {self._endpoint}: it must lead to the token endpoint.",
             ) from None
-        return self._parse(response, content, started, scope, target)
+        return response, content
 
-    def _parse(
-        self, response: httpx.Response, content: bytes, started: float, scope: str, url: str
-    ) -> TokenResponse:
+    def temporary_status(self, response: httpx.Response, content: bytes) -> None:
+        """Raise the temporary error for HTTP 429 and 5xx answers (with Retry-After)."""
         status = response.status_code
         if status == 429 or status >= 500:
             wait = retry_after(response.headers.get("Retry-After"))
@@ -262,6 +280,18 @@ class TokenEndpoint:
                 "authorization server's status.",
                 retry_after=wait,
             )
+
+    def _parse(
+        self,
+        response: httpx.Response,
+        content: bytes,
+        started: float,
+        scope: str,
+        url: str,
+        classify: Callable[[OAuthError], BrokerError | None] | None = None,
+    ) -> TokenResponse:
+        status = response.status_code
+        self.temporary_status(response, content)
         body = _json(content)
         if body is None:
             raise PermanentTokenError(
@@ -274,7 +304,9 @@ class TokenEndpoint:
                 "token endpoint.",
             )
         if status != 200 or "access_token" not in body:
-            raise self._oauth_error(OAuthError(status, body))
+            error = OAuthError(status, body)
+            special = classify(error) if classify is not None else None
+            raise special if special is not None else self._oauth_error(error)
         value = body.get("access_token")
         token_type = str(body.get("token_type") or "bearer")
         if not isinstance(value, str) or not value or token_type.lower() != "bearer":
@@ -290,10 +322,16 @@ class TokenEndpoint:
             expires_in = FALLBACK_LIFETIME
         if expires_in <= 0:
             expires_in = FALLBACK_LIFETIME
+        refresh, id_token = body.get("refresh_token"), body.get("id_token")
+        extra = {
+            "refresh_token": refresh if isinstance(refresh, str) and refresh else None,
+            "id_token": id_token if isinstance(id_token, str) and id_token else None,
+        }
         granted = body.get("scope")
+        expires_at = started + float(expires_in)
         if not isinstance(granted, str):
-            return TokenResponse(AccessToken(value, started + float(expires_in), scope), False)
-        return TokenResponse(AccessToken(value, started + float(expires_in), granted), True)
+            return TokenResponse(AccessToken(value, expires_at, scope), False, **extra)
+        return TokenResponse(AccessToken(value, expires_at, granted), True, **extra)
 
     def _oauth_error(self, error: OAuthError) -> BrokerError:
         if self._classify is not None:
@@ -328,10 +366,13 @@ class TokenEndpoint:
             scrub=self._scrub,
         )
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
+        """``text`` without the app's secrets."""
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
         return text
+
+    _scrub = scrub
 
 
 def oauth_fix(error: str, status: int, *, endpoint: str = "token_url") -> str:
@@ -364,6 +405,11 @@ async def read_limited(response: httpx.Response, limit: int = MAX_RESPONSE) -> b
             raise ResponseTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def json_object(content: bytes) -> dict[str, object] | None:
+    """``content`` as a JSON object, or ``None`` if it is not one."""
+    return _json(content)
 
 
 def _json(content: bytes) -> dict[str, object] | None:

@@ -65,6 +65,13 @@ class ServerMetadata:
     mtls_token_endpoint: str
     #: Where the document came from.
     url: str
+    #: For a person's sign-in: the authorization endpoint (RFC 6749 3.1), the device
+    #: authorization endpoint (RFC 8628 4), OpenID Connect's UserInfo endpoint, and the
+    #: scopes the server lists (empty: not said). Empty where the document names none.
+    authorization_endpoint: str = ""
+    device_authorization_endpoint: str = ""
+    userinfo_endpoint: str = ""
+    scopes_supported: tuple[str, ...] = ()
 
     def token_endpoint_for(self, auth_method: str) -> str:
         """The endpoint to use: the mutual-TLS alias for certificate authentication."""
@@ -215,6 +222,12 @@ class Discovery:
             methods = tuple(str(m) for m in listed)
         aliases = document.get("mtls_endpoint_aliases")
         alias = aliases.get("token_endpoint") if isinstance(aliases, dict) else None
+
+        def https(name: str) -> str:
+            value = document.get(name)
+            return value if isinstance(value, str) and value.startswith("https://") else ""
+
+        scopes = document.get("scopes_supported")
         return ServerMetadata(
             issuer=self.issuer,
             token_endpoint=endpoint,
@@ -224,4 +237,10 @@ class Discovery:
             if isinstance(alias, str) and alias.startswith("https://")
             else "",
             url=url,
+            authorization_endpoint=https("authorization_endpoint"),
+            device_authorization_endpoint=https("device_authorization_endpoint"),
+            userinfo_endpoint=https("userinfo_endpoint"),
+            scopes_supported=tuple(s for s in scopes if isinstance(s, str))
+            if isinstance(scopes, list)
+            else (),
         )

@@ -135,6 +135,15 @@ _PERMANENT: Final[dict[int, str]] = {
     7000114: "The application is disabled in the tenant. Re-enable its enterprise application.",
     53003: "Conditional Access blocked the app. Review the tenant's Conditional Access policies.",
     700025: "The app is registered as a public client. Register it as a confidential (web) app.",
+    9002331: (
+        'The app registration accepts personal Microsoft accounts only: set tenant = "consumers".'
+    ),
+    50194: (
+        "The app registration accepts accounts of its own tenant only: set tenant to that "
+        'tenant\'s ID or domain instead of "common" or "organizations", or let it accept '
+        f"accounts of other directories ({_REGISTRATION} > Authentication > Supported "
+        "account types)."
+    ),
 }
 
 #: AADSTS codes Entra documents as transient.
@@ -160,7 +169,7 @@ class MicrosoftProvider:
             raise ValueError(f"app {app.name!r}: provider is {app.provider!r}, not 'microsoft'")
         if not app.tenant:
             raise ValueError(f"app {app.name!r}: tenant is required for Microsoft Entra")
-        if app.tenant.lower() in _MULTI_TENANT:
+        if app.tenant.lower() in _MULTI_TENANT and not app.delegated:
             raise ValueError(
                 f"app {app.name!r}: tenant {app.tenant!r} cannot issue app-only tokens; "
                 "use the tenant's ID or domain"
@@ -169,8 +178,9 @@ class MicrosoftProvider:
             # The client secret or assertion would cross the network in the clear.
             raise ValueError(f"app {app.name!r}: authority must be an https:// URL")
         self._app = app
-        self._secrets: tuple[str, ...]
-        self._credential: str | dict[str, str]
+        self._secrets: tuple[str, ...] = ()
+        #: None: a public client (delegated apps only), which has no credential.
+        self._credential: str | dict[str, str] | None = None
         #: When the certificate credential stops being valid (UTC), if there is one.
         self._not_after: datetime | None = None
         if app.certificate is not None:
@@ -179,13 +189,13 @@ class MicrosoftProvider:
         elif app.client_secret is not None:
             self._credential = app.client_secret.reveal()
             self._secrets = (self._credential,)
-        else:
+        elif not app.delegated:
             raise ValueError(f"app {app.name!r}: needs client_secret or certificate")
         self._http = _MsalHttpClient(
             ca_file=app.ca_file, connect_timeout=connect_timeout, io_timeout=io_timeout
         )
         self._lock = threading.Lock()
-        self._msal: msal.ConfidentialClientApplication | None = None
+        self._msal: msal.ClientApplication | None = None
         #: What tokens must say, once the tenant's ID is known.
         self._expected: Expectations | None = None
 
@@ -292,24 +302,29 @@ class MicrosoftProvider:
         self._expected = expectations_for(self._app, tenant_id=tenant_id.lower())
         return self._expected
 
-    def _client(self) -> msal.ConfidentialClientApplication:
+    def _client(self) -> msal.ClientApplication:
         with self._lock:
             if self._msal is None:
                 self._msal = self._build()
             return self._msal
 
-    def _build(self) -> msal.ConfidentialClientApplication:
+    def _build(self) -> msal.ClientApplication:
         app = self._app
+        options: dict[str, Any] = {
+            "authority": f"{app.authority.rstrip('/')}/{app.tenant}",
+            "token_cache": _NoTokenCache(),
+            "http_client": self._http,
+            "http_cache": _ForgetfulMapping(),
+            "instance_discovery": False,
+        }
         try:
+            if self._credential is None:
+                return msal.PublicClientApplication(app.client_id, **options)
             return msal.ConfidentialClientApplication(
                 app.client_id,
                 client_credential=self._credential,
-                authority=f"{app.authority.rstrip('/')}/{app.tenant}",
-                token_cache=_NoTokenCache(),
-                http_client=self._http,
-                http_cache=_ForgetfulMapping(),
-                instance_discovery=False,
                 azure_region=msal.ClientApplication.DISABLE_MSAL_FORCE_REGION,
+                **options,
             )
         except (BrokerError, _HttpStatusError, httpx.HTTPError):
             raise

@@ -42,14 +42,17 @@ from joserfc.jwk import OctKey
 
 from broker.claims import check_token, expectations_for
 from broker.errors import BrokerError, token_mismatch
-from broker.model import AUTH_METHODS
+from broker.model import AUTH_METHODS, PUBLIC_CLIENT
 from broker.providers._http import CONNECT_TIMEOUT, IO_TIMEOUT, TokenEndpoint
 from broker.providers._keys import SigningKey, load_signing_key
 from broker.providers.discovery import Discovery, ServerMetadata
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from broker.claims import Expectations
     from broker.model import AccessToken, App
+    from broker.providers._http import OAuthError, TokenResponse
 
 __all__ = ["ASSERTION_LIFETIME", "AUTH_METHODS", "OAuth2Provider"]
 
@@ -76,12 +79,13 @@ class OAuth2Provider:
         io_timeout: float = IO_TIMEOUT,
     ) -> None:
         where = f"app {app.name!r}"
-        if app.provider != "oauth2":
+        if app.provider != "oauth2" and not (app.provider == "google" and app.delegated):
             raise ValueError(f"{where}: provider is {app.provider!r}, not 'oauth2'")
         method = app.auth_method or "client_secret_basic"
-        if method not in AUTH_METHODS:
+        methods = (*AUTH_METHODS, PUBLIC_CLIENT) if app.delegated else AUTH_METHODS
+        if method not in methods:
             raise ValueError(
-                f"{where}: auth_method must be one of {', '.join(AUTH_METHODS)}, not {method!r}"
+                f"{where}: auth_method must be one of {', '.join(methods)}, not {method!r}"
             )
         if bool(app.token_url) == bool(app.issuer):
             raise ValueError(f"{where}: set issuer (with discovery) or token_url, not both")
@@ -106,7 +110,7 @@ class OAuth2Provider:
                 raise ValueError(f"{where}: private_key_jwt needs private_key")
             self._key = load_signing_key(app, app.private_key, "private_key")
             secrets = (app.private_key.reveal(),)
-        elif app.client_certificate is None:
+        elif method != PUBLIC_CLIENT and app.client_certificate is None:
             raise ValueError(f"{where}: {method} needs client_certificate")
         certificate = app.client_certificate if method in _TLS_METHODS else None
         if certificate is not None:
@@ -173,6 +177,42 @@ class OAuth2Provider:
             form["scope"] = app.scope
         if app.resources:
             form["resource"] = list(app.resources)
+        response = await self.token_request(form, url, metadata)
+        token = response.token
+        problems = check_token(self._expected, token, scope_stated=response.scope_stated)
+        if problems:
+            raise token_mismatch(self._where, problems)
+        return token
+
+    async def token_request(
+        self,
+        form: dict[str, str | list[str]],
+        url: str,
+        metadata: ServerMetadata | None,
+        *,
+        classify: Callable[[OAuthError], BrokerError | None] | None = None,
+    ) -> TokenResponse:
+        """POST ``form`` to the token endpoint ``url`` with the client's authentication."""
+        headers = self.authenticate(form, url, metadata)
+        try:
+            return await self._endpoint.request(
+                form, headers=headers, scope=self._app.scope, url=url, classify=classify
+            )
+        except BrokerError as exc:
+            if self._discovery is not None:
+                self._discovery.forget()  # the server may have moved: ask again next time
+                if metadata is not None and exc.code == "invalid_client":
+                    problem = self.method_problem(metadata)
+                    if problem is not None:
+                        exc.fix = f"{exc.fix} Note: {problem}."
+            raise
+
+    def authenticate(
+        self, form: dict[str, str | list[str]], url: str, metadata: ServerMetadata | None
+    ) -> dict[str, str]:
+        """Add the client's authentication to ``form`` (for a request to ``url``); the
+        headers the request needs."""
+        app = self._app
         headers: dict[str, str] = {}
         if self._method == "client_secret_basic":
             assert app.client_secret is not None
@@ -182,27 +222,13 @@ class OAuth2Provider:
             assert app.client_secret is not None
             form["client_id"] = app.client_id
             form["client_secret"] = app.client_secret.reveal()
-        elif self._method in _TLS_METHODS:
-            form["client_id"] = app.client_id  # RFC 8705 section 2: identifies the client
+        elif self._method in (*_TLS_METHODS, PUBLIC_CLIENT):
+            form["client_id"] = app.client_id  # RFC 8705 section 2, RFC 6749 section 3.2.1
         else:
             form["client_id"] = app.client_id
             form["client_assertion_type"] = ASSERTION_TYPE
             form["client_assertion"] = self._assertion(self._audience(metadata, url))
-        try:
-            response = await self._endpoint.request(form, headers=headers, scope=app.scope, url=url)
-        except BrokerError as exc:
-            if self._discovery is not None:
-                self._discovery.forget()  # the server may have moved: ask again next time
-                if metadata is not None and exc.code == "invalid_client":
-                    problem = self.method_problem(metadata)
-                    if problem is not None:
-                        exc.fix = f"{exc.fix} Note: {problem}."
-            raise
-        token = response.token
-        problems = check_token(self._expected, token, scope_stated=response.scope_stated)
-        if problems:
-            raise token_mismatch(self._where, problems)
-        return token
+        return headers
 
     def _audience(self, metadata: ServerMetadata | None, url: str) -> str:
         """The client assertion's ``aud``."""

@@ -293,6 +293,7 @@ class ProxyServer:
             tokens=tokens,
             limits=config.limits,
             app_providers={name: app.provider for name, app in config.apps.items()},
+            delegated=frozenset(name for name, app in config.apps.items() if app.delegated),
             throttle=self.throttle,
             early_upstreams=self.early_upstreams,
             metrics=self.metrics,
@@ -745,7 +746,10 @@ class ProxyServer:
         problems: list[str] = []
         by_app: dict[str, list[TokenStatus]] = collections.defaultdict(list)
         for token in self._token_statuses():
-            by_app[token.app].append(token)
+            # One person's missing sign-in concerns that person's logins, not the proxy's
+            # readiness (status and doctor show it).
+            if not token.sign_in_required:
+                by_app[token.app].append(token)
         for app in self.config.apps:
             tokens = by_app.get(app, [])
             # Ready with a valid token, or when the last fetch succeeded (a token being
@@ -787,8 +791,9 @@ class ProxyServer:
         """The control socket's commands: ``status`` and ``unlock``."""
         command = message.get("command")
         if command == "status":
-            await trio.lowlevel.checkpoint()
-            return self.status()
+            answer = self.status()
+            answer["sign_ins"] = await self.sign_ins()
+            return answer
         if command == "unlock":
             name = message.get("login")
             if not isinstance(name, str) or not name:
@@ -842,6 +847,32 @@ class ProxyServer:
             "lockouts": lockouts,
             "hash_queue": {"queued": self.hashes.queued, "running": self.hashes.running},
         }
+
+    async def sign_ins(self) -> list[dict[str, Any]]:
+        """Each delegated app's accounts: signed in (when, as whom), or why not (read from
+        the token cache; the identity provider is not asked). No secret."""
+        await trio.lowlevel.checkpoint()
+        describe = getattr(self.tokens, "sign_in_status", None)
+        if not callable(describe):
+            return []
+        found: list[dict[str, Any]] = []
+        for app, accounts in sorted(self.config.delegated_accounts().items()):
+            for account, logins in sorted(accounts.items()):
+                status = await describe(app, account)
+                found.append(
+                    {
+                        "app": app,
+                        "account": account,
+                        "users": logins,
+                        "state": status.state.value,
+                        "signed_in_as": status.signed_in_as or None,
+                        "signed_in_at": status.signed_in_at,
+                        "revoked_at": status.revoked_at,
+                        "reason": status.reason or None,
+                        "fix": status.fix or None,
+                    }
+                )
+        return found
 
     async def unlock(self, name: str) -> list[str]:
         """Clear the failures of a login (every kind of credential it has), a network, or

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Protocol, assert_never
 
 import trio
 
-from broker.claims import check_token, token_roles
+from broker.claims import NotAJwtError, check_token, decode_claims, scopes_of, token_roles
+from broker.delegated import SignInRequired
 from broker.errors import BrokerError
 from proxy.config import Protocol as MailProtocol
 from proxy.hashpool import Busy
@@ -103,6 +104,12 @@ REQUIRED_ROLES: dict[MailProtocol, str] = {
     MailProtocol.POP3: "POP.AccessAsApp",
     MailProtocol.SMTP: "SMTP.SendAsApp",
 }
+#: Microsoft's delegated permission each protocol needs (checked in the granted scope).
+REQUIRED_SCOPES: dict[MailProtocol, str] = {
+    MailProtocol.IMAP: "IMAP.AccessAsUser.All",
+    MailProtocol.POP3: "POP.AccessAsUser.All",
+    MailProtocol.SMTP: "SMTP.Send",
+}
 
 
 class AuthMachine(Protocol):
@@ -122,6 +129,8 @@ class Services:
     limits: Limits
     #: Provider name per app, for the checks that only apply to Microsoft tokens.
     app_providers: dict[str, str] = field(default_factory=dict)
+    #: The apps people sign in to: tokens per account, permissions in the scope.
+    delegated: frozenset[str] = frozenset()
     #: Failed-login delays and lockouts, shared by every listener.
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     #: Upstream connections opened for clients that have not sent a command yet.
@@ -821,6 +830,8 @@ class Session:
             identity.app,
         )
         provider = self.services.app_providers.get(identity.app, "")
+        if identity.app in self.services.delegated:
+            provider = "delegated"
         issued = TokenIssued(mailbox=identity.mailbox, token=token, provider=provider)
         return _Accepted(issued, identity.login)
 
@@ -913,10 +924,13 @@ class Session:
 
     async def _fetch_token(self, login: str, identity: Identity) -> AccessToken | _Refused:
         timeout = self.services.limits.token_timeout
+        # A delegated app's tokens are the signed-in account's, whatever mailbox it opens.
+        delegated = identity.app in self.services.delegated
+        owner = (identity.account or identity.mailbox) if delegated else identity.mailbox
         started = trio.current_time()
         try:
             with trio.fail_after(timeout):
-                token = await self.services.tokens.token(identity.app, mailbox=identity.mailbox)
+                token = await self.services.tokens.token(identity.app, mailbox=owner)
             self._phase(Phase.TOKEN, started)
             return token
         except trio.TooSlowError:
@@ -933,6 +947,25 @@ class Session:
                 "no token in time",
                 identity.mailbox,
                 LoginResult.IDP_TEMPORARY,
+            )
+        except SignInRequired as exc:
+            command = f"{exc.command or 'xoauth2-proxy authorize'} {identity.login}"
+            self._log.error(
+                "%s: login %r: no token: %s [%s]. Fix: run `%s` as the user the proxy runs "
+                "as, and sign in as %s.",
+                self.conn_id,
+                login,
+                exc,
+                exc.code,
+                command,
+                exc.account or owner,
+            )
+            return _Refused(
+                Refusal.UNAVAILABLE,
+                AuditResult.TEMPORARY_FAILURE,
+                f"sign-in required ({exc.code}): run `{command}`",
+                identity.mailbox,
+                LoginResult.SIGN_IN_REQUIRED,
             )
         except BrokerError as exc:
             code = f" {exc.code}" if exc.code else ""
@@ -1008,6 +1041,8 @@ class Session:
             )
         if self.services.app_providers.get(app) != "microsoft":
             return None
+        if app in self.services.delegated:
+            return self._check_permission(login, identity, token)
         protocol = self.listener.protocol
         role = REQUIRED_ROLES[protocol]
         try:
@@ -1032,6 +1067,41 @@ class Session:
             Refusal.UNAVAILABLE,
             AuditResult.TEMPORARY_FAILURE,
             f"token lacks the {role} role",
+            identity.mailbox,
+            LoginResult.MISSING_ROLE,
+        )
+
+    def _check_permission(
+        self, login: str, identity: Identity, token: AccessToken
+    ) -> _Refused | None:
+        """A Microsoft delegated token must grant the protocol's permission (in the token
+        response's scope, or a JWT's ``scp``), or Exchange would refuse it."""
+        protocol = self.listener.protocol
+        wanted = REQUIRED_SCOPES[protocol]
+        granted = {s.rsplit("/", 1)[-1] for s in token.scope.split()}
+        # Personal accounts' tokens are opaque: then the scope granted decides alone.
+        with contextlib.suppress(NotAJwtError):
+            granted |= scopes_of(decode_claims(token.value)) or frozenset()
+        if wanted in granted:
+            return None
+        self._log.error(
+            "%s: login %r: the token of %s (app %r) lacks the %s permission (granted: %s), "
+            "so %s would refuse it. Add the delegated permission %s of Office 365 Exchange "
+            "Online to the app registration (and to the app's scope), then sign in again "
+            "and consent to it.",
+            self.conn_id,
+            login,
+            identity.account or identity.mailbox,
+            identity.app,
+            wanted,
+            ", ".join(sorted(granted)) or "nothing",
+            protocol.value.upper(),
+            wanted,
+        )
+        return _Refused(
+            Refusal.UNAVAILABLE,
+            AuditResult.TEMPORARY_FAILURE,
+            f"token lacks the {wanted} permission",
             identity.mailbox,
             LoginResult.MISSING_ROLE,
         )

@@ -3,10 +3,14 @@ works and what to fix.
 
 For one user:
 
-1. the user, its mailbox and its mailbox policy;
-2. the app's token: the identity provider accepts the secret, key or certificate, and the
-   token is what the app asks for (issuer, audience, scope; for Microsoft the tenant);
-3. for Microsoft apps, the token's roles: each protocol the user may use needs its role;
+1. the user, its mailbox and its mailbox policy; for a delegated app, whether the account
+   has signed in (and when), or what to run so that it does -- read from the token cache,
+   without asking the identity provider;
+2. the app's token: the identity provider accepts the secret, key or certificate (or the
+   sign-in's refresh token), and the token is what the app asks for (issuer, audience, scope;
+   for Microsoft the tenant);
+3. for Microsoft apps, the token's roles: each protocol the user may use needs its role (a
+   delegated app: its delegated permission, in the scope granted);
 4. for each listener the user may use, a real login through the proxy's own session
    code: connection to the upstream, TLS with certificate and host name checks, STARTTLS
    where configured, XOAUTH2 with the token; then one harmless command as the mailbox
@@ -20,8 +24,9 @@ makes. The credential lookup, mailbox policy, protocol and role checks all run; 
 left out is the client side of a connection: the password or certificate itself, client
 TLS, and the failed-login throttle.
 
-Without a user, the doctor checks every app's token and roles and that every upstream
-accepts a connection (and, with implicit TLS, presents a valid certificate).
+Without a user, the doctor checks every app's token and roles (for a delegated app, every
+account's sign-in, and the token of each that has one) and that every upstream accepts a
+connection (and, with implicit TLS, presents a valid certificate).
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from broker.claims import NotAJwtError, check_token, decode_claims, roles_of
+from broker.claims import NotAJwtError, check_token, decode_claims, roles_of, scopes_of
 from broker.errors import BrokerError
+from broker.source import CachingTokenSource, SignInState
 from proxy.config import ClientCertificates, Protocol
 from proxy.hashpool import HashPool
 from proxy.identities import Authenticator
@@ -48,12 +54,14 @@ from proxy.names import fold_case
 from proxy.net.server import auth_machine
 from proxy.net.session import (
     REQUIRED_ROLES,
+    REQUIRED_SCOPES,
     Services,
     Session,
     UpstreamUnavailable,
     open_upstream,
 )
 from proxy.net.tls import upstream_context
+from proxy.ops.authorize import authorize_command
 from proxy.protocol.errors import FrameError
 from proxy.protocol.framing import LineBuffer, printable
 from proxy.protocol.modes import ClientTls, UpstreamTls
@@ -150,7 +158,14 @@ async def diagnose(
             )
         )
         return findings
-    token_findings, have_token = await _token(config, tokens, user.app, wanted, usable)
+    owner = wanted
+    if config.apps[user.app].delegated:
+        owner = user.signs_in_as
+        signed_in = await _sign_in(config, tokens, user.app, owner, user.login)
+        findings.append(signed_in)
+        if signed_in.status is not Status.OK:
+            return findings
+    token_findings, have_token = await _token(config, tokens, user.app, owner, usable)
     findings += token_findings
     if not have_token:
         return findings
@@ -201,9 +216,84 @@ async def _token(
         )
     ]
     findings += await _expected_claims(tokens, app_name, subject, token)
-    if app.provider == "microsoft":
-        findings += _microsoft_claims(subject, token.value, {lis.protocol for lis in listeners})
+    protocols = {lis.protocol for lis in listeners}
+    if app.provider == "microsoft" and app.delegated:
+        findings += _delegated_claims(subject, token, protocols)
+    elif app.provider == "microsoft":
+        findings += _microsoft_claims(subject, token.value, protocols)
     return findings, True
+
+
+async def _sign_in(
+    config: Config, tokens: TokenSource, app: str, account: str, login: str
+) -> Finding:
+    """Has ``account`` signed in for the delegated ``app``? (The store is read; the
+    identity provider is not asked.)"""
+    subject = f"sign-in of {account}"
+    if not isinstance(tokens, CachingTokenSource):
+        return Finding(Status.SKIPPED, subject, "this token source keeps no sign-ins")
+    status = await tokens.sign_in_status(app, account)
+    command = f"run `{authorize_command(config)} {login}` as the user the proxy runs as"
+    if status.state is SignInState.SIGNED_IN:
+        rotated = (
+            f"; refresh token last replaced {_when(status.rotated_at)}"
+            if status.rotated_at and status.rotated_at != status.signed_in_at
+            else ""
+        )
+        return Finding(
+            Status.OK,
+            subject,
+            f"signed in as {status.signed_in_as} {_when(status.signed_in_at)}{rotated}",
+        )
+    if status.state is SignInState.NOT_SIGNED_IN:
+        return Finding(
+            Status.FAILED,
+            subject,
+            "nobody has signed in yet: logins get the temporary reply",
+            fix=f"{command}, and sign in as {account}",
+        )
+    if status.state is SignInState.REVOKED:
+        return Finding(
+            Status.FAILED,
+            subject,
+            f"the identity provider refused the sign-in {_when(status.revoked_at)}: "
+            f"{status.reason}; logins get the temporary reply",
+            fix=f"{command}, and sign in as {account} again",
+        )
+    return Finding(
+        Status.FAILED,
+        subject,
+        f"cannot tell: {status.reason}",
+        fix="run doctor as the user the proxy runs as (it owns the token cache)",
+    )
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "at an unknown time"
+    return time.strftime("on %Y-%m-%d %H:%M UTC", time.gmtime(stamp))
+
+
+def _delegated_claims(
+    subject: str, token: AccessToken, protocols: set[Protocol]
+) -> Iterator[Finding]:
+    """Each protocol's delegated permission, in the scope the sign-in granted."""
+    granted = {s.rsplit("/", 1)[-1] for s in token.scope.split()}
+    with contextlib.suppress(NotAJwtError):
+        granted |= scopes_of(decode_claims(token.value)) or frozenset()
+    for protocol in sorted(protocols, key=lambda p: p.value):
+        wanted = REQUIRED_SCOPES[protocol]
+        if wanted in granted:
+            yield Finding(Status.OK, subject, f"the sign-in granted {wanted}")
+        else:
+            yield Finding(
+                Status.FAILED,
+                subject,
+                f"the sign-in did not grant {wanted}: {protocol.value.upper()} logins are refused",
+                fix="add the delegated permission to the app registration (API permissions "
+                f"> Office 365 Exchange Online > Delegated > {wanted}) and to the app's scope, "
+                "then run authorize again and consent",
+            )
 
 
 async def _expected_claims(
@@ -336,6 +426,7 @@ async def _login(
         tokens=tokens,
         limits=config.limits,
         app_providers={name: app.provider for name, app in config.apps.items()},
+        delegated=frozenset(name for name, app in config.apps.items() if app.delegated),
         throttle=LoginThrottle(config.limits.throttle_policy()),
     )
     machine, timeout_reply = auth_machine(plain, app_keys=True)
@@ -376,7 +467,12 @@ async def _login(
     details = tuple(dict.fromkeys(capture.messages))  # the verdict often repeats a warning
     if outcome.logged_in and outcome.probe_ok:
         return Finding(Status.OK, subject, outcome.text, details)
-    fix = _fix(config.apps[user.app].provider, listener, mailbox, outcome)
+    app = config.apps[user.app]
+    fix = (
+        _delegated_fix(user.signs_in_as, mailbox, outcome)
+        if app.delegated
+        else _fix(app.provider, listener, mailbox, outcome)
+    )
     return Finding(Status.FAILED, subject, outcome.text, details, fix)
 
 
@@ -401,6 +497,16 @@ def _fix(provider: str, listener: ListenerConfig, mailbox: str, outcome: _Outcom
         f"Exchange does not let the app use {mailbox}: run the lines for it that "
         f"`xoauth2-proxy exchange-setup` prints (New-ServicePrincipal once per app, {right}, "
         "Set-CASMailbox to enable the protocol)"
+    )
+
+
+def _delegated_fix(account: str, mailbox: str, outcome: _Outcome) -> str:
+    if not outcome.logged_in:
+        return ""
+    return (
+        f"the server took the token of {account} but will not serve {mailbox}: check that "
+        f"{account} may open it (a shared mailbox needs FullAccess, or SendAs, for it) and "
+        "that the protocol is turned on for the mailbox"
     )
 
 
@@ -511,6 +617,17 @@ async def _everything(config: Config, tokens: TokenSource) -> list[Finding]:
             lis for lis in config.listeners if any(lis.protocol in u.protocols for u in users)
         ]
         mailbox = None
+        if app.delegated:  # tokens are per account: each account's sign-in, then its token
+            for account, logins in config.delegated_accounts().get(name, {}).items():
+                signed_in = await _sign_in(config, tokens, name, account, logins[0])
+                findings.append(signed_in)
+                if signed_in.status is Status.OK:
+                    findings += (await _token(config, tokens, name, account, listeners))[0]
+            if name not in config.delegated_accounts():
+                findings.append(
+                    Finding(Status.SKIPPED, f"app {name!r}", "no user: nobody signs in to it")
+                )
+            continue
         if app.provider == "google":  # tokens are per mailbox: try the first user's
             if not users:
                 findings.append(

@@ -57,8 +57,10 @@ class LoginResult(enum.Enum):
     IDP_TEMPORARY = "idp_temporary"
     #: The identity provider refused the app (bad secret, unknown client or tenant).
     IDP_PERMANENT = "idp_permanent"
-    #: The token lacks the protocol's role (Microsoft).
+    #: The token lacks the protocol's role (Microsoft), or a delegated token its permission.
     MISSING_ROLE = "missing_role"
+    #: A delegated app's account has no usable sign-in (never signed in, or revoked).
+    SIGN_IN_REQUIRED = "sign_in_required"
     #: The token is not what the app asks for (issuer, audience, scope, tenant).
     TOKEN_INVALID = "token_invalid"
     #: The upstream refused the token.

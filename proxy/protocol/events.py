@@ -98,6 +98,13 @@ class TokenIssued:
 def rejection_causes(provider: str) -> str:
     """Why a mail server may refuse a token of ``provider`` other than Microsoft's (whose
     causes each protocol names itself: roles, service principals, Exchange settings)."""
+    if provider == "delegated":
+        return (
+            "Likely causes: the account that signed in may not open this mailbox (a shared "
+            "mailbox needs FullAccess, sending as it SendAs, for that account), the protocol "
+            "is turned off for it (Outlook.com and Gmail settings; Exchange: Set-CASMailbox), "
+            "or the token lacks the protocol's permission (sign in again and consent to it)."
+        )
     if provider == "google":
         return (
             "Likely causes: domain-wide delegation does not grant the service account "

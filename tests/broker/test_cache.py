@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.cache import CachedToken, CacheError, CacheKey, CacheSettings, open_cache
+from broker.cache import CachedToken, CacheError, CacheKey, CacheSettings, Grant, open_cache
 from broker.cache.file import FileTokenCache
 from broker.cache.memory import MemoryTokenCache
 from broker.cache.redis import RedisTokenCache, redact
@@ -50,6 +50,12 @@ def entry(value: str = TOKEN_VALUE, lifetime: float = 3600) -> CachedToken:
 
 KEY = CacheKey.for_app(fake_app(), None)
 MAILBOX_KEY = CacheKey.for_app(fake_app(), "Reports@Contoso.com")
+REFRESH_TOKEN = "0.AAAA-a-refresh-token-that-must-never-be-readable-in-the-cache"
+
+
+def grant(value: str = REFRESH_TOKEN, *, revoked: str = "") -> Grant:
+    now = time.time()
+    return Grant(value, "reports@contoso.com", now - 10, now, revoked, now if revoked else 0.0)
 
 
 # -- keys and sealing ----------------------------------------------------------------------
@@ -132,6 +138,27 @@ def test_cached_token_json_rejects_garbage() -> None:
             CachedToken.from_json(bad)
 
 
+def test_grant_json_and_repr() -> None:
+    g = grant()
+    assert Grant.from_json(g.to_json()) == g
+    assert REFRESH_TOKEN not in repr(g)
+    assert "active" in repr(g)
+    assert "revoked 'invalid_grant'" in repr(grant(revoked="invalid_grant"))
+    for bad in (
+        b"[]",
+        b"{}",
+        b'{"refresh_token": 1, "account": "", "revoked": "", '
+        b'"signed_in_at": 1, "rotated_at": 1, "revoked_at": 0}',
+    ):
+        with pytest.raises(ValueError, match="sign-in"):
+            Grant.from_json(bad)
+
+
+def test_delegated_apps_have_keys_of_their_own() -> None:
+    delegated = CacheKey.for_app(replace(fake_app(), delegated=True), "reports@contoso.com")
+    assert delegated.identity != MAILBOX_KEY.identity
+
+
 # -- memory --------------------------------------------------------------------------------
 
 
@@ -143,6 +170,10 @@ async def test_memory_cache() -> None:
     assert await cache.load(MAILBOX_KEY) is None
     async with cache.exclusive(KEY):
         pass
+    assert await cache.load_grant(MAILBOX_KEY) is None
+    await cache.store_grant(MAILBOX_KEY, g := grant())
+    assert await cache.load_grant(MAILBOX_KEY) is g
+    assert await cache.load(MAILBOX_KEY) is None  # sign-ins and tokens apart
     cache.close()
 
 
@@ -180,6 +211,31 @@ async def test_file_cache_is_useless_without_its_key(
     await thief.store(KEY, entry("new"))
     assert (await thief.load(KEY) or entry()).token.value == "new"
     assert await thief.load(MAILBOX_KEY) is None
+
+
+async def test_file_cache_keeps_sign_ins_sealed_and_apart_from_tokens(tmp_path: Path) -> None:
+    key = new_key()
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, key)
+    await cache.store_grant(MAILBOX_KEY, first := grant())
+    await cache.store(MAILBOX_KEY, e := entry(lifetime=1))
+    data = path.read_bytes()
+    for text in (REFRESH_TOKEN, "reports@contoso.com", "refresh_token"):
+        assert text.encode() not in data
+        assert base64.b64encode(text.encode()) not in data
+    again = FileTokenCache(path, key)  # a restart
+    assert await again.load_grant(MAILBOX_KEY) == first
+    assert await again.load(MAILBOX_KEY) == e
+    assert await again.load_grant(KEY) is None
+    # Tokens that expired are swept at the next write; sign-ins never are.
+    await trio.sleep(1.1)
+    await again.store(KEY, entry("other"))
+    assert await again.load(MAILBOX_KEY) is None
+    assert await again.load_grant(MAILBOX_KEY) == first
+    # A rotated refresh token replaces the old one in one write, beside the tokens.
+    await again.store_grant(MAILBOX_KEY, rotated := grant("rotated-refresh-token"))
+    assert await FileTokenCache(path, key).load_grant(MAILBOX_KEY) == rotated
+    assert (await FileTokenCache(path, key).load(KEY) or entry()).token.value == "other"
 
 
 async def test_file_cache_refuses_a_file_others_can_read(tmp_path: Path) -> None:
@@ -289,10 +345,12 @@ os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @contextmanager
-def stopped_lock_holder(lock_path: Path) -> Iterator[subprocess.Popen[str]]:
+def stopped_lock_holder(
+    lock_path: Path, script: str = LOCK_HOLDER, *args: str
+) -> Iterator[subprocess.Popen[str]]:
     """Another process, stopped while it holds the cache's lock; killed on exit."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(lock_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, str(lock_path), *args], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout is not None
@@ -337,6 +395,77 @@ async def test_file_cache_write_waiting_for_the_lock_can_be_cancelled(tmp_path: 
     # The abandoned write finished or gave up by itself; the next one waits for it.
     await cache.store(KEY, entry("after"))
     assert (await cache.load(KEY) or entry()).token.value == "after"
+
+
+#: Takes the renewal lock of one key (a POSIX record lock on its byte), then stops itself.
+RENEWAL_HOLDER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, int(sys.argv[2]))
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def renewal_byte(key: CacheKey) -> int:
+    """The byte of the renewal lock file that stands for ``key`` (as the cache picks it)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(key.name.encode()).digest()[:4]) % (1 << 20)
+
+
+async def test_file_cache_renewals_exclude_other_processes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process renewing a key holds this one off (then, stopped, is passed by);
+    other keys are not held up, and tasks of one process do not lock each other out."""
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, new_key(), renew_wait=0.3)
+    with stopped_lock_holder(
+        tmp_path / "tokens.renew.lock", RENEWAL_HOLDER, str(renewal_byte(MAILBOX_KEY))
+    ):
+        with trio.fail_after(20):
+            async with cache.exclusive(KEY), cache.exclusive(KEY):
+                pass  # another key: free; the same process: no conflict
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+            async with cache.exclusive(MAILBOX_KEY):
+                pass
+        (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "another process has been renewing" in warning.getMessage()
+    caplog.clear()
+    async with cache.exclusive(MAILBOX_KEY):  # the holder is gone: its lock with it
+        pass
+    assert not caplog.records
+    cache.close()
+
+
+async def test_file_cache_renewal_lock_is_held_until_released(tmp_path: Path) -> None:
+    """While this process renews a key, another process waits for it."""
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, new_key())
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, int(sys.argv[2]))\n"
+        "    print('free')\n"
+        "except OSError:\n"
+        "    print('held')\n"
+    )
+
+    def other_process() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(path) + ".renew.lock", str(renewal_byte(KEY))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    async with cache.exclusive(KEY):
+        assert await trio.to_thread.run_sync(other_process) == "held"
+    assert await trio.to_thread.run_sync(other_process) == "free"
+    cache.close()
 
 
 @pytest.fixture
@@ -437,6 +566,27 @@ async def test_redis_values_are_shared_sealed_and_expire(
     assert TOKEN_VALUE.encode() not in dump
     ttl = int(redis_server.command("PTTL", f"{a._prefix}:token:{MAILBOX_KEY.digest}")[1:-2])
     assert 90_000 < ttl <= 100_000
+
+
+async def test_redis_sign_ins_are_shared_sealed_and_never_expire(
+    shared: tuple[RedisTokenCache, RedisTokenCache], redis_server: RedisServer
+) -> None:
+    a, b = shared
+    assert await a.load_grant(MAILBOX_KEY) is None
+    await a.store_grant(MAILBOX_KEY, g := grant())
+    assert await b.load_grant(MAILBOX_KEY) == g
+    assert await b.load(MAILBOX_KEY) is None
+    name = f"{a._prefix}:grant:{MAILBOX_KEY.digest}"
+    dump = redis_server.command("GET", name)
+    assert REFRESH_TOKEN.encode() not in dump
+    assert b"reports@contoso.com" not in dump
+    assert redis_server.command("PTTL", name) == b":-1\r\n"
+    await b.store_grant(MAILBOX_KEY, rotated := grant("rotated"))
+    assert await a.load_grant(MAILBOX_KEY) == rotated
+    # Moved under another key, a sign-in does not decrypt.
+    assert redis_server.command("COPY", name, f"{a._prefix}:grant:{KEY.digest}") == b":1\r\n"
+    with pytest.raises(CacheError):
+        await a.load_grant(KEY)
 
 
 async def test_redis_wrong_key_or_moved_value_is_a_cache_error(
@@ -660,3 +810,20 @@ async def test_redis_with_a_password(tmp_path: Path, caplog: pytest.LogCaptureFi
             for cache in (good, missing, wrong):
                 cache.close()
     assert password not in repr(good) + str(refused.value) + caplog.text
+
+
+def test_file_cache_renewals_may_not_wait_a_negative_time(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="renew_wait must not be negative"):
+        FileTokenCache(tmp_path / "tokens", new_key(), renew_wait=-1)
+
+
+async def test_file_cache_renews_without_a_lock_it_cannot_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "tokens.renew.lock").mkdir()  # something in its place that is not a file
+    cache = FileTokenCache(tmp_path / "tokens", new_key())
+    async with cache.exclusive(KEY):
+        pass
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "renewing without the lock" in warning.getMessage()
+    cache.close()

@@ -11,8 +11,16 @@ from typing import TYPE_CHECKING
 import pytest
 import trustme
 
+from broker.cache import Grant
+from broker.delegated import (
+    AuthorizationRequest,
+    DeviceAuthorization,
+    Pending,
+    Renewal,
+    SignInRequired,
+)
 from broker.errors import BrokerError
-from broker.model import App, Secret
+from broker.model import AccessToken, App, Secret
 from broker.providers.microsoft import MicrosoftProvider
 from broker.source import CachingTokenSource
 from tests.broker.helpers import CLIENT_SECRET
@@ -99,3 +107,30 @@ async def test_nothing_leaks(
     # The check itself can fail:
     assert leaks(f"oops {CLIENT_SECRET}", secrets)
     assert leaks(f"oops {tokens[0]}", secrets)
+
+
+def test_people_s_secrets_redact_themselves() -> None:
+    """A person's refresh token, device code, state and PKCE verifier never show in reprs."""
+    refresh, device, state, verifier = (
+        "refresh-token-of-a-person-0123456789",
+        "device-code-never-shown-0123456789",
+        "state-value-0123456789",
+        "pkce-verifier-0123456789",
+    )
+    token = AccessToken("eyJ-a-persons-access-token", 1.0)
+    texts = [
+        repr(Renewal(token, refresh, {"email": "jane@example.com"})),
+        repr(Renewal(token, None)),
+        repr(DeviceAuthorization("ABCD-EFGH", "https://example.com/device", "", 1.0, 5.0, device)),
+        repr(
+            AuthorizationRequest("https://example.com/auth", "http://127.0.0.1:1/", state, verifier)
+        ),
+        repr(Grant(refresh, "jane@example.com", 1.0, 1.0)),
+        repr(Pending(slow_down=True)),
+        repr(SignInRequired("no sign-in", code="NOT_SIGNED_IN", account="jane@example.com")),
+    ]
+    joined = " ".join(texts)
+    assert leaks(joined, [refresh, device, state, verifier]) == []
+    assert "ABCD-EFGH" in joined  # the user code is for showing
+    assert "a refresh token" in texts[0]
+    assert "no refresh token" in texts[1]

@@ -8,11 +8,13 @@ import http.client
 import imaplib
 import json
 import shutil
+import socket
 import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import build_source
@@ -192,7 +194,7 @@ async def test_health_and_readiness(nursery: trio.Nursery, rig: ProxyRig, doveco
     config = load_config(path)
     tokens = build_source(config.apps, config.cache)
     server = ProxyServer(config, tokens, grace=1.0)
-    await nursery.start(server.serve)
+    bound = await nursery.start(server.serve)
     ops = server.operations_address[1]
 
     status, _, body = await in_thread(lambda: get(ops, "/healthz"))
@@ -248,8 +250,11 @@ async def test_health_and_readiness(nursery: trio.Nursery, rig: ProxyRig, doveco
         return result
 
     assert await in_thread(head) == (200, b"")
-    server.shutdown()
-    status, _, body = await in_thread(lambda: get(ops, "/readyz"))
+    # A session in progress keeps the proxy draining (with none it would exit at once).
+    with socket.create_connection(("127.0.0.1", bound[0].port), timeout=30):
+        await trio.testing.wait_all_tasks_blocked()  # accepted: its TLS handshake waits
+        server.shutdown()
+        status, _, body = await in_thread(lambda: get(ops, "/readyz"))
     assert status == 503
     assert json.loads(body)["problems"] == ["shutting down: no longer accepting connections"]
     tokens.close()

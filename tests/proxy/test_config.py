@@ -862,3 +862,195 @@ def test_operations_settings_problems(tmp_path: Path, monkeypatch: pytest.Monkey
     found = problems(write(tmp_path, lonely))
     assert f"{path}: listeners[0].trusted_proxies: not an address or network: 'bad'" in found
     assert f"{path}: listeners[0].trusted_proxies: only applies with proxy_protocol = true" in found
+
+
+def delegated_config(tmp_path: Path, apps: str, *, cache: str = "", users: str = "") -> str:
+    (tmp_path / "server.pem").write_text("placeholder")
+    (tmp_path / "server.pem").chmod(0o600)
+    (tmp_path / "cache.key").write_text("A" * 43 + "=\n")
+    (tmp_path / "cache.key").chmod(0o600)
+    cache = cache or '[cache]\nkind = "file"\npath = "tokens"\nkey = { file = "cache.key" }\n'
+    return f"""{apps}
+{cache}
+[[listeners]]
+protocol = "imap"
+listen = "127.0.0.1:1993"
+tls = "implicit"
+certificate = {{ file = "server.pem" }}
+upstream = "outlook.office365.com:993"
+upstream_tls = "implicit"
+
+{
+        users
+        or f'''[users."jane"]
+password_hash = "{HASH}"
+app = "personal"
+mailbox = "jane@outlook.com"
+'''
+    }"""
+
+
+def test_delegated_apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_GOOGLE_SECRET", "GOCSPX-secret")
+    config = load_config(
+        write(
+            tmp_path,
+            delegated_config(
+                tmp_path,
+                """
+[apps.personal]
+provider = "microsoft"
+delegated = true
+client_id = "11111111-2222-3333-4444-555555555555"
+
+[apps.gmail]
+provider = "google"
+delegated = true
+client_id = "123-abc.apps.googleusercontent.com"
+client_secret = { env = "XO_GOOGLE_SECRET" }
+redirect_uri = "http://localhost:8765/"
+
+[apps.keycloak]
+provider = "oauth2"
+delegated = true
+issuer = "https://sso.example.com/realms/mail"
+client_id = "mail-proxy"
+auth_method = "none"
+scope = "mail"
+""",
+                users=f'''[users."jane"]
+password_hash = "{HASH}"
+app = "personal"
+mailbox = "shared@outlook.com"
+account = "Jane@Outlook.com"
+
+[users."jane-scanner"]
+password_hash = "{HASH}"
+app = "personal"
+mailbox = "jane@outlook.com"
+
+[users."bob@gmail.com"]
+password_hash = "{HASH}"
+app = "gmail"
+''',
+            ),
+        )
+    )
+    personal = config.apps["personal"]
+    assert personal.delegated
+    assert personal.tenant == "common"
+    assert personal.client_secret is None
+    assert "IMAP.AccessAsUser.All" in personal.scope
+    assert personal.redirect_uri == "http://127.0.0.1"
+    gmail = config.apps["gmail"]
+    assert (gmail.scope, gmail.auth_method) == ("https://mail.google.com/", "client_secret_post")
+    assert gmail.token_url == "https://oauth2.googleapis.com/token"
+    assert gmail.redirect_uri == "http://localhost:8765/"
+    assert config.apps["keycloak"].auth_method == "none"
+    assert config.delegated_accounts() == {
+        "personal": {"jane@outlook.com": ["jane", "jane-scanner"]},
+        "gmail": {"bob@gmail.com": ["bob@gmail.com"]},
+    }
+    user = config.user("jane")
+    assert user is not None
+    assert user.signs_in_as == "Jane@Outlook.com"
+
+
+def test_delegated_app_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XO_TEST_SECRET", "x")
+    found = problems(
+        write(
+            tmp_path,
+            delegated_config(
+                tmp_path,
+                """
+[apps.personal]
+provider = "microsoft"
+delegated = "yes"
+client_id = "11111111-2222-3333-4444-555555555555"
+tenant = "consumers"
+client_secret = { env = "XO_TEST_SECRET" }
+redirect_uri = "https://example.com/callback"
+
+[apps.personal2]
+provider = "microsoft"
+delegated = true
+client_id = "11111111-2222-3333-4444-555555555555"
+scope = "https://outlook.office365.com/.default"
+
+[apps.gmail]
+provider = "google"
+delegated = true
+client_id = "123.apps.googleusercontent.com"
+service_account = { file = "sa.json" }
+
+[apps.sa]
+provider = "google"
+client_id = "123.apps.googleusercontent.com"
+service_account = { file = "sa.json" }
+
+[apps.generic]
+provider = "oauth2"
+delegated = true
+token_url = "https://sso.example.com/token"
+client_id = "x"
+auth_method = "none"
+scope = "mail"
+
+[apps.appOnly]
+provider = "oauth2"
+token_url = "https://sso.example.com/token"
+client_id = "x"
+auth_method = "none"
+scope = "mail"
+
+[apps.plain]
+provider = "oauth2"
+token_url = "https://sso.example.com/token"
+client_id = "x"
+auth_method = "client_secret_post"
+client_secret = { env = "XO_TEST_SECRET" }
+scope = "mail"
+""",
+                cache='[cache]\nkind = "memory"\n',
+                users=f'''[users."jane"]
+password_hash = "{HASH}"
+app = "plain"
+account = "jane@example.com"
+''',
+            ),
+        )
+    )
+    text = "\n".join(found)
+    for expected in (
+        "apps.personal.delegated: must be true or false",
+        "apps.personal.tenant: 'consumers' cannot issue app-only tokens",
+        "apps.personal.redirect_uri: only applies with delegated = true",
+        "apps.personal2.scope: a /.default scope is for app-only tokens",
+        "apps.gmail.service_account: does not apply with delegated = true",
+        "apps.gmail.client_secret: is required",
+        "apps.sa.client_id: only applies with delegated = true",
+        "apps.generic: a delegated app without issuer needs authorization_url",
+        "apps.appOnly.auth_method: must be one of",
+        'users."jane".account: only applies to users of delegated apps',
+        "cache.kind: delegated apps (apps.generic, apps.gmail, apps.personal2) keep people",
+    ):
+        assert expected in text, (expected, found)
+
+
+def test_redirect_uri_must_be_a_loopback(tmp_path: Path) -> None:
+    for bad in ("http://example.com", "https://127.0.0.1", "http://127.0.0.1:99999", "x"):
+        path = write(
+            tmp_path,
+            delegated_config(
+                tmp_path,
+                f"""
+[apps.personal]
+provider = "microsoft"
+delegated = true
+client_id = "11111111-2222-3333-4444-555555555555"
+redirect_uri = "{bad}"
+""",
+            ),
+        )
+        assert any("redirect_uri: must be http://127.0.0.1" in p for p in problems(path)), bad

@@ -7,16 +7,33 @@ client is pointed at this server instead (``authority=https://127.0.0.1:PORT/TEN
 - ``GET /{tenant}/v2.0/.well-known/openid-configuration`` -- the discovery document;
 - ``GET /{tenant}/discovery/v2.0/keys`` -- the JWKS with the emulator's signing key;
 - ``POST /{tenant}/oauth2/v2.0/token`` -- the client-credentials grant, with a client secret
-  (form body or HTTP Basic) or a certificate-signed client assertion (RFC 7523).
+  (form body or HTTP Basic) or a certificate-signed client assertion (RFC 7523); and, for
+  apps people sign in to (delegated permissions), the device code, authorization code (with
+  PKCE) and refresh token grants;
+- ``POST /{tenant}/oauth2/v2.0/devicecode`` -- a device sign-in (RFC 8628), for public
+  clients ("Allow public client flows"); the person enters the code at ``/devicelogin``;
+- ``GET /{tenant}/oauth2/v2.0/authorize`` -- a browser sign-in: a page whose form (account,
+  consent) posts back to the same URL, which redirects to the app's loopback redirect URI
+  (any port) with a code, or with ``response_mode=form_post`` gives a form posting it there.
 
-``{tenant}`` is the tenant's domain or its GUID. Failures use Entra's JSON error shape
-(``error``, ``error_description`` starting ``AADSTS<code>: ``, ``error_codes``, ``timestamp``,
-``trace_id``, ``correlation_id``, ``error_uri``) and its codes.
+``{tenant}`` is the tenant's domain or its GUID, or for sign-ins ``common``,
+``organizations`` or ``consumers``. People (:meth:`EntraEmulator.add_person`) sign in with
+the forms' ``login`` and ``consent`` fields (tests/support/browser.py fills them); their
+consent is remembered per app, and renewals honour it as Entra does: refresh tokens rotate
+(the old ones stay valid), a changed password (:meth:`EntraEmulator.change_password`) makes
+every earlier refresh token fail with AADSTS50173, withdrawn consent with AADSTS65001.
 
-Issued tokens are app-only v1 access tokens for Exchange Online, signed RS256 with a per-emulator
-key, with the claims Dovecot's local JWT validation looks at: header ``typ``/``alg``/``kid``;
-``aud``, ``iss``, ``sub``, ``exp``, and ``iat``/``nbf`` five minutes in the past, as Entra does
-(Dovecot allows no clock leeway). ``public_key_pem()`` is what Dovecot's key dictionary needs.
+Failures use Entra's JSON error shape (``error``, ``error_description`` starting
+``AADSTS<code>: ``, ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``,
+``error_uri``) and its codes.
+
+A person's tokens are v1 access tokens for ``https://outlook.office.com`` with ``scp`` (the
+delegated permissions granted), ``upn`` and ``unique_name``, and come with an ID token
+(``preferred_username``, ``nonce``) and a refresh token. App tokens are app-only v1 access
+tokens for Exchange Online. Both are signed RS256 with a per-emulator key, with the claims
+Dovecot's local JWT validation looks at: header ``typ``/``alg``/``kid``; ``aud``, ``iss``,
+``sub``, ``exp``, and ``iat``/``nbf`` five minutes in the past, as Entra does (Dovecot
+allows no clock leeway). ``public_key_pem()`` is what Dovecot's key dictionary needs.
 
 The server runs in background threads (stdlib ``ThreadingHTTPServer``); every attribute the
 tests read or set is safe to use from the test's thread.
@@ -47,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from tests.support.certs import TestPki
+from tests.support.people import Page, PersonError, SignIn, SignIns, loopback_match
 
 if TYPE_CHECKING:
     import socket
@@ -64,6 +82,24 @@ _RESOURCES: Final = {
     "https://outlook.office.com": "https://outlook.office.com",
 }
 _ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+_DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+#: The delegated permissions of Office 365 Exchange Online for IMAP, POP3 and SMTP.
+DELEGATED_PERMISSIONS: Final = ("IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send")
+#: Scopes of OpenID Connect that any sign-in may ask for.
+_OIDC_SCOPES: Final = frozenset({"openid", "profile", "offline_access", "email"})
+#: Tenants that sign in people of any tenant, or personal accounts.
+_SHARED_TENANTS: Final = ("common", "organizations", "consumers")
+#: What the emulator's errors for people's grants say (error, AADSTS code).
+_PERSON_ERRORS: Final[dict[str, tuple[str, int]]] = {
+    "authorization_pending": ("authorization_pending", 70016),
+    "slow_down": ("slow_down", 70016),
+    "expired_token": ("expired_token", 70020),
+    "declined": ("authorization_declined", 70000),
+    "bad_verification_code": ("bad_verification_code", 70019),
+    "invalid_grant": ("invalid_grant", 70000),
+    "revoked": ("invalid_grant", 50173),
+    "consent": ("invalid_grant", 65001),
+}
 #: How far in the past Entra dates ``iat`` and ``nbf``.
 _BACKDATE: Final = 300
 
@@ -79,6 +115,12 @@ class _Registration:
     #: Subject name + issuer trust (Entra's "trustedCertificateSubjects"): any certificate
     #: with this subject, issued by this CA and sent in x5c, is the app's.
     trusted_subject: tuple[str, x509.Certificate] | None = None
+    #: "Allow public client flows": people may sign in without a client credential.
+    public_client: bool = False
+    #: Delegated permissions people may consent to (none: an app-only registration).
+    delegated: tuple[str, ...] = ()
+    #: Redirect URIs of the "Mobile and desktop applications" platform (loopback: any port).
+    redirect_uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -96,6 +138,8 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     #: Seconds between the body's bytes (0: all at once).
     trickle: float = 0.0
+    #: A page for a person's browser instead of JSON.
+    html: str | None = None
 
 
 class _EntraError(Exception):
@@ -139,6 +183,8 @@ class EntraEmulator:
         self.issued: list[dict[str, Any]] = []
         #: Overrides the tid of issued tokens (an app consented in another tenant).
         self.token_tenant_id: str | None = None
+        #: People, their consent, and their sign-ins.
+        self.people = SignIns(rotate=True)
         self._pki = TestPki(pki_dir / "entra")
         self.ca_file = self._pki.ca_file
         self._server_pem = self._pki.issue("entra-server", "127.0.0.1", "localhost")
@@ -227,8 +273,15 @@ class EntraEmulator:
         roles: Sequence[str] = DEFAULT_ROLES,
         display_name: str | None = None,
         trusted_subject: tuple[str, bytes] | None = None,
+        public_client: bool = False,
+        delegated: Sequence[str] = (),
+        redirect_uris: Sequence[str] = ("http://127.0.0.1", "http://localhost"),
     ) -> None:
         """Register (or replace) an application with a secret and/or a certificate.
+
+        ``delegated`` permissions (e.g. :data:`DELEGATED_PERMISSIONS`) let people sign in to
+        it, at ``redirect_uris`` (loopback: any port), and with ``public_client`` without a
+        credential (device sign-ins need that).
 
         ``certificate_pem`` may hold a private key as well (as :meth:`TestPki.issue` writes
         it); only its first certificate is registered, as the Entra portal does on upload.
@@ -251,6 +304,9 @@ class EntraEmulator:
                 if trusted_subject
                 else None
             ),
+            public_client=public_client,
+            delegated=tuple(delegated),
+            redirect_uris=tuple(redirect_uris),
         )
         with self._lock:
             self._apps[client_id.lower()] = registration
@@ -271,27 +327,62 @@ class EntraEmulator:
         with self._lock:
             self._failures = [_Failure(status, error, aadsts, retry_after)] * count
 
+    def add_person(self, upn: str) -> None:
+        """An account of the tenant (or a personal account) that can sign in."""
+        self.people.add_person(upn, str(uuid.uuid4()))
+
+    def change_password(self, upn: str) -> None:
+        """Revoke every refresh token of ``upn`` issued so far (AADSTS50173 from now on)."""
+        self.people.change_password(upn)
+
+    def withdraw_consent(self, upn: str, client_id: str) -> None:
+        """``upn`` removes the app's permissions (AADSTS65001 at the next renewal)."""
+        self.people.withdraw_consent(upn, client_id.lower())
+
+    @property
+    def device_login_url(self) -> str:
+        """Where people enter a device sign-in's code (Entra's microsoft.com/devicelogin)."""
+        return f"{self.authority}/devicelogin"
+
     # -- the endpoints (run in the server's threads) ----------------------------------------
 
     def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Reply:
-        parts = [unquote(p) for p in urlsplit(path).path.split("/") if p]
+        split = urlsplit(path)
+        parts = [unquote(p) for p in split.path.split("/") if p]
+        if parts == ["devicelogin"]:
+            if method == "GET":
+                return _page(self.people.device_page("/devicelogin"))
+            return _page(self.people.device_submit(_form(body)))
         if len(parts) < 2:
             return _Reply(404, {"error": "not_found"})
         tenant, rest = parts[0], parts[1:]
         try:
             if method == "GET" and rest == ["v2.0", ".well-known", "openid-configuration"]:
-                self._check_tenant(tenant, error="invalid_tenant")
-                return _Reply(200, self._openid_configuration())
+                self._check_tenant(tenant, error="invalid_tenant", people=True)
+                return _Reply(200, self._openid_configuration(tenant))
             if method == "GET" and rest == ["discovery", "v2.0", "keys"]:
-                self._check_tenant(tenant, error="invalid_tenant")
+                self._check_tenant(tenant, error="invalid_tenant", people=True)
                 return _Reply(200, self._jwks())
             if method == "POST" and rest == ["oauth2", "v2.0", "token"]:
                 return self._token(tenant, headers, body)
+            if method == "POST" and rest == ["oauth2", "v2.0", "devicecode"]:
+                self._check_tenant(tenant, people=True)
+                return self._devicecode(_form(body))
+            if rest == ["oauth2", "v2.0", "authorize"]:
+                self._check_tenant(tenant, people=True)
+                if method == "GET":
+                    query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+                    return self._authorize(query, split.path)
+                return _page(self.people.authorize_submit(_form(body)))
         except _EntraError as exc:
             return self._error_reply(exc.status, exc.error, exc.code, exc.text)
         return _Reply(404, {"error": "not_found"})
 
-    def _check_tenant(self, tenant: str, *, error: str = "invalid_request") -> None:
+    def _check_tenant(
+        self, tenant: str, *, error: str = "invalid_request", people: bool = False
+    ) -> None:
+        if people and tenant.lower() in _SHARED_TENANTS:
+            return
         if tenant.lower() not in (self.tenant.lower(), self.tenant_id):
             raise _EntraError(
                 400,
@@ -303,8 +394,9 @@ class EntraEmulator:
                 "tenant.",
             )
 
-    def _openid_configuration(self) -> dict[str, Any]:
-        base = f"{self.authority}/{self.tenant_id}"
+    def _openid_configuration(self, tenant: str = "") -> dict[str, Any]:
+        shared = tenant.lower() in _SHARED_TENANTS
+        base = f"{self.authority}/{tenant.lower() if shared else self.tenant_id}"
         return {
             "token_endpoint": f"{base}/oauth2/v2.0/token",
             "token_endpoint_auth_methods_supported": [
@@ -318,7 +410,7 @@ class EntraEmulator:
             "id_token_signing_alg_values_supported": ["RS256"],
             "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": f"{base}/v2.0",
+            "issuer": f"{self.authority}/{{tenantid}}/v2.0" if shared else f"{base}/v2.0",
             "request_uri_parameter_supported": False,
             "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
             "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
@@ -367,10 +459,14 @@ class EntraEmulator:
             if failure.retry_after is not None:
                 reply.headers["Retry-After"] = str(failure.retry_after)
             return reply
-        self._check_tenant(tenant)
+        self._check_tenant(tenant, people=True)
         form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         basic_id, basic_secret = _basic_credentials(headers.get("authorization", ""))
         client_id = form.get("client_id") or basic_id
+        if form.get("grant_type") in (_DEVICE_GRANT, "authorization_code", "refresh_token"):
+            return self._person_grant(form, client_id or "", basic_secret)
+        if tenant.lower() in _SHARED_TENANTS:
+            self._check_tenant(tenant)
         if form.get("grant_type") != "client_credentials":
             raise _EntraError(
                 400,
@@ -400,6 +496,172 @@ class EntraEmulator:
         audience = self._check_scope(form.get("scope", ""))
         method = self._authenticate(app, form, basic_secret)
         return _Reply(200, self._issue(app, audience, method))
+
+    # -- people's sign-ins ------------------------------------------------------------------
+
+    def _registration(self, client_id: str) -> _Registration:
+        with self._lock:
+            app = self._apps.get(client_id.lower())
+        if app is None:
+            raise _EntraError(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory "
+                f"'{self.tenant}'.",
+            )
+        return app
+
+    def _delegated_scopes(self, app: _Registration, scope: str) -> tuple[str, ...]:
+        """The scopes asked for, if the app may ask for each of them."""
+        scopes = tuple(scope.split())
+        for item in scopes:
+            if item.lower() in _OIDC_SCOPES:
+                continue
+            resource, _, permission = item.rpartition("/")
+            if resource not in _RESOURCES or permission not in app.delegated:
+                raise _EntraError(
+                    400,
+                    "invalid_scope",
+                    70011,
+                    f"The provided request must include a 'scope' input parameter. The "
+                    f"provided value for the input parameter 'scope' is not valid: {item}.",
+                )
+        return scopes
+
+    def _devicecode(self, form: dict[str, str]) -> _Reply:
+        app = self._registration(form.get("client_id", ""))
+        if not app.public_client:
+            raise _EntraError(
+                401,
+                "invalid_client",
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' "
+                "or 'client_secret'.",
+            )
+        scopes = self._delegated_scopes(app, form.get("scope", ""))
+        device_code, device = self.people.start_device(app.client_id.lower(), scopes)
+        return _Reply(
+            200,
+            {
+                "user_code": device.user_code,
+                "device_code": device_code,
+                "verification_uri": self.device_login_url,
+                "expires_in": self.people.device_lifetime,
+                "interval": self.people.device_interval,
+                "message": f"To sign in, use a web browser to open the page "
+                f"{self.device_login_url} and enter the code {device.user_code} to "
+                "authenticate.",
+            },
+        )
+
+    def _authorize(self, query: dict[str, str], path: str) -> _Reply:
+        app = self._registration(query.get("client_id", ""))
+        redirect = query.get("redirect_uri", "")
+        if not any(loopback_match(r, redirect) for r in app.redirect_uris):
+            raise _EntraError(
+                400,
+                "invalid_request",
+                50011,
+                f"The redirect URI '{redirect}' specified in the request does not match the "
+                f"redirect URIs configured for the application '{app.client_id}'.",
+            )
+        self._delegated_scopes(app, query.get("scope", ""))
+        query["client_id"] = app.client_id.lower()
+        return _page(self.people.authorize_page(query, path, require_pkce=app.public_client))
+
+    def _person_grant(self, form: dict[str, str], client_id: str, basic: str | None) -> _Reply:
+        app = self._registration(client_id)
+        if not app.delegated:
+            raise _EntraError(
+                400,
+                "invalid_grant",
+                65001,
+                f"The user or administrator has not consented to use the application with "
+                f"ID '{app.client_id}'.",
+            )
+        if not app.public_client:
+            self._authenticate(app, form, basic)
+        people, client = self.people, app.client_id.lower()
+        try:
+            grant = form.get("grant_type")
+            if grant == _DEVICE_GRANT:
+                sign_in = people.poll_device(form.get("device_code", ""), client)
+            elif grant == "authorization_code":
+                sign_in = people.redeem_code(
+                    form.get("code", ""),
+                    client,
+                    form.get("redirect_uri", ""),
+                    form.get("code_verifier", ""),
+                )
+            else:
+                sign_in = people.renew(form.get("refresh_token", ""), client)
+        except PersonError as exc:
+            error, code = _PERSON_ERRORS.get(exc.reason, ("invalid_grant", 70000))
+            raise _EntraError(400, error, code, exc.description) from None
+        return _Reply(200, self._issue_delegated(app, sign_in))
+
+    def _issue_delegated(self, app: _Registration, sign_in: SignIn) -> dict[str, Any]:
+        person = self.people.person(sign_in.login)
+        assert person is not None
+        now = int(time.time())
+        with self._lock:
+            lifetime = int(self.lifetime)
+        granted = [s for s in sign_in.scopes if s.lower() not in _OIDC_SCOPES]
+        audience = _RESOURCES[granted[0].rpartition("/")[0]] if granted else OUTLOOK_RESOURCE
+        tid = self.token_tenant_id or self.tenant_id
+        claims: dict[str, Any] = {
+            "aud": audience,
+            "iss": self.issuer,
+            "iat": now - _BACKDATE,
+            "nbf": now - _BACKDATE,
+            "exp": now + lifetime,
+            "appid": app.client_id,
+            "appidacr": "0" if app.public_client else "1",
+            "idtyp": "user",
+            "oid": person.subject,
+            "scp": " ".join(s.rpartition("/")[2] for s in granted),
+            "sub": _b64url(hashlib.sha256(f"{person.subject}{app.client_id}".encode()).digest()),
+            "tid": tid,
+            "upn": person.login,
+            "unique_name": person.login,
+            "ver": "1.0",
+        }
+        token = jwt.encode(
+            claims, self._key, algorithm="RS256", headers={"typ": "JWT", "kid": self.kid}
+        )
+        with self._lock:
+            self.issued.append(claims)
+        reply: dict[str, Any] = {
+            "token_type": "Bearer",
+            "scope": " ".join(granted),
+            "expires_in": lifetime,
+            "ext_expires_in": lifetime,
+            "access_token": token,
+            "client_info": _b64url(json.dumps({"uid": person.subject, "utid": tid}).encode()),
+        }
+        if "offline_access" in sign_in.scopes:
+            reply["refresh_token"] = self.people.issue_refresh_token(sign_in)
+        if "openid" in sign_in.scopes:
+            id_claims = {
+                "aud": app.client_id,
+                "iss": f"{self.authority}/{tid}/v2.0",
+                "iat": now - _BACKDATE,
+                "nbf": now - _BACKDATE,
+                "exp": now + lifetime,
+                "name": person.login.split("@")[0],
+                "oid": person.subject,
+                "preferred_username": person.login,
+                "sub": claims["sub"],
+                "tid": tid,
+                "ver": "2.0",
+            }
+            if sign_in.nonce:
+                id_claims["nonce"] = sign_in.nonce
+            reply["id_token"] = jwt.encode(
+                id_claims, self._key, algorithm="RS256", headers={"typ": "JWT", "kid": self.kid}
+            )
+        return reply
 
     def _check_scope(self, scope: str) -> str:
         if not scope:
@@ -676,9 +938,13 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         emulator = self.server.emulator
         reply = emulator._route(self.command, self.path, headers, body)
-        payload = json.dumps(reply.body).encode()
+        html = reply.html is not None
+        payload = reply.html.encode() if reply.html is not None else json.dumps(reply.body).encode()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header(
+            "Content-Type",
+            "text/html; charset=utf-8" if html else "application/json; charset=utf-8",
+        )
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store, no-cache")
         for name, value in reply.headers.items():
@@ -695,6 +961,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log on stderr."""
+
+
+def _page(page: Page) -> _Reply:
+    headers = {"Location": page.location} if page.location else {}
+    return _Reply(page.status, {}, headers, html=page.html)
+
+
+def _form(body: bytes) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
 
 
 def _b64url(data: bytes) -> str:

@@ -28,6 +28,19 @@ tokens are opaque, like Google's (``ya29.`` and random text), and ``GET
 (``azp``, ``aud``, ``sub``, ``email``, ``scope``, ``exp``, ``expires_in``), which is what
 Dovecot's token introspection reads. Failures can be injected (5xx, 429 with Retry-After).
 The server runs in background threads; use it as a context manager.
+
+People sign in to *Google* "Desktop app" clients (:meth:`AuthorizationServer.
+register_google_client`) as they do at Google: the browser sign-in at ``{path}/auth`` (a
+page whose form, ``login`` and ``consent``, posts back; then a redirect to the client's
+loopback redirect URI, any port, with a code bound to its PKCE challenge), the
+authorization code and refresh token grants at the token endpoint (``client_secret`` in
+the form; refresh tokens do not rotate), ``openid email`` giving an ID token from
+``https://accounts.google.com`` with ``email`` and ``email_verified``. The device sign-in
+(``{path}/device/code``, Google's ``verification_url``; the person at ``{path}/device``)
+refuses Gmail's scope with ``invalid_scope``, as Google does, and works for others. People's
+access tokens are opaque, described by tokeninfo with their ``email``. A changed password
+(:meth:`AuthorizationServer.change_password`) or removed access (``withdraw_consent``) make
+refresh tokens fail with ``invalid_grant``.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
 from tests.support.certs import TestPki
+from tests.support.people import Page, PersonError, SignIn, SignIns, loopback_match
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -67,6 +81,9 @@ __all__ = ["AuthorizationServer"]
 
 CLIENT_ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_BEARER: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+GMAIL_SCOPE: Final = "https://mail.google.com/"
+GOOGLE_ISSUER: Final = "https://accounts.google.com"
 ASSERTION_ALGORITHMS: Final = ["RS256", "ES256", "ES384", "ES512", "Ed25519"]
 #: How far in the past issued JWTs date ``iat`` and ``nbf`` (Dovecot allows no leeway).
 BACKDATE: Final = 60
@@ -97,6 +114,8 @@ class _Client:
     tls_subject: str | None = None
     #: self_signed_tls_client_auth: the DER certificate itself.
     self_signed: bytes | None = None
+    #: A Google "Desktop app" client people sign in to, at these redirect URIs.
+    redirect_uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -173,6 +192,8 @@ class AuthorizationServer:
         #: JWT header typ (RFC 9068 says "at+jwt"; Dovecot 2.3 needs "JWT").
         self.typ = "JWT"
         self._users = {u.lower() for u in users}
+        #: People signing in to Google clients.
+        self.people = SignIns(rotate=False)
         self._clients: dict[str, _Client] = {}
         self._accounts: dict[str, _ServiceAccount] = {}
         self._resources: dict[str, str] = {}
@@ -274,6 +295,38 @@ class AuthorizationServer:
                 secret, public_key, frozenset(scopes), tls_subject, der
             )
 
+    def register_google_client(
+        self,
+        client_id: str,
+        secret: str,
+        *,
+        redirect_uris: Iterable[str] = ("http://localhost", "http://127.0.0.1"),
+        scopes: Iterable[str] = (GMAIL_SCOPE, "openid", "email", "profile"),
+    ) -> None:
+        """A Google OAuth client of type "Desktop app" that people sign in to."""
+        with self._lock:
+            self._clients[client_id] = _Client(
+                secret, None, frozenset(scopes), redirect_uris=tuple(redirect_uris)
+            )
+
+    def add_person(self, email: str) -> None:
+        """A Google account that can sign in (numeric ``sub``, as Google's)."""
+        self.people.add_person(email, str(secrets.randbelow(10**20)))
+
+    def change_password(self, email: str) -> None:
+        self.people.change_password(email)
+
+    def withdraw_consent(self, email: str, client_id: str) -> None:
+        self.people.withdraw_consent(email, client_id)
+
+    @property
+    def authorization_url(self) -> str:
+        return f"{self.issuer}/auth"
+
+    @property
+    def device_url(self) -> str:
+        return f"{self.issuer}/device"
+
     def register_resource(self, resource: str, audience: str | None = None) -> None:
         """An RFC 8707 resource; tokens asked for it get ``audience`` (default: itself)."""
         with self._lock:
@@ -313,6 +366,10 @@ class AuthorizationServer:
             return 200, self._metadata(), {}
         if path == f"{self.path}/tokeninfo":
             return self._tokeninfo(request.query.get("access_token", ""))
+        if path == f"{self.path}/auth":
+            return self._authorize(request.query)
+        if path == f"{self.path}/device":
+            return _page(self.people.device_page(f"{self.path}/device"))
         return 404, {"error": "not_found"}, {}
 
     def _metadata(self) -> dict[str, Any]:
@@ -348,7 +405,109 @@ class AuthorizationServer:
             info.update(email=claims["sub"], email_verified="true")
         return 200, info, {}
 
+    def _authorize(self, query: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        with self._lock:
+            client = self._clients.get(query.get("client_id", ""))
+        redirect = query.get("redirect_uri", "")
+        if client is None or not any(loopback_match(r, redirect) for r in client.redirect_uris):
+            return _page(Page(400, "<html><body>Error 400: redirect_uri_mismatch</body></html>"))
+        if not set(query.get("scope", "").split()) <= client.scopes:
+            return _page(Page(400, "<html><body>Error 400: invalid_scope</body></html>"))
+        return _page(self.people.authorize_page(query, f"{self.path}/auth", require_pkce=False))
+
+    def _person_endpoint(self, request: _Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The POSTs of people and of their sign-ins, other than token requests."""
+        if request.path == f"{self.path}/auth":
+            return _page(self.people.authorize_submit(request.form))
+        if request.path == f"{self.path}/device":
+            return _page(self.people.device_submit(request.form))
+        # The device sign-in's start (Google: verification_url; no Gmail scope there).
+        form = request.form
+        with self._lock:
+            client = self._clients.get(form.get("client_id", ""))
+        if client is None or not client.redirect_uris:
+            return 401, {"error": "invalid_client", "error_description": "Unknown client."}, {}
+        scopes = tuple(form.get("scope", "").split())
+        if GMAIL_SCOPE in scopes or not set(scopes) <= client.scopes:
+            return 400, {"error": "invalid_scope", "error_description": "Invalid scope."}, {}
+        device_code, device = self.people.start_device(form["client_id"], scopes)
+        return (
+            200,
+            {
+                "device_code": device_code,
+                "user_code": device.user_code,
+                "verification_url": self.device_url,
+                "expires_in": self.people.device_lifetime,
+                "interval": self.people.device_interval,
+            },
+            {},
+        )
+
+    def _person_grant(self, form: dict[str, str]) -> dict[str, Any]:
+        client_id = form.get("client_id", "")
+        self._check_secret(
+            client_id,
+            form.get("client_secret", ""),
+            _OAuthError(401, "invalid_client", "Unauthorized"),
+        )
+        people, grant = self.people, form.get("grant_type")
+        try:
+            if grant == "authorization_code":
+                sign_in = people.redeem_code(
+                    form.get("code", ""),
+                    client_id,
+                    form.get("redirect_uri", ""),
+                    form.get("code_verifier", ""),
+                )
+            elif grant == DEVICE_GRANT:
+                sign_in = people.poll_device(form.get("device_code", ""), client_id)
+            else:
+                sign_in = people.renew(form.get("refresh_token", ""), client_id)
+        except PersonError as exc:
+            error = "access_denied" if exc.reason == "declined" else exc.error
+            description = (
+                "Token has been expired or revoked."
+                if exc.reason in ("revoked", "consent")
+                else exc.description
+            )
+            # Google's statuses for the device grant's answers.
+            status = {"authorization_pending": 428, "slow_down": 403, "access_denied": 403}
+            raise _OAuthError(status.get(error, 400), error, description) from None
+        return self._issue_person(sign_in, refresh=grant != "refresh_token")
+
+    def _issue_person(self, sign_in: SignIn, *, refresh: bool) -> dict[str, Any]:
+        """Google's answer: an opaque token, the ID token, and (not on renewals) a
+        refresh token."""
+        person = self.people.person(sign_in.login)
+        assert person is not None
+        scope = " ".join(sign_in.scopes)
+        reply = self._issue(sign_in.login, sign_in.client_id, scope, None, opaque=True)
+        if refresh:
+            reply["refresh_token"] = self.people.issue_refresh_token(sign_in)
+        if "openid" in sign_in.scopes:
+            now = int(time.time())
+            id_claims: dict[str, Any] = {
+                "iss": GOOGLE_ISSUER,
+                "azp": sign_in.client_id,
+                "aud": sign_in.client_id,
+                "sub": person.subject,
+                "iat": now,
+                "exp": now + 3600,
+            }
+            if "email" in sign_in.scopes:
+                id_claims.update(email=person.login, email_verified=True)
+            reply["id_token"] = jwt.encode(
+                id_claims, self._key, algorithm="RS256", headers={"kid": self.kid}
+            )
+        return reply
+
     def _handle(self, request: _Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if request.path in (
+            f"{self.path}/auth",
+            f"{self.path}/device",
+            f"{self.path}/device/code",
+        ):
+            return self._person_endpoint(request)
         with self._lock:
             self.requests.append((request.form, request.headers))
             failure = self._failures.pop(0) if self._failures else None
@@ -368,6 +527,8 @@ class AuthorizationServer:
                 return 200, self._client_credentials(request, at_alias), {}
             if grant == JWT_BEARER:
                 return 200, self._jwt_bearer(request.form), {}
+            if grant in ("authorization_code", "refresh_token", DEVICE_GRANT):
+                return 200, self._person_grant(request.form), {}
             raise _OAuthError(400, "unsupported_grant_type", f"grant_type {grant!r}")
         except _OAuthError as exc:
             return exc.status, {"error": exc.error, "error_description": exc.description}, {}
@@ -656,9 +817,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(*self.server.owner._handle(self._request(body)))
 
     def _reply(self, status: int, reply: dict[str, Any], extra: dict[str, str]) -> None:
-        payload = json.dumps(reply).encode()
+        page = extra.pop("X-Page", None)
+        payload = page.encode() if page is not None else json.dumps(reply).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/html" if page is not None else "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
         for name, value in extra.items():
@@ -668,3 +830,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log on stderr."""
+
+
+def _page(page: Page) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A page for a person's browser, through the handler's ``X-Page`` convention."""
+    extra = {"X-Page": page.html}
+    if page.location:
+        extra["Location"] = page.location
+    return page.status, {}, extra

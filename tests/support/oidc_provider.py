@@ -51,7 +51,9 @@ class OidcProvider:
     ``default_resource`` is used for requests that name none (without it they get opaque
     tokens with no audience). The JWT assertions of ``issuer_audience_clients`` must name the
     issuer as their audience, as draft-ietf-oauth-rfc7523bis and FAPI 2.0 require; others may
-    name the token endpoint too (the package's default).
+    name the token endpoint too (the package's default). ``people`` are the accounts (e-mail
+    addresses) that can sign in to delegated clients, through the pages
+    :class:`tests.support.browser.Browser` fills in.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class OidcProvider:
         scopes: Sequence[str] = (),
         issuer_audience_clients: Sequence[str] = (),
         ttl: int = 3600,
+        people: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,7 @@ class OidcProvider:
         self.scopes = list(scopes)
         self.issuer_audience_clients = list(issuer_audience_clients)
         self.ttl = ttl
+        self.people = list(people)
         self._process: subprocess.Popen[str] | None = None
         self._issuer: str | None = None
         self._stderr: list[str] = []
@@ -128,6 +132,7 @@ class OidcProvider:
             "scopes": self.scopes,
             "issuer_audience_clients": self.issuer_audience_clients,
             "ttl": self.ttl,
+            "people": self.people,
         }
         config_file = self.workdir / "oidc-provider.json"
         descriptor = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
