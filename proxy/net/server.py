@@ -26,6 +26,7 @@ from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net import notify
 from proxy.net.control import ControlError, open_control_socket, serve_control
 from proxy.net.ops_http import HttpRequest, HttpResponse, serve_ops_http
+from proxy.net.pool import UpstreamPool
 from proxy.net.proxy_protocol import is_trusted, read_proxy_header
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
 from proxy.net.shared_throttle import RedisFailures
@@ -251,6 +252,10 @@ class ProxyServer:
         for listener in config.listeners:
             auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
         self._client_contexts, self._upstream_contexts = _contexts(config)
+        self._pools = self._make_pools(config)
+        #: Where the pools run (the workers' nursery while serving), and their scope.
+        self._workers: trio.Nursery | None = None
+        self._pools_scope = trio.CancelScope()
         self._ids = itertools.count(1)
         self._listening: list[_Listening] = []
         #: Connections open per listener name (removed listeners' sessions included).
@@ -324,6 +329,9 @@ class ProxyServer:
             return False
         # New connections use the new certificates (renewed at the same path, say).
         self._client_contexts, self._upstream_contexts = client_contexts, upstream_contexts
+        # Warm connections were checked against the old upstream contexts: new pools.
+        self._pools = self._make_pools(config)
+        self._start_pools()
         for bound, listener in kept:
             bound.config = listener
         for bound in removed:
@@ -399,6 +407,36 @@ class ProxyServer:
                 kept.append((moved, listener))
         return kept, added, unmatched
 
+    def _make_pools(self, config: Config) -> dict[ListenerConfig, UpstreamPool]:
+        limits = config.limits
+        return {
+            listener: UpstreamPool(
+                listener,
+                self._upstream_contexts[listener].context,
+                self._upstream_contexts[listener],
+                size=limits.upstream_pool,
+                max_age=limits.upstream_pool_max_age,
+                timeout=limits.upstream_timeout,
+                metrics=self.metrics,
+            )
+            for listener in config.listeners
+        }
+
+    def _start_pools(self) -> None:
+        """Run the current pools (in place of the previous ones, which close)."""
+        self._pools_scope.cancel()
+        if self._workers is None:
+            return
+        self._pools_scope = trio.CancelScope()
+        self._workers.start_soon(self._run_pools, list(self._pools.values()), self._pools_scope)
+
+    @staticmethod
+    async def _run_pools(pools: list[UpstreamPool], scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for pool in pools:
+                    nursery.start_soon(pool.run)
+
     def shutdown(self) -> None:
         """Stop accepting connections; sessions in progress get ``grace`` seconds."""
         self.stopping = True
@@ -424,7 +462,10 @@ class ProxyServer:
                 await workers.start(self.hashes.run)
                 for start in ops:
                     await workers.start(start)
+                self._workers = workers
+                self._start_pools()
                 await self._serve_bound(bound, task_status)
+                self._workers = None
                 workers.cancel_scope.cancel()  # every session has ended
         finally:
             self._close_control_socket()
@@ -693,6 +734,7 @@ class ProxyServer:
                 client_context=context,
                 upstream_context=upstream.context,
                 upstream_sessions=upstream,
+                upstream_pool=self._pools.get(listener),
                 timeout_reply=timeout_reply,
                 client_certificate=certificate,
                 upstream_preface=upstream_preface,
@@ -731,6 +773,9 @@ class ProxyServer:
             hash_running=self.hashes.running,
             lockouts=dict(lockouts),
             tokens=tuple(TokenState(app, expires) for app, expires in soonest.items()),
+            upstream_pool_ready={
+                listener.name: len(pool) for listener, pool in self._pools.items() if pool.size
+            },
         )
 
     def _token_statuses(self) -> list[TokenStatus]:

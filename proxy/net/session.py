@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from broker.source import TokenSource
     from proxy.config import Limits, ListenerConfig
     from proxy.identities import Authenticator, Identity
+    from proxy.net.pool import UpstreamPool
     from proxy.net.tls import SessionCache
 
 __all__ = ["AuthMachine", "Services", "Session", "UpstreamUnavailable", "open_upstream"]
@@ -315,6 +316,7 @@ class Session:
         client_certificate: bytes | None = None,
         upstream_preface: bytes = b"",
         upstream_sessions: SessionCache | None = None,
+        upstream_pool: UpstreamPool | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.peer = peer
@@ -326,6 +328,7 @@ class Session:
         self._client_context = client_context
         self._upstream_context = upstream_context
         self._upstream_sessions = upstream_sessions
+        self._upstream_pool = upstream_pool
         self._timeout_reply = timeout_reply
         self._tx, self._rx = trio.open_memory_channel[Event](0)
         self._readers: dict[Side, tuple[trio.CancelScope, trio.Event]] = {}
@@ -672,8 +675,11 @@ class Session:
             metrics.upstream_failure(name, kind)
             await self._tx.send(ServerUnavailable(str(exc)))
             return
-        if isinstance(stream, TlsSocketStream) and stream.session_reused:
-            self._log.debug("%s: upstream TLS session resumed", self.conn_id)
+        if isinstance(stream, TlsSocketStream):
+            resumed = stream.session_reused
+            metrics.upstream_handshake(name, resumed=resumed)
+            if resumed:
+                self._log.debug("%s: upstream TLS session resumed", self.conn_id)
         if self.server is not None:
             await trio.aclose_forcefully(self.server)
         self.server = stream
@@ -690,7 +696,21 @@ class Session:
                 return
             early.count += 1
             self._early_slot = True
-        nursery.start_soon(self._connect_upstream)
+        self._open_upstream_soon(nursery)
+
+    def _open_upstream_soon(self, nursery: trio.Nursery) -> None:
+        """Take a warm connection from the pool, or start connecting."""
+        warm = self._upstream_pool.take() if self._upstream_pool is not None else None
+        if warm is None:
+            nursery.start_soon(self._connect_upstream)
+            return
+        self._log.debug("%s: warm upstream connection", self.conn_id)
+        if self.server is not None:  # a reconnection: the old one is gone
+            nursery.start_soon(trio.aclose_forcefully, self.server)
+        self.server = warm.stream
+        self._pending.append(ServerConnected())
+        self._pending.append(ServerDataReceived(warm.greeting))
+        self._start_reader_soon(Side.SERVER, warm.stream)
 
     def _client_has_spoken(self, nursery: trio.Nursery) -> None:
         if self._client_spoke:
@@ -699,7 +719,7 @@ class Session:
         self._release_early_slot()
         if self._connect_deferred:
             self._connect_deferred = False
-            nursery.start_soon(self._connect_upstream)
+            self._open_upstream_soon(nursery)
 
     def _release_early_slot(self) -> None:
         if self._early_slot:

@@ -201,6 +201,7 @@ class Rig:
         log_level: str = "warning",
         python: tuple[str, ...] = (sys.executable,),
         start_timeout: float = 30.0,
+        upstream_delay_ms: float = 0.0,
     ) -> None:
         self.key_type = key_type
         self.limits = limits
@@ -211,6 +212,10 @@ class Rig:
         #: How to start the proxy's Python (a profiler can be put in front).
         self.python = python
         self.start_timeout = start_timeout
+        #: One-way delay in front of Dovecot (for direct clients and the proxy alike).
+        self.upstream_delay_ms = upstream_delay_ms
+        #: Dovecot's ports as clients and the proxy reach them (through the delay).
+        self.upstream_ports: dict[str, int] = {}
         self._stack = contextlib.ExitStack()
         self.work = Path()
         self.pki: TestPki
@@ -269,6 +274,27 @@ class Rig:
         )
         for message in self.messages:
             self.dovecot.deliver(USER, message)
+        ports = self.dovecot.ports
+        real = {"imap": ports.imaps, "pop3": ports.pop3s, "smtp": ports.submissions}
+        for protocol, port in real.items():
+            assert port is not None
+            if not self.upstream_delay_ms:
+                self.upstream_ports[protocol] = port
+                continue
+            delay = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.bench.latency",
+                    str(self.upstream_delay_ms),
+                    str(port),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(self._stop, delay)
+            assert delay.stdout is not None
+            self.upstream_ports[protocol] = int(delay.stdout.readline())
         self.ports = {name: free_port() for name in ("imap", "pop3", "smtp")}
         self.config = self._write_config(idp)
         token = subprocess.run(
@@ -319,11 +345,7 @@ class Rig:
         (self.work / "secret").write_text(SECRET)
         (self.work / "secret").chmod(0o600)
         certificate = self._certificate()
-        upstreams = {
-            "imap": self.dovecot.ports.imaps,
-            "pop3": self.dovecot.ports.pop3s,
-            "smtp": self.dovecot.ports.submissions,
-        }
+        upstreams = self.upstream_ports
         listeners = "".join(
             f"""
 [[listeners]]
@@ -364,9 +386,7 @@ app = "contoso"
 
     def endpoint(self, protocol: str, *, direct: bool) -> Endpoint:
         if direct:
-            ports = self.dovecot.ports
-            port = {"imap": ports.imaps, "pop3": ports.pop3s, "smtp": ports.submissions}[protocol]
-            assert port is not None
+            port = self.upstream_ports[protocol]
             return Endpoint(protocol, port, True, USER, self.token, str(self.pki.ca_file))
         return Endpoint(
             protocol, self.ports[protocol], False, USER, PASSWORD, str(self.pki.ca_file)
