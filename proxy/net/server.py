@@ -49,6 +49,7 @@ from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Iterable
 
     from broker.source import TokenSource, TokenStatus
     from proxy.config import Config, ListenerConfig
@@ -196,10 +197,21 @@ def _contexts(
 ) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, SessionCache]]:
     """The TLS contexts of every listener: towards its clients, and towards its upstream
     (with the sessions it resumes there, which a new context starts without)."""
-    clients: dict[ListenerConfig, ssl.SSLContext | None] = {}
-    upstreams: dict[ListenerConfig, SessionCache] = {}
-    for listener in config.listeners:
-        clients[listener] = (
+    clients = _client_contexts(config.listeners)
+    upstreams = {
+        listener: SessionCache(upstream_context(listener.upstream_ca_file))
+        for listener in config.listeners
+    }
+    return clients, upstreams
+
+
+def _client_contexts(
+    listeners: Iterable[ListenerConfig],
+) -> dict[ListenerConfig, ssl.SSLContext | None]:
+    """The listeners' TLS contexts towards clients. Each new context has new session
+    ticket keys: OpenSSL makes them at random, in memory only."""
+    return {
+        listener: (
             client_side_context(
                 listener.certificate,
                 client_ca_file=listener.client_ca_file,
@@ -208,8 +220,8 @@ def _contexts(
             if listener.certificate
             else None
         )
-        upstreams[listener] = SessionCache(upstream_context(listener.upstream_ca_file))
-    return clients, upstreams
+        for listener in listeners
+    }
 
 
 class ProxyServer:
@@ -437,6 +449,33 @@ class ProxyServer:
                 for pool in pools:
                     nursery.start_soon(pool.run)
 
+    def rotate_ticket_keys(self) -> bool:
+        """New TLS session ticket keys for every listener, by way of new client-side
+        contexts (with the certificates as they are now on disk).
+
+        Tickets issued before no longer resume: a client holding one does a full handshake
+        and gets a new ticket. If a certificate cannot be read now, the previous keys stay
+        in use and ``False`` is returned.
+        """
+        try:
+            contexts = _client_contexts(self._client_contexts)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS session ticket keys not rotated, the previous ones stay: %s", exc)
+            return False
+        self._client_contexts = contexts
+        log.debug("TLS session ticket keys rotated")
+        return True
+
+    async def _rotate_ticket_keys(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Rotate ticket keys every ``ticket_key_lifetime`` seconds (of the configuration
+        in use at the time)."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.limits.ticket_key_lifetime)
+            self.rotate_ticket_keys()
+
     def shutdown(self) -> None:
         """Stop accepting connections; sessions in progress get ``grace`` seconds."""
         self.stopping = True
@@ -460,6 +499,7 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as workers:
                 await workers.start(self.hashes.run)
+                await workers.start(self._rotate_ticket_keys)
                 for start in ops:
                     await workers.start(start)
                 self._workers = workers

@@ -697,6 +697,7 @@ def test_control_characters_in_logins_and_mailboxes_are_refused(
             "upstream_pool_max_age = 0",
             "upstream_pool_max_age: must be a positive number of seconds",
         ),
+        ("ticket_key_lifetime = 0", "ticket_key_lifetime: must be a positive number of seconds"),
     ],
 )
 def test_throttle_and_network_limits_are_checked(
