@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 from typing import Any
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.config import Protocol, UserConfig
 from proxy.hashpool import HashPool
 from proxy.identities import (
+    DEFAULT_PARAMETERS,
     Authenticator,
     BadCredentials,
     HashParameters,
@@ -602,3 +604,48 @@ async def test_refusal_reasons_are_exact(pool: HashPool, client_certs: tuple[byt
         with pytest.raises(BadCredentials) as refused:
             await auth.authenticate(credentials, Protocol.IMAP, certificate=certificate)
         assert refused.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("m", "t", "p", "usable"),
+    [
+        (1024 * 1024, 1, 1, True),  # the memory limit itself
+        (1024 * 1024 + 1, 1, 1, False),
+        (16, 1, 2, True),  # argon2's least memory: 8 KiB per lane
+        (15, 1, 2, False),
+    ],
+)
+def test_the_edges_of_usable_hash_parameters(m: int, t: int, p: int, usable: bool) -> None:
+    phc = f"$argon2id$v=19$m={m},t={t},p={p}$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"
+    assert (check_hash_format(phc) is None) is usable
+
+
+@pytest.mark.parametrize(
+    ("memory_cost", "iterations"),
+    [(DEFAULT_PARAMETERS.memory_cost, 1), (64, DEFAULT_PARAMETERS.iterations)],
+)
+def test_a_hash_cheaper_in_one_parameter_is_outdated(memory_cost: int, iterations: int) -> None:
+    phc = (
+        f"$argon2id$v=19$m={memory_cost},t={iterations},p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"
+    )
+    assert "costs less than the current default" in str(outdated_parameters(phc))
+
+
+def test_hash_password_writes_argon2id_with_a_16_byte_salt_and_a_32_byte_hash() -> None:
+    phc = hash_password("pw", CHEAP)
+    _, kind, version, cost, salt, digest = phc.split("$")
+    assert (kind, version, cost) == ("argon2id", "v=19", "m=64,t=1,p=1")
+    assert len(base64.b64decode(salt + "=" * (-len(salt) % 4))) == 16
+    assert len(base64.b64decode(digest + "=" * (-len(digest) % 4))) == 32
+
+
+async def test_each_lookup_says_whether_the_verified_cache_answered(pool: HashPool) -> None:
+    seen: list[bool] = []
+    auth = Authenticator(
+        {"a": user("a", "pa")}, hashes=pool, dummy_parameters=CHEAP, on_lookup=seen.append
+    )
+    await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    with pytest.raises(BadCredentials):
+        await auth.authenticate(Credentials("a", "wrong"), Protocol.IMAP)
+    assert seen == [False, True, False]
