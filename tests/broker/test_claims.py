@@ -83,7 +83,13 @@ def test_decode_raises_only_not_a_jwt(text: str) -> None:
 
 @given(st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10), max_size=5))
 def test_roundtrip(claims: dict[str, object]) -> None:
-    assert decode_claims(make_token(claims)) == claims
+    # Written by hand: PyJWT refuses to encode registered claims of the wrong type
+    # ({"iss": 0}), which a server may still send and we must still show.
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    text = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+    assert decode_claims(text) == claims
 
 
 def test_describe_microsoft() -> None:
