@@ -649,3 +649,22 @@ async def test_each_lookup_says_whether_the_verified_cache_answered(pool: HashPo
     with pytest.raises(BadCredentials):
         await auth.authenticate(Credentials("a", "wrong"), Protocol.IMAP)
     assert seen == [False, True, False]
+
+
+async def test_failures_count_under_the_kind_and_whom_the_credential_claims(
+    pool: HashPool,
+) -> None:
+    key = "xo2k_" + "b" * 43
+    auth = authenticator(
+        pool,
+        identity_user(login="Scanner", app_key_hashes=frozenset({sha256(key.encode())})),
+    )
+    der = b"certificate bytes"
+    assert auth.throttle_key(Credentials("SCANNER", "x"), None) == "password:scanner"
+    # An app key counts for the identity it belongs to, whatever mailbox its client names.
+    assert auth.throttle_key(BearerCredentials("ceo@contoso.com", key), None) == "app-key:scanner"
+    assert (
+        auth.throttle_key(BearerCredentials("scanner", key + "x"), None) == "app-key:(unknown key)"
+    )
+    assert auth.throttle_key(ExternalCredentials("scanner"), der) == (f"certificate:{sha256(der)}")
+    assert auth.throttle_key(ExternalCredentials(), None) == f"certificate:{sha256(b'')}"

@@ -946,3 +946,28 @@ async def test_client_certificates_at_the_listener(
     finally:
         await trio.aclose_forcefully(client)
         await trio.aclose_forcefully(server)
+
+
+async def test_upstream_contexts_trust_the_system_store_and_the_ca_file_given(
+    server_ctx: ssl.SSLContext, pki: TestPki
+) -> None:
+    from proxy.net.tls import upstream_context
+
+    c, s = await tls_pair(server_ctx, upstream_context(pki.ca_file))
+    await trio.aclose_forcefully(c)
+    await trio.aclose_forcefully(s)
+    # Without ca_file, a private CA is not trusted.
+    client_tcp, server_tcp = await tcp_pair()
+    client = trios(client_tcp, upstream_context(None), server_hostname="localhost")
+    server = trios(server_tcp, server_ctx, server_side=True)
+    try:
+        with (
+            trio.fail_after(5),
+            pytest.RaisesGroup(
+                trio.BrokenResourceError, allow_unwrapped=True, flatten_subgroups=True
+            ),
+        ):
+            await handshake(client, server)
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
