@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import replace
 
 import jwt
@@ -151,7 +152,7 @@ def test_describe_time_left(offset: int, text: str) -> None:
 
 def test_describe_missing_claims() -> None:
     rows = dict(describe({}, now=NOW, provider="microsoft"))
-    assert rows["roles"].startswith("(none")
+    assert rows["roles"] == "(none: the app has no application permissions consented)"
     assert rows["aud"] == rows["tid"] == rows["exp"] == "(missing)"
     assert rows["expires in"] == "unknown"
     assert json.dumps(rows)  # plain strings only
@@ -378,3 +379,24 @@ def test_google_expects_the_mail_scope_unless_told_otherwise() -> None:
 
 def test_microsoft_without_a_scope_expects_no_audience() -> None:
     assert expectations_for(replace(microsoft(), scope="")).audiences == ()
+
+
+def test_times_are_shown_in_utc_whatever_the_machine_s_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert dict(describe({"exp": NOW}, now=NOW))["exp"] == f"2027-01-15 08:00:00 UTC ({NOW})"
+        opaque = dict(describe_opaque(AccessToken("opaque", NOW, ""), NOW))
+        assert opaque["exp"] == f"2027-01-15 08:00:00 UTC ({NOW})"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_audiences_differ_by_more_than_a_trailing_slash() -> None:
+    expected = expectations_for(generic(resources=("api://mailX",)))
+    (found,) = check_token(expected, token({**GOOD, "aud": "api://mail"}))
+    assert (found.claim, found.value) == ("aud", "api://mail")
+    assert check_token(expected, token({**GOOD, "aud": "api://mailX/"})) == []
