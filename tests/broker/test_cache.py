@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ import trio
 import trio.testing
 
 from broker.cache import CachedToken, CacheError, CacheKey, CacheSettings, Grant, open_cache
-from broker.cache.file import FileTokenCache
+from broker.cache.file import CONTEXT, FileTokenCache
 from broker.cache.memory import MemoryTokenCache
 from broker.cache.redis import RedisTokenCache, redact
 from broker.cache.sealing import Sealer, SealError, parse_key
@@ -827,3 +828,19 @@ async def test_file_cache_renews_without_a_lock_it_cannot_open(
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "renewing without the lock" in warning.getMessage()
     cache.close()
+
+
+async def test_file_cache_from_before_sign_ins_keeps_its_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache file written before delegated apps (no "grants") is read, not discarded."""
+    key = new_key()
+    path = tmp_path / "tokens"
+    await FileTokenCache(path, key).store(KEY, e1 := entry("one"))
+    sealer = Sealer(key)
+    document = json.loads(sealer.open(path.read_bytes(), CONTEXT))
+    del document["grants"]
+    path.write_bytes(sealer.seal(json.dumps(document).encode(), CONTEXT))
+    caplog.set_level(logging.WARNING)
+    assert await FileTokenCache(path, key).load(KEY) == e1
+    assert [r.getMessage() for r in caplog.records] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import replace
 
 import jwt
@@ -105,7 +106,13 @@ def test_decode_raises_only_not_a_jwt(text: str) -> None:
 
 @given(st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10), max_size=5))
 def test_roundtrip(claims: dict[str, object]) -> None:
-    assert decode_claims(make_token(claims)) == claims
+    # Written by hand: PyJWT refuses to encode registered claims of the wrong type
+    # ({"iss": 0}), which a server may still send and we must still show.
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    text = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+    assert decode_claims(text) == claims
 
 
 def test_describe_microsoft() -> None:
@@ -167,7 +174,7 @@ def test_describe_time_left(offset: int, text: str) -> None:
 
 def test_describe_missing_claims() -> None:
     rows = dict(describe({}, now=NOW, provider="microsoft"))
-    assert rows["roles"].startswith("(none")
+    assert rows["roles"] == "(none: the app has no application permissions consented)"
     assert rows["aud"] == rows["tid"] == rows["exp"] == "(missing)"
     assert rows["expires in"] == "unknown"
     assert json.dumps(rows)  # plain strings only
@@ -301,3 +308,117 @@ def test_google_checks_the_response_scope() -> None:
     (found,) = check_token(expected, token(None, scope="https://www.googleapis.com/auth/gmail"))
     assert found.claim == "scope"
     assert "Domain Wide Delegation" in found.fix
+
+
+# -- what the earlier tests left to chance ------------------------------------------------
+
+
+def test_describe_says_none_for_empty_lists_and_missing_for_absent_claims() -> None:
+    empty = dict(describe({"roles": [], "exp": NOW + 1}, now=NOW, provider="microsoft"))
+    assert empty["roles"] == "(none)"  # a list, empty: not "no permissions consented"
+    assert empty["expires in"] == "1 s"
+    generic_rows = dict(describe({"roles": [], "exp": NOW}, now=NOW, header={}))
+    assert generic_rows["roles"] == "(none)"
+    assert generic_rows["scope"] == "(none)"  # generic tokens always show their scope
+    assert generic_rows["typ"] == "(missing)"  # asked for, absent
+    assert generic_rows["expires in"] == "expired 0 s ago"
+    both = dict(describe({"scp": "a", "scope": "b"}, now=NOW))
+    assert both["scope"] == "a b"
+    assert "scp" not in both
+    hour = dict(describe({"exp": NOW + 3600}, now=NOW))
+    assert hour["expires in"] == "1 h 00 min"
+
+
+def test_describe_opaque_rows() -> None:
+    rows = describe_opaque(AccessToken("opaque", NOW + 60, ""), NOW)
+    assert rows == [
+        ("format", "opaque (not a JWT): only the token response's scope and expiry are known"),
+        ("scope", "(none)"),
+        ("exp", f"2027-01-15 08:01:00 UTC ({NOW + 60})"),
+        ("expires in", "1 min 00 s"),
+    ]
+
+
+FULL = {**GOOD, "scope": "mail send"}
+
+
+@pytest.mark.parametrize(
+    ("claims", "claim", "value", "wanted"),
+    [
+        ({**FULL, "iss": "https://evil.example.com"}, "iss", "https://evil.example.com", ISSUER),
+        ({**FULL, "aud": "account"}, "aud", "account", "imap://mail.example.com, dovecot"),
+        ({k: v for k, v in FULL.items() if k != "scope"}, "scope", "(missing)", "mail send"),
+        ({**FULL, "scope": "profile mail"}, "scope", "mail profile", "mail send"),
+    ],
+)
+def test_a_mismatch_says_what_was_expected(
+    claims: dict[str, object], claim: str, value: str, wanted: str
+) -> None:
+    app = generic(scope="mail send", resources=("imap://mail.example.com", "dovecot"))
+    if claim != "aud":
+        claims = {**claims, "aud": ["imap://mail.example.com", "dovecot"]}
+    (found,) = check_token(expectations_for(app), token(claims, scope="mail send"))
+    assert (found.claim, found.value, found.expected) == (claim, value, wanted)
+
+
+def test_a_response_scope_mismatch_says_what_was_expected() -> None:
+    expected = expectations_for(generic(scope="mail send"))
+    (found,) = check_token(expected, token(FULL, scope=""))
+    assert (found.claim, found.value, found.expected) == ("scope", "(empty)", "mail send")
+    (unstated,) = check_token(
+        expectations_for(replace(generic(), expect_audience=(), scope="mail send")),
+        token(None, scope="mail send"),  # the scope asked for, as RFC 6749 lets one assume
+        scope_stated=False,
+    )
+    assert (unstated.claim, unstated.value, unstated.expected) == (
+        "scope",
+        "(not stated in the token response)",
+        "mail send",
+    )
+
+
+def test_an_opaque_token_says_what_could_not_be_checked() -> None:
+    (found,) = check_token(expectations_for(generic()), token(None))
+    assert (found.claim, found.value, found.expected) == (
+        "token",
+        "opaque (not a JWT)",
+        "a JWT whose aud can be checked",
+    )
+    assert "expect_audience" in found.fix
+    (entra,) = check_token(expectations_for(microsoft()), token(None))
+    assert entra.expected == "a JWT whose aud and tid can be checked"
+    assert entra.fix != found.fix  # each provider's own advice
+
+
+def test_google_expects_the_mail_scope_unless_told_otherwise() -> None:
+    app = App(name="g", provider="google", client_id="sa@x", scope="")
+    assert expectations_for(app).scopes == (GOOGLE_SCOPE,)
+    assert expectations_for(replace(app, scope="https://example/other")).scopes == (
+        "https://example/other",
+    )
+    assert expectations_for(app).provider == "google"
+
+
+def test_microsoft_without_a_scope_expects_no_audience() -> None:
+    assert expectations_for(replace(microsoft(), scope="")).audiences == ()
+
+
+def test_times_are_shown_in_utc_whatever_the_machine_s_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert dict(describe({"exp": NOW}, now=NOW))["exp"] == f"2027-01-15 08:00:00 UTC ({NOW})"
+        opaque = dict(describe_opaque(AccessToken("opaque", NOW, ""), NOW))
+        assert opaque["exp"] == f"2027-01-15 08:00:00 UTC ({NOW})"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_audiences_differ_by_more_than_a_trailing_slash() -> None:
+    expected = expectations_for(generic(resources=("api://mailX",)))
+    (found,) = check_token(expected, token({**GOOD, "aud": "api://mail"}))
+    assert (found.claim, found.value) == ("aud", "api://mail")
+    assert check_token(expected, token({**GOOD, "aud": "api://mailX/"})) == []

@@ -209,9 +209,15 @@ def test_the_cache_file_and_its_directory(folder: Path, setup: str, problem: str
 
 def test_read_trusted_reads_what_it_checked(folder: Path) -> None:
     assert read_trusted(private(folder / "ok", "content"), private=True) == b"content"
+    largest = private(folder / "largest", "x" * (1024 * 1024))
+    assert len(read_trusted(largest, private=True)) == 1024 * 1024
     big = private(folder / "big", "x" * (1024 * 1024 + 1))
     with pytest.raises(UnsafeFile, match="larger than 1024 KiB"):
         read_trusted(big, private=True)
+    # Executable or not makes no difference to a file that is only read.
+    runnable = private(folder / "run", "x")
+    runnable.chmod(0o755)
+    assert read_trusted(runnable, private=False) == b"x"
     with pytest.raises(UnsafeFile, match=r"cannot read .*: No such file"):
         read_trusted(folder / "missing", private=False)
 

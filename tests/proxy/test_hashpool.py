@@ -399,3 +399,154 @@ def test_how_many_checks_round_robin_serves_before_a_new_one() -> None:
     assert queue.served_before("c") == 0 + 1 + 1  # a new network: one turn of each other
     assert queue.served_before("b") == 1 + 2  # its own one, then a's two turns
     assert queue.served_before("a") == 5 + 1  # its own five; b has only one
+
+
+# -- what the earlier tests left to chance ------------------------------------------------
+
+
+@pytest.mark.parametrize(("concurrency", "queue", "per_network"), [(0, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_every_size_must_be_positive(concurrency: int, queue: int, per_network: int) -> None:
+    with pytest.raises(ValueError, match=r"^hash pool sizes must be at least 1$"):
+        HashPool(concurrency, max_queue=queue, max_per_network=per_network)
+
+
+class SteppedClock:
+    """A clock that stands still until a computation moves it (from its thread)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def taking(self, seconds: float) -> Callable[[], bool]:
+        def compute() -> bool:
+            self.now += seconds
+            return True
+
+        return compute
+
+
+async def test_the_estimate_follows_each_check_s_duration(nursery: trio.Nursery) -> None:
+    clock = SteppedClock()
+    pool = HashPool(1, clock=clock)
+    await nursery.start(pool.run)
+    assert pool.seconds_per_check is None
+    for n, seconds in enumerate((2.0, 4.0, 1.0)):
+        await pool.check(
+            b"%d" % n, clock.taking(seconds), network="n", login="a", deadline=math.inf
+        )
+    # 2, then 2 + 0.3 * (4 - 2), then 2.6 + 0.3 * (1 - 2.6)
+    assert pool.seconds_per_check == pytest.approx(2.12)
+
+
+async def test_the_queue_estimate_counts_rounds_of_the_pool(nursery: trio.Nursery) -> None:
+    """Two slots busy and three checks from network a queued, one second per check: a first
+    check from b starts in the first round; a fourth from a in the third (a's three, and b's
+    one before it)."""
+    clock = SteppedClock()
+    clock.now = trio.current_time()
+    pool = HashPool(2, max_queue=16, max_per_network=8, clock=clock)
+    await nursery.start(pool.run)
+    gates = Gates()
+    await start(nursery, pool, gates, "x", network="x")
+    await start(nursery, pool, gates, "y", network="y")
+    for n in range(3):
+        await start(nursery, pool, gates, f"a{n}", network="a")
+    pool.seconds_per_check = 1.0
+    outcomes: list[str] = []
+
+    async def attempt(name: str, network: str, wait: float) -> None:
+        try:
+            await pool.check(
+                name.encode(),
+                lambda: True,
+                network=network,
+                login=name,
+                deadline=clock.now + wait,
+            )
+        except Busy as exc:
+            outcomes.append(f"{name}: {exc}")
+        else:
+            outcomes.append(f"{name}: checked")
+
+    nursery.start_soon(attempt, "b", "b", 1.0)  # a first round ends exactly at its deadline
+    await wait_until(lambda: pool.queued == 4)
+    await attempt("a3", "a", 2.5)  # its third round ends after
+    assert outcomes == [
+        "a3: the password-check queue would start this one in about 3.0s, after its deadline"
+    ]
+    gates.open_all()
+    await wait_until(lambda: len(outcomes) == 2)
+    # b was admitted (checked, or on a slow machine not started within its second).
+    assert outcomes[1].startswith("b: ")
+    assert "after its deadline" not in outcomes[1]
+
+
+async def test_a_check_given_up_before_it_started_can_be_asked_again(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    gates = Gates()
+    for n in range(2):
+        await start(nursery, pool, gates, str(n))
+    with pytest.raises(Busy, match="within the deadline"):
+        await pool.check(
+            b"k", gates.compute("k"), network="m", login="b", deadline=trio.current_time() + 0.05
+        )
+    gates.open_all()
+    with trio.fail_after(30):
+        assert await pool.check(b"k", lambda: True, network="m", login="b", deadline=math.inf)
+
+
+async def test_a_check_the_gate_refused_to_all_can_be_asked_again(
+    pool: HashPool, nursery: trio.Nursery
+) -> None:
+    gates = Gates()
+    for n in range(2):
+        await start(nursery, pool, gates, str(n))
+    locked = [True]
+
+    async def refused() -> None:
+        with pytest.raises(Refused, match="locked out"):
+            await pool.check(
+                b"g",
+                gates.compute("g"),
+                network="m",
+                login="b",
+                deadline=math.inf,
+                gate=lambda: "locked out" if locked[0] else None,
+            )
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(refused)
+        await wait_until(lambda: pool.queued == 1)
+        gates.open("0")
+    locked[0] = False  # unlocked by the operator
+    gates.open_all()
+    with trio.fail_after(30):
+        assert await pool.check(b"g", lambda: True, network="m", login="b", deadline=math.inf)
+
+
+async def test_a_stopped_pool_tells_its_waiters_and_takes_no_more_checks() -> None:
+    """Waiters outside the pool's own scope (sessions are) get Busy, not a result."""
+    gates = Gates()
+    pool = HashPool(1)
+    outcome: list[str] = []
+
+    async def waiter() -> None:
+        try:
+            await pool.check(b"k", gates.compute("k"), network="n", login="a", deadline=math.inf)
+        except Busy as exc:
+            outcome.append(str(exc))
+
+    async with trio.open_nursery() as sessions:
+        with trio.CancelScope() as pool_scope:
+            async with trio.open_nursery() as pool_nursery:
+                await pool_nursery.start(pool.run)
+                sessions.start_soon(waiter)
+                await wait_until(lambda: pool.running == 1)
+                pool_scope.cancel()
+    gates.open_all()
+    assert outcome == ["the password-check pool stopped"]
+    with trio.fail_after(30), pytest.raises(RuntimeError, match="not running"):
+        await pool.check(b"j", lambda: True, network="n", login="a", deadline=math.inf)

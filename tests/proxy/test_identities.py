@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 from typing import Any
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.config import Protocol, UserConfig
 from proxy.hashpool import HashPool
 from proxy.identities import (
+    DEFAULT_PARAMETERS,
     Authenticator,
     BadCredentials,
     HashParameters,
@@ -113,7 +115,7 @@ async def test_rotation_accepts_every_listed_hash(pool: HashPool) -> None:
             Credentials("reports@contoso.com", password), Protocol.POP3
         )
         assert identity.login == "reports@contoso.com"
-    with pytest.raises(BadCredentials, match="wrong password"):
+    with pytest.raises(BadCredentials, match=r"^wrong password$"):
         await auth.authenticate(Credentials("reports@contoso.com", "older"), Protocol.POP3)
 
 
@@ -287,14 +289,14 @@ async def test_app_key_swaps_in_for_the_mailbox_it_names(pool: HashPool) -> None
         "daily@reports.contoso.com",
         "app-key",
     )
-    with pytest.raises(BadCredentials, match="unknown app key"):
+    with pytest.raises(BadCredentials, match=r"^unknown app key$"):
         await auth.authenticate(
             BearerCredentials("daily@reports.contoso.com", key + "x"), Protocol.SMTP
         )
     with pytest.raises(BadCredentials, match="'s mailboxes"):
         await auth.authenticate(BearerCredentials("ceo@contoso.com", key), Protocol.SMTP)
     # An identity without a password cannot log in with one.
-    with pytest.raises(BadCredentials, match="has no password"):
+    with pytest.raises(BadCredentials, match=r"^the user has no password$"):
         await auth.authenticate(Credentials("scanner", ""), Protocol.SMTP)
 
 
@@ -427,7 +429,10 @@ async def test_invisible_formatting_characters_are_refused(pool: HashPool) -> No
     viewer; zero-width characters passed the same way."""
     auth = authenticator(pool, user("reports@contoso.com"))
     for login in ("reports@contoso.com\u200b", "\u202emoc.osotnoc@stroper"):
-        with pytest.raises(BadCredentials, match="invisible formatting characters"):
+        with pytest.raises(
+            BadCredentials,
+            match=r"^the login name contains invisible formatting characters \(Unicode Cf\)$",
+        ):
             await auth.authenticate(Credentials(login, "right"), Protocol.IMAP)
     with pytest.raises(BadCredentials, match="invisible formatting characters"):
         await auth.authenticate(
@@ -496,7 +501,7 @@ async def test_users_can_come_from_a_lookup_function(pool: HashPool) -> None:
     )
     identity = await auth.authenticate(Credentials("reports@contoso.com", "right"), Protocol.IMAP)
     assert identity.mailbox == "reports@contoso.com"
-    with pytest.raises(BadCredentials, match="unknown user"):
+    with pytest.raises(BadCredentials, match=r"^unknown user$"):
         await auth.authenticate(Credentials("other@contoso.com", "right"), Protocol.IMAP)
 
 
@@ -602,3 +607,90 @@ async def test_refusal_reasons_are_exact(pool: HashPool, client_certs: tuple[byt
         with pytest.raises(BadCredentials) as refused:
             await auth.authenticate(credentials, Protocol.IMAP, certificate=certificate)
         assert refused.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("m", "t", "p", "usable"),
+    [
+        (1024 * 1024, 1, 1, True),  # the memory limit itself
+        (1024 * 1024 + 1, 1, 1, False),
+        (16, 1, 2, True),  # argon2's least memory: 8 KiB per lane
+        (15, 1, 2, False),
+    ],
+)
+def test_the_edges_of_usable_hash_parameters(m: int, t: int, p: int, usable: bool) -> None:
+    phc = f"$argon2id$v=19$m={m},t={t},p={p}$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"
+    assert (check_hash_format(phc) is None) is usable
+
+
+@pytest.mark.parametrize(
+    ("memory_cost", "iterations"),
+    [(DEFAULT_PARAMETERS.memory_cost, 1), (64, DEFAULT_PARAMETERS.iterations)],
+)
+def test_a_hash_cheaper_in_one_parameter_is_outdated(memory_cost: int, iterations: int) -> None:
+    phc = (
+        f"$argon2id$v=19$m={memory_cost},t={iterations},p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"
+    )
+    assert "costs less than the current default" in str(outdated_parameters(phc))
+
+
+def test_hash_password_writes_argon2id_with_a_16_byte_salt_and_a_32_byte_hash() -> None:
+    phc = hash_password("pw", CHEAP)
+    _, kind, version, cost, salt, digest = phc.split("$")
+    assert (kind, version, cost) == ("argon2id", "v=19", "m=64,t=1,p=1")
+    assert len(base64.b64decode(salt + "=" * (-len(salt) % 4))) == 16
+    assert len(base64.b64decode(digest + "=" * (-len(digest) % 4))) == 32
+
+
+async def test_each_lookup_says_whether_the_verified_cache_answered(pool: HashPool) -> None:
+    seen: list[bool] = []
+    auth = Authenticator(
+        {"a": user("a", "pa")}, hashes=pool, dummy_parameters=CHEAP, on_lookup=seen.append
+    )
+    await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    await auth.authenticate(Credentials("a", "pa"), Protocol.IMAP)
+    with pytest.raises(BadCredentials):
+        await auth.authenticate(Credentials("a", "wrong"), Protocol.IMAP)
+    assert seen == [False, True, False]
+
+
+async def test_failures_count_under_the_kind_and_whom_the_credential_claims(
+    pool: HashPool,
+) -> None:
+    key = "xo2k_" + "b" * 43
+    auth = authenticator(
+        pool,
+        identity_user(login="Scanner", app_key_hashes=frozenset({sha256(key.encode())})),
+    )
+    der = b"certificate bytes"
+    assert auth.throttle_key(Credentials("SCANNER", "x"), None) == "password:scanner"
+    # An app key counts for the identity it belongs to, whatever mailbox its client names.
+    assert auth.throttle_key(BearerCredentials("ceo@contoso.com", key), None) == "app-key:scanner"
+    assert (
+        auth.throttle_key(BearerCredentials("scanner", key + "x"), None) == "app-key:(unknown key)"
+    )
+    assert auth.throttle_key(ExternalCredentials("scanner"), der) == (f"certificate:{sha256(der)}")
+    assert auth.throttle_key(ExternalCredentials(), None) == f"certificate:{sha256(b'')}"
+
+
+async def test_app_key_and_certificate_must_both_match(
+    pool: HashPool,
+    client_certs: tuple[bytes, bytes],
+) -> None:
+    scanner, erp = client_certs
+    key = "xo2k_" + "c" * 43
+    owner = identity_user(
+        certificate_fingerprints=frozenset({sha256(scanner)}),
+        app_key_hashes=frozenset({sha256(key.encode())}),
+    )
+    auth = authenticator(pool, owner)
+    bearer = BearerCredentials("scanner", key)
+    identity = await auth.authenticate(bearer, Protocol.SMTP, certificate=scanner)
+    assert identity.kind == "app-key"
+    with pytest.raises(BadCredentials, match="no client certificate"):
+        await auth.authenticate(bearer, Protocol.SMTP)
+    with pytest.raises(BadCredentials, match="certificate"):
+        await auth.authenticate(bearer, Protocol.SMTP, certificate=erp)
+    # A certificate login is its own proof.
+    certified = await auth.authenticate(ExternalCredentials(), Protocol.SMTP, certificate=scanner)
+    assert certified.kind == "certificate"

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from proxy.net.shared_throttle import RedisFailures
-from proxy.throttle import LoginThrottle, ThrottlePolicy
+from proxy.throttle import LoginThrottle, ThrottlePolicy, Verdict
 from tests.support.redis import RedisServer
 
 if TYPE_CHECKING:
@@ -184,3 +184,57 @@ async def test_unlock_clears_the_login_in_redis_for_every_instance(
         for throttle in (one, other):
             assert throttle.shared is not None
             throttle.shared.close()
+
+
+async def test_counts_kept_while_redis_was_down_still_count_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """A Redis that restarted empty lost every failure; this instance's own still judge:
+    the login's, the network's, the pair's delay, and the trust it gave meanwhile."""
+    policy = ThrottlePolicy(base_delay=1, login_lockout=4, trusted_lockout=6, network_lockout=5)
+    trusted, scanning = "192.0.2.10", "203.0.113.7"
+    clock = Clock()
+    with RedisServer(tmp_path / "redis") as first:
+        port, url = first.port, first.url
+    shared = RedisFailures(
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2),
+        secret=secrets.token_bytes(32),
+        where=url,
+        clock=clock,
+    )
+    throttle = LoginThrottle(policy, shared=shared)
+    try:
+        await throttle.succeeded(LOGIN, trusted)
+        for _ in range(policy.login_lockout):
+            await throttle.failed(LOGIN, ATTACKER)
+        await throttle.failed(LOGIN, trusted)
+        for n in range(policy.network_lockout):
+            await throttle.failed(f"password:user{n}@contoso.com", scanning)
+        with RedisServer(tmp_path / "redis-again", port=port):
+            clock.now += 60  # past the pause after an outage: Redis is asked again
+            by_login = await throttle.verdict(LOGIN, ATTACKER)
+            by_network = await throttle.verdict("password:new@contoso.com", scanning)
+            by_pair = await throttle.verdict(LOGIN, trusted)
+            assert throttle._outage is None  # these verdicts were Redis's and ours
+    finally:
+        shared.close()
+    assert by_login.locked == "login locked out after 5 failures in 3600s"
+    assert by_network.locked == "source network locked out after 5 failures in 3600s"
+    # Trusted here: the higher ceiling, and a delay for the pair's own one failure.
+    assert by_pair == Verdict(delay=1.0)
+
+
+async def test_while_redis_is_down_a_network_is_judged_by_its_own_counts(
+    redis_server: RedisServer,
+) -> None:
+    shared = store(redis_server, secrets.token_bytes(32), clock=Clock())
+    throttle = LoginThrottle(POLICY, shared=shared)
+    try:
+        redis_server.close()
+        for n in range(POLICY.network_lockout):
+            await throttle.failed(f"password:user{n}@contoso.com", ATTACKER)
+        verdict = await throttle.verdict("password:new@contoso.com", ATTACKER)
+        assert throttle._outage is not None
+    finally:
+        shared.close()
+    assert verdict.locked == "source network locked out after 10 failures in 3600s"

@@ -297,3 +297,69 @@ async def test_unlock_forgets_a_login_and_its_pairs_but_nothing_else(
     assert (await throttle.verdict("password:new@contoso.com", "198.51.100.7")).locked
     assert await throttle.unlock("198.51.100.7")
     assert (await throttle.verdict("password:new@contoso.com", "198.51.100.7")).locked is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_delay": -1}, "throttle times must not be negative"),
+        ({"window": -1}, "throttle times must not be negative"),
+        ({"trust_ttl": -1}, "throttle times must not be negative"),
+        ({"network_lockout": 0}, "throttle counts must be at least 1"),
+        ({"max_keys": 0}, "throttle counts must be at least 1"),
+        ({"ipv4_prefix": -1}, "network prefix lengths must fit their address family"),
+        ({"ipv6_prefix": 129}, "network prefix lengths must fit their address family"),
+    ],
+)
+def test_every_setting_is_validated(settings: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ThrottlePolicy(**settings)
+
+
+def test_the_least_settings_are_valid() -> None:
+    least = ThrottlePolicy(
+        base_delay=0,
+        max_delay=0,
+        window=0,
+        trust_ttl=0,
+        login_lockout=1,
+        trusted_lockout=1,
+        network_lockout=1,
+        max_keys=1,
+        ipv4_prefix=0,
+        ipv6_prefix=0,
+    )
+    assert least.network_of("192.0.2.1") == "0.0.0.0/0"
+    assert least.network_of("2001:db8::1") == "::/0"
+    most = ThrottlePolicy(ipv4_prefix=32, ipv6_prefix=128)
+    assert most.network_of("2001:db8::1") == "2001:db8::1"
+
+
+async def test_lockouts_lists_every_key_over_its_ceiling(
+    throttle: LoginThrottle, clock: Clock
+) -> None:
+    await throttle.failed("password:first@contoso.com", "192.0.2.1")  # below: not listed
+    for n in range(POLICY.trusted_lockout):
+        await throttle.failed(LOGIN, f"192.0.2.{100 + n}")
+    for n in range(POLICY.network_lockout):
+        await throttle.failed(f"password:guess{n}@contoso.com", ATTACKER)
+    found = {(lock.scope, lock.key): lock for lock in throttle.lockouts(now=clock.now + 10)}
+    assert set(found) == {("login", LOGIN), ("network", ATTACKER)}
+    # At the trusted ceiling a login is locked out even where it works; a network always.
+    assert found["login", LOGIN].everywhere
+    assert found["network", ATTACKER].everywhere
+    assert found["login", LOGIN].remaining == POLICY.window - 10  # at the given time
+    # Half a second before it lifts, half a second is left.
+    (late, _) = throttle.lockouts(now=clock.now + POLICY.window - 0.5)
+    assert late.remaining == 0.5
+
+
+async def test_unlock_ends_the_delay_of_a_pair_the_login_works_from(
+    throttle: LoginThrottle,
+) -> None:
+    await throttle.succeeded(LOGIN, REAL)
+    for _ in range(3):
+        await throttle.failed(LOGIN, REAL)  # a stale password in the real program
+    assert throttle.local_verdict(LOGIN, REAL).delay == 4
+    assert await throttle.unlock(LOGIN)
+    assert throttle.local_verdict(LOGIN, REAL) == Verdict()

@@ -879,3 +879,95 @@ async def test_the_peer_certificate_after_the_handshake_and_never_before(
     assert peer_certificate(client_tcp) is None  # not TLS at all
     await client.aclose()
     await server.aclose()
+
+
+def test_listener_contexts_keep_the_defaults_and_add_the_hardening(server_cert: Path) -> None:
+    from proxy.net.tls import client_side_context
+
+    defaults = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options
+    context = client_side_context(server_cert)
+    wanted = ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    assert context.options & (defaults | wanted) == defaults | wanted
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize(
+    ("mode", "offered", "accepted"),
+    [
+        ("required", None, False),
+        ("required", "ours", True),
+        ("required", "stranger", False),
+        ("optional", None, True),
+        ("optional", "ours", True),
+        ("optional", "stranger", False),
+        ("none", "ours", True),
+        ("none", "stranger", True),
+    ],
+)
+async def test_client_certificates_at_the_listener(
+    tmp_path: Path, server_cert: Path, pki: TestPki, mode: str, offered: str | None, accepted: bool
+) -> None:
+    """REQUIRED refuses a client without a certificate, both modes refuse one from any CA
+    but client_ca_file, and a listener that asks for none sees none."""
+    from proxy.config import ClientCertificates
+    from proxy.net.tls import client_side_context, peer_certificate
+
+    clients = TestPki(tmp_path / "clients")
+    strangers = TestPki(tmp_path / "strangers")
+    server_ctx = client_side_context(
+        server_cert,
+        client_ca_file=clients.ca_file,
+        client_certificates=ClientCertificates(mode),
+    )
+    client_ctx = client_context(pki)
+    if offered is not None:
+        issuer = clients if offered == "ours" else strangers
+        client_ctx.load_cert_chain(issuer.issue("client", "scanner.example"))
+    client_tcp, server_tcp = await tcp_pair()
+    client = trios(client_tcp, client_ctx, server_hostname="localhost")
+    server = trios(server_tcp, server_ctx, server_side=True)
+    try:
+        with trio.fail_after(5):
+            if not accepted:
+                with pytest.RaisesGroup(
+                    trio.BrokenResourceError, allow_unwrapped=True, flatten_subgroups=True
+                ):
+                    await handshake(client, server)
+                return
+            await handshake(client, server)
+        seen = peer_certificate(server)
+        if mode == "none" or offered is None:
+            assert seen is None
+        else:
+            assert seen is not None
+            subject = x509.load_der_x509_certificate(seen).subject
+            names = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            assert [name.value for name in names] == ["scanner.example"]
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+
+
+async def test_upstream_contexts_trust_the_system_store_and_the_ca_file_given(
+    server_ctx: ssl.SSLContext, pki: TestPki
+) -> None:
+    from proxy.net.tls import upstream_context
+
+    c, s = await tls_pair(server_ctx, upstream_context(pki.ca_file))
+    await trio.aclose_forcefully(c)
+    await trio.aclose_forcefully(s)
+    # Without ca_file, a private CA is not trusted.
+    client_tcp, server_tcp = await tcp_pair()
+    client = trios(client_tcp, upstream_context(None), server_hostname="localhost")
+    server = trios(server_tcp, server_ctx, server_side=True)
+    try:
+        with (
+            trio.fail_after(5),
+            pytest.RaisesGroup(
+                trio.BrokenResourceError, allow_unwrapped=True, flatten_subgroups=True
+            ),
+        ):
+            await handshake(client, server)
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
