@@ -844,3 +844,15 @@ async def test_file_cache_from_before_sign_ins_keeps_its_tokens(
     caplog.set_level(logging.WARNING)
     assert await FileTokenCache(path, key).load(KEY) == e1
     assert [r.getMessage() for r in caplog.records] == []
+
+
+async def test_file_cache_renewal_lock_private_whatever_the_umask(tmp_path: Path) -> None:
+    cache = FileTokenCache(tmp_path / "tokens", new_key(), renew_wait=0)  # 0: do not wait
+    old = os.umask(0)
+    try:
+        async with cache.exclusive(KEY):
+            pass
+    finally:
+        os.umask(old)
+        cache.close()
+    assert stat.S_IMODE((tmp_path / "tokens.renew.lock").stat().st_mode) == 0o600
