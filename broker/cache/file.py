@@ -356,10 +356,10 @@ class FileTokenCache:
                     f.write(sealed)
                     f.flush()
                     os.fsync(f.fileno())
+                os.replace(temporary, self._path)
             except BaseException:
-                temporary.unlink(missing_ok=True)
+                temporary.unlink(missing_ok=True)  # nothing left behind, whatever failed
                 raise
-            os.replace(temporary, self._path)
             directory = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(directory)

@@ -827,6 +827,8 @@ async def test_file_cache_renews_without_a_lock_it_cannot_open(
         pass
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "renewing without the lock" in warning.getMessage()
+    lock = tmp_path / "tokens.renew.lock"
+    assert f"token cache {lock}: cannot open: Is a directory" in warning.getMessage()
     cache.close()
 
 
@@ -844,3 +846,34 @@ async def test_file_cache_from_before_sign_ins_keeps_its_tokens(
     caplog.set_level(logging.WARNING)
     assert await FileTokenCache(path, key).load(KEY) == e1
     assert [r.getMessage() for r in caplog.records] == []
+
+
+async def test_file_cache_renewal_lock_private_whatever_the_umask(tmp_path: Path) -> None:
+    cache = FileTokenCache(tmp_path / "tokens", new_key(), renew_wait=0)  # 0: do not wait
+    old = os.umask(0)
+    try:
+        async with cache.exclusive(KEY):
+            pass
+    finally:
+        os.umask(old)
+        cache.close()
+    assert stat.S_IMODE((tmp_path / "tokens.renew.lock").stat().st_mode) == 0o600
+
+
+async def test_file_cache_write_failure_says_why_and_leaves_the_old_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tokens"
+    cache = FileTokenCache(path, new_key())
+    await cache.store(KEY, first := entry("one"))
+
+    def broken_disk(src: object, dst: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "replace", broken_disk)
+    refusal = rf"^token cache {path}: cannot write: Input/output error$"
+    with pytest.raises(CacheError, match=refusal):
+        await cache.store(KEY, entry("two"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["tokens", "tokens.lock"]  # no temporary left
+    assert await cache.load(KEY) == first

@@ -422,3 +422,22 @@ def test_audiences_differ_by_more_than_a_trailing_slash() -> None:
     (found,) = check_token(expected, token({**GOOD, "aud": "api://mail"}))
     assert (found.claim, found.value) == ("aud", "api://mail")
     assert check_token(expected, token({**GOOD, "aud": "api://mailX/"})) == []
+
+
+def test_delegated_apps_expect_what_their_tokens_can_show() -> None:
+    """Personal Microsoft tokens are opaque: nothing to expect of them here (the scope is
+    checked per protocol, the account at sign-in); a delegated Google app still needs the
+    mail scope."""
+    personal = replace(microsoft("consumers"), delegated=True)
+    assert expectations_for(personal) == expectations_for(replace(personal, scope=""))
+    expected = expectations_for(personal)
+    assert (expected.provider, expected.audiences, expected.tenant_id, expected.scopes) == (
+        "microsoft",
+        (),
+        "",
+        (),
+    )
+    google = App(name="g", provider="google", client_id="x", scope="", delegated=True)
+    expected = expectations_for(google)
+    assert (expected.provider, expected.scopes) == ("google-delegated", (GOOGLE_SCOPE,))
+    assert check_token(expected, token(None, scope="openid")) != []

@@ -694,3 +694,15 @@ async def test_app_key_and_certificate_must_both_match(
     # A certificate login is its own proof.
     certified = await auth.authenticate(ExternalCredentials(), Protocol.SMTP, certificate=scanner)
     assert certified.kind == "certificate"
+
+
+async def test_an_identity_names_the_account_that_signs_in_for_it(pool: HashPool) -> None:
+    shared = dataclasses.replace(
+        user("frontdesk", "pw", mailbox="desk@contoso.com"), account="anna@contoso.com"
+    )
+    own = user("anna", "pw2", mailbox="anna@contoso.com")
+    auth = authenticator(pool, shared, own)
+    desk = await auth.authenticate(Credentials("frontdesk", "pw"), Protocol.IMAP)
+    assert (desk.mailbox, desk.account) == ("desk@contoso.com", "anna@contoso.com")
+    anna = await auth.authenticate(Credentials("anna", "pw2"), Protocol.IMAP)
+    assert anna.account == "anna@contoso.com"  # by default the mailbox signs in
