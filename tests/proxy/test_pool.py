@@ -207,6 +207,28 @@ async def test_a_connection_older_than_max_age_is_closed_not_served(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_login_never_gets_a_connection_past_max_age(
+    pki: TestPki, upstream: Upstream
+) -> None:
+    """Between its max_age and the pool's next round, an old connection may still be in
+    the queue: a login that asks then gets none, and the pool closes it."""
+    metrics = Metrics()
+    warm = pool(pki, upstream.port, size=1, metrics=metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(warm.run)
+        warm.take()
+        warm.take()
+        await until(lambda: len(warm) == 1, "one ready")
+        (ready,) = warm._ready
+        ready.born -= warm.max_age  # as old as allowed: not to be served
+        assert warm.take() is None
+        await until(lambda: upstream.closed == 1, "closed by the pool")
+        nursery.cancel_scope.cancel()
+    assert counted(metrics, "taken") == 0
+    assert counted(metrics, "expired") == 1
+    assert counted(metrics, "missed") == 3
+
+
 async def test_an_unreachable_upstream_is_retried_later_and_logged_once(
     pki: TestPki, caplog: pytest.LogCaptureFixture
 ) -> None:
