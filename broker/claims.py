@@ -17,9 +17,11 @@ itself could show (its audience, tenant or roles).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import jwt
@@ -69,6 +71,17 @@ def decode_claims(token: str) -> dict[str, object]:
     return dict(claims)
 
 
+@functools.lru_cache(maxsize=256)
+def _claims_of(token: str) -> Mapping[str, object] | NotAJwtError:
+    """:func:`decode_claims`, read-only and remembered: every login checks the token it
+    uses, and a token serves many logins (decoding one costs more than the rest of the
+    check). An error is returned, not raised, so that it is remembered too."""
+    try:
+        return MappingProxyType(decode_claims(token))
+    except NotAJwtError as exc:
+        return exc.with_traceback(None)
+
+
 def decode_header(token: str) -> dict[str, object]:
     """The JOSE header of the JWT ``token`` (unverified); :class:`NotAJwtError` if none."""
     try:
@@ -78,8 +91,14 @@ def decode_header(token: str) -> dict[str, object]:
 
 
 def token_roles(token: str) -> frozenset[str]:
-    """The app roles (``roles`` claim) the unverified ``token`` carries; empty if none."""
-    return roles_of(decode_claims(token))
+    """The app roles (``roles`` claim) the unverified ``token`` carries; empty if none.
+
+    Raises :class:`NotAJwtError` when ``token`` is not a JWT.
+    """
+    claims = _claims_of(token)
+    if isinstance(claims, NotAJwtError):
+        raise NotAJwtError(str(claims))
+    return roles_of(claims)
 
 
 def roles_of(claims: Mapping[str, object]) -> frozenset[str]:
@@ -194,10 +213,8 @@ def check_token(
     silently drop unknown scopes say nothing either, so an opaque token whose scope is
     expected then fails (a JWT's own ``scope`` claim still decides).
     """
-    try:
-        claims: Mapping[str, object] | None = decode_claims(token.value)
-    except NotAJwtError:
-        claims = None
+    decoded = _claims_of(token.value)
+    claims = None if isinstance(decoded, NotAJwtError) else decoded
     fixes = _FIXES.get(expected.provider, _FIXES["oauth2"])
     found: list[Mismatch] = []
     if claims is None:

@@ -223,6 +223,13 @@ class Limits:
     #: Upstream connections opened for clients that have not sent a command yet (the
     #: login is faster for it); beyond this, a client's upstream waits for its first command.
     max_early_upstreams: int = 100
+    #: Seconds between new TLS session ticket keys for clients (kept in memory only).
+    ticket_key_lifetime: float = 3600.0
+    #: Warm upstream connections each listener keeps while logins come (0: none).
+    upstream_pool: int = 2
+    #: Seconds a warm connection may wait for a login (well under the upstream's own
+    #: limit for connections that do not log in).
+    upstream_pool_max_age: float = 20.0
     #: What one source network is: the prefix length of IPv4 and of IPv6 addresses.
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
@@ -587,6 +594,9 @@ LIMIT_KEYS: Final = {
     "max_connections",
     "max_connections_per_network",
     "max_early_upstreams",
+    "upstream_pool",
+    "upstream_pool_max_age",
+    "ticket_key_lifetime",
     "ipv4_prefix",
     "ipv6_prefix",
     "proxy_header_timeout",
@@ -1365,6 +1375,9 @@ def _read_limits(r: _Reader, data: Mapping[str, object]) -> Limits:
             "max_connections_per_network", d.max_connections_per_network
         ),
         max_early_upstreams=count("max_early_upstreams", d.max_early_upstreams, least=0),
+        upstream_pool=count("upstream_pool", d.upstream_pool, least=0, most=100),
+        upstream_pool_max_age=seconds("upstream_pool_max_age", d.upstream_pool_max_age),
+        ticket_key_lifetime=seconds("ticket_key_lifetime", d.ticket_key_lifetime),
         ipv4_prefix=count("ipv4_prefix", d.ipv4_prefix, most=32, least=8),
         ipv6_prefix=count("ipv6_prefix", d.ipv6_prefix, most=128, least=16),
         proxy_header_timeout=seconds("proxy_header_timeout", d.proxy_header_timeout),

@@ -43,6 +43,7 @@ shared store), so tests drive them. Nothing here sleeps; the caller does.
 from __future__ import annotations
 
 import array
+import functools
 import ipaddress
 import logging
 import time
@@ -152,9 +153,11 @@ class Lockout:
     everywhere: bool = True
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(address: str, *, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
     """The key of ``address``'s network: by default the IPv4 address itself or the IPv6
-    /64 (an IPv4-mapped IPv6 address counts as IPv4)."""
+    /64 (an IPv4-mapped IPv6 address counts as IPv4). Remembered: every connection and
+    login asks, and parsing an address costs more than the rest of a throttle check."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

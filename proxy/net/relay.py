@@ -6,14 +6,28 @@ from typing import TYPE_CHECKING
 
 import trio
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from proxy.net.tlssocket import TlsSocketStream
 
-__all__ = ["relay"]
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["eager_sender", "relay", "send_eagerly"]
 
 #: Largest read per call. Reads are bounded, and each is written before the next read, so
 #: a session holds at most this much in flight per direction.
 CHUNK = 65536
+
+
+def eager_sender(stream: trio.abc.SendStream) -> Callable[[bytes | bytearray], Awaitable[object]]:
+    """``stream``'s ``send_all``, or for TLS on a socket its ``write_all``, which yields to
+    the scheduler only when it waits (see :mod:`proxy.net.tlssocket`): for loops whose
+    receives already yield."""
+    return stream.write_all if isinstance(stream, TlsSocketStream) else stream.send_all
+
+
+async def send_eagerly(stream: trio.abc.SendStream, data: bytes | bytearray) -> None:
+    """Send all of ``data`` with :func:`eager_sender`."""
+    await eager_sender(stream)(data)
 
 
 async def _copy(
@@ -26,11 +40,12 @@ async def _copy(
     """Copy until ``source`` ends; record in ``endings`` whether it ended cleanly (True: an
     end of stream, for TLS a close_notify) or broke (False). ``tap`` is shown each chunk
     before it is sent on."""
+    send = eager_sender(sink)
     try:
         while data := await source.receive_some(CHUNK):
             if tap is not None:
                 tap(data)
-            await sink.send_all(data)
+            await send(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         endings.append(False)
         done.cancel()

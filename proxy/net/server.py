@@ -26,10 +26,12 @@ from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net import notify
 from proxy.net.control import ControlError, open_control_socket, serve_control
 from proxy.net.ops_http import HttpRequest, HttpResponse, serve_ops_http
+from proxy.net.pool import UpstreamPool
 from proxy.net.proxy_protocol import is_trusted, read_proxy_header
 from proxy.net.session import AuthMachine, EarlyUpstreams, Services, Session
 from proxy.net.shared_throttle import RedisFailures
 from proxy.net.tls import (
+    SessionCache,
     client_side_context,
     describe_tls_error,
     peer_certificate,
@@ -47,6 +49,7 @@ from proxy.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Iterable
 
     from broker.source import TokenSource, TokenStatus
     from proxy.config import Config, ListenerConfig
@@ -191,12 +194,24 @@ def _log_listening(bound: _Listening) -> None:
 
 def _contexts(
     config: Config,
-) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, ssl.SSLContext]]:
-    """The TLS contexts of every listener, towards its clients and its upstream."""
-    clients: dict[ListenerConfig, ssl.SSLContext | None] = {}
-    upstreams: dict[ListenerConfig, ssl.SSLContext] = {}
-    for listener in config.listeners:
-        clients[listener] = (
+) -> tuple[dict[ListenerConfig, ssl.SSLContext | None], dict[ListenerConfig, SessionCache]]:
+    """The TLS contexts of every listener: towards its clients, and towards its upstream
+    (with the sessions it resumes there, which a new context starts without)."""
+    clients = _client_contexts(config.listeners)
+    upstreams = {
+        listener: SessionCache(upstream_context(listener.upstream_ca_file))
+        for listener in config.listeners
+    }
+    return clients, upstreams
+
+
+def _client_contexts(
+    listeners: Iterable[ListenerConfig],
+) -> dict[ListenerConfig, ssl.SSLContext | None]:
+    """The listeners' TLS contexts towards clients. Each new context has new session
+    ticket keys: OpenSSL makes them at random, in memory only."""
+    return {
+        listener: (
             client_side_context(
                 listener.certificate,
                 client_ca_file=listener.client_ca_file,
@@ -205,8 +220,8 @@ def _contexts(
             if listener.certificate
             else None
         )
-        upstreams[listener] = upstream_context(listener.upstream_ca_file)
-    return clients, upstreams
+        for listener in listeners
+    }
 
 
 class ProxyServer:
@@ -249,6 +264,10 @@ class ProxyServer:
         for listener in config.listeners:
             auth_machine(listener, app_keys=False)  # refuse unsupported protocols before binding
         self._client_contexts, self._upstream_contexts = _contexts(config)
+        self._pools = self._make_pools(config)
+        #: Where the pools run (the workers' nursery while serving), and their scope.
+        self._workers: trio.Nursery | None = None
+        self._pools_scope = trio.CancelScope()
         self._ids = itertools.count(1)
         self._listening: list[_Listening] = []
         #: Connections open per listener name (removed listeners' sessions included).
@@ -322,6 +341,9 @@ class ProxyServer:
             return False
         # New connections use the new certificates (renewed at the same path, say).
         self._client_contexts, self._upstream_contexts = client_contexts, upstream_contexts
+        # Warm connections were checked against the old upstream contexts: new pools.
+        self._pools = self._make_pools(config)
+        self._start_pools()
         for bound, listener in kept:
             bound.config = listener
         for bound in removed:
@@ -397,6 +419,63 @@ class ProxyServer:
                 kept.append((moved, listener))
         return kept, added, unmatched
 
+    def _make_pools(self, config: Config) -> dict[ListenerConfig, UpstreamPool]:
+        limits = config.limits
+        return {
+            listener: UpstreamPool(
+                listener,
+                self._upstream_contexts[listener].context,
+                self._upstream_contexts[listener],
+                size=limits.upstream_pool,
+                max_age=limits.upstream_pool_max_age,
+                timeout=limits.upstream_timeout,
+                metrics=self.metrics,
+            )
+            for listener in config.listeners
+        }
+
+    def _start_pools(self) -> None:
+        """Run the current pools (in place of the previous ones, which close)."""
+        self._pools_scope.cancel()
+        if self._workers is None:
+            return
+        self._pools_scope = trio.CancelScope()
+        self._workers.start_soon(self._run_pools, list(self._pools.values()), self._pools_scope)
+
+    @staticmethod
+    async def _run_pools(pools: list[UpstreamPool], scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for pool in pools:
+                    nursery.start_soon(pool.run)
+
+    def rotate_ticket_keys(self) -> bool:
+        """New TLS session ticket keys for every listener, by way of new client-side
+        contexts (with the certificates as they are now on disk).
+
+        Tickets issued before no longer resume: a client holding one does a full handshake
+        and gets a new ticket. If a certificate cannot be read now, the previous keys stay
+        in use and ``False`` is returned.
+        """
+        try:
+            contexts = _client_contexts(self._client_contexts)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS session ticket keys not rotated, the previous ones stay: %s", exc)
+            return False
+        self._client_contexts = contexts
+        log.debug("TLS session ticket keys rotated")
+        return True
+
+    async def _rotate_ticket_keys(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Rotate ticket keys every ``ticket_key_lifetime`` seconds (of the configuration
+        in use at the time)."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.limits.ticket_key_lifetime)
+            self.rotate_ticket_keys()
+
     def shutdown(self) -> None:
         """Stop accepting connections; sessions in progress get ``grace`` seconds."""
         self.stopping = True
@@ -420,9 +499,13 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as workers:
                 await workers.start(self.hashes.run)
+                await workers.start(self._rotate_ticket_keys)
                 for start in ops:
                     await workers.start(start)
+                self._workers = workers
+                self._start_pools()
                 await self._serve_bound(bound, task_status)
+                self._workers = None
                 workers.cancel_scope.cancel()  # every session has ended
         finally:
             self._close_control_socket()
@@ -645,11 +728,12 @@ class ProxyServer:
         conn_id: str,
         peer: tuple[str, int],
         via: str,
-        contexts: tuple[ssl.SSLContext | None, ssl.SSLContext | None],
+        contexts: tuple[ssl.SSLContext | None, SessionCache | None],
         upstream_preface: bytes,
     ) -> None:
         client: trio.abc.Stream = stream
         context, upstream = contexts
+        closed_by_session = False
         try:
             log.info(
                 "%s: connection from %s:%s%s on %s",
@@ -688,20 +772,24 @@ class ProxyServer:
                 services=self.services,
                 client=client,
                 client_context=context,
-                upstream_context=upstream,
+                upstream_context=upstream.context,
+                upstream_sessions=upstream,
+                upstream_pool=self._pools.get(listener),
                 timeout_reply=timeout_reply,
                 client_certificate=certificate,
                 upstream_preface=upstream_preface,
             )
             del machine  # the session's alone: it lets go of it once logged in
+            # From here the session closes the streams, whatever happens (Session.run).
+            closed_by_session = True
             await session.run()
         except Exception:
             # A bug in one session must not take every other session down with it.
             log.exception("%s: internal error; connection closed", conn_id)
         finally:
-            # Whatever happened, cancellation at shutdown included. The session has closed
-            # its streams already when it ran; closing again does nothing.
-            await trio.aclose_forcefully(client)
+            # Whatever happened before the session ran, cancellation at shutdown included.
+            if not closed_by_session:
+                await trio.aclose_forcefully(client)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -725,6 +813,9 @@ class ProxyServer:
             hash_running=self.hashes.running,
             lockouts=dict(lockouts),
             tokens=tuple(TokenState(app, expires) for app, expires in soonest.items()),
+            upstream_pool_ready={
+                listener.name: len(pool) for listener, pool in self._pools.items() if pool.size
+            },
         )
 
     def _token_statuses(self) -> list[TokenStatus]:

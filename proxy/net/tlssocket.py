@@ -42,6 +42,11 @@ Rules this module keeps, each as :class:`trio.SSLStream` (``https_compatible=Fal
 * *Cancellation*: cancelling ``receive_some`` is always safe; cancelling ``send_all`` or the
   handshake part-way breaks the stream, since OpenSSL may hold a partly written record that
   only a retry with the same bytes could finish.
+* *Checkpoints*: ``receive_some`` and ``send_all`` are checkpoints, as trio's streams
+  promise. :meth:`TlsSocketStream.write_all` is ``send_all`` for the relay, which yields
+  only when it has to wait for the socket: a loop that alternates receives and sends is
+  kept fair by the receive's yield, and a second one after each send would cost a pass
+  through trio's scheduler per message for nothing.
 * :meth:`aclose` sends ``close_notify`` without waiting for the peer's, then closes the
   socket. It skips ``close_notify`` (the peer then sees a ragged EOF, as it should when data
   may be missing) if the stream is broken, if another task is sending, or if the call is
@@ -77,6 +82,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
 __all__ = ["TlsSocketStream", "wrap_tls"]
@@ -156,10 +162,18 @@ class TlsSocketStream(trio.abc.Stream):
        :meth:`receive_some` is always safe.
     """
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        *,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
+    ) -> None:
         """Take ownership of ``sock``: connected, non-blocking, made by
         :meth:`ssl.SSLContext.wrap_socket` with ``do_handshake_on_connect=False`` and
-        ``suppress_ragged_eofs=False``. :meth:`wrap` does all that."""
+        ``suppress_ragged_eofs=False``. :meth:`wrap` does all that.
+
+        ``on_session`` (client side) is called once with the TLS session to resume later
+        (see :meth:`wrap`)."""
         if sock.gettimeout() != 0.0:
             raise ValueError("the socket must be non-blocking")
         #: The underlying socket, for inspection (``version()``, ``getpeercert()``...).
@@ -167,14 +181,18 @@ class TlsSocketStream(trio.abc.Stream):
         self.socket: Final = sock
         self._state = _State.OK
         self._handshook = False
-        #: Serialises handshake attempts; dropped once the handshake is done.
-        self._handshake_lock: trio.Lock | None = trio.Lock()
+        #: A task is running the handshake; others wait in the lot (made only if needed).
+        self._handshaking = False
+        self._handshake_waiters: trio.lowlevel.ParkingLot | None = None
         self._readable = _Readiness(sock, writable=False)
         self._writable = _Readiness(sock, writable=True)
         self._receiving = _Conflict("another task is receiving on this TLS stream")
         self._sending = _Conflict("another task is sending on this TLS stream")
         #: An error met by a read that had already collected data; the next read raises it.
         self._deferred: trio.BrokenResourceError | None = None
+        self._on_session = on_session
+        #: ``on_session`` waits for the first data (see :meth:`_handshake_done`).
+        self._session_after_read = False
 
     @classmethod
     def wrap(
@@ -184,6 +202,8 @@ class TlsSocketStream(trio.abc.Stream):
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
     ) -> TlsSocketStream:
         """Take the socket out of ``stream`` and put TLS on it; no I/O happens yet.
 
@@ -192,6 +212,12 @@ class TlsSocketStream(trio.abc.Stream):
         past the reply to the command. Raises :exc:`trio.BrokenResourceError` if the
         connection is already gone (the socket is then closed), and ``ValueError`` for a
         client ``context`` with ``post_handshake_auth`` (see the module's notes).
+
+        Client side: ``session`` is a TLS session of ``context`` to offer for resumption
+        (the server may refuse it; the handshake is then a full one, certificate checks
+        included); ``on_session`` is called once with a session that a later connection
+        to the same server can offer: right after the handshake for TLS 1.2, after the
+        ticket has come (normally with the first data received) for TLS 1.3.
         """
         if context.post_handshake_auth and not server_side:
             raise ValueError(
@@ -213,6 +239,7 @@ class TlsSocketStream(trio.abc.Stream):
                 server_hostname=server_hostname,
                 do_handshake_on_connect=False,
                 suppress_ragged_eofs=False,
+                session=session,
             )
             tls.setblocking(False)
         except OSError as exc:
@@ -221,7 +248,7 @@ class TlsSocketStream(trio.abc.Stream):
         except BaseException:
             plain.close()
             raise
-        return cls(tls)
+        return cls(tls, on_session=on_session)
 
     def __repr__(self) -> str:
         return f"<TlsSocketStream fd={self.socket.fileno()} {self._state.name.lower()}>"
@@ -265,29 +292,72 @@ class TlsSocketStream(trio.abc.Stream):
         if self._handshook:
             await trio.lowlevel.checkpoint()
             return
-        lock = self._handshake_lock
-        assert lock is not None  # dropped only once handshook
-        async with lock:
-            # Another task may have finished the handshake while this one waited.
-            if not self._handshook:
-                self._check_state()
+        if self._handshaking:
+            # Another task runs it (say, a send while the relay's receive started it):
+            # wait for its end, then share its outcome.
+            if self._handshake_waiters is None:
+                self._handshake_waiters = trio.lowlevel.ParkingLot()
+            await self._handshake_waiters.park()
+            self._check_state()
+            return
+        self._handshaking = True
+        waited = False
+        try:
+            while True:
+                # Wait outside the except clauses (see receive_some).
                 try:
-                    while True:
-                        try:
-                            self.socket.do_handshake()
-                        except ssl.SSLWantReadError:
-                            await self._readable.wait()
-                        except ssl.SSLWantWriteError:
-                            await self._writable.wait()
-                        else:
-                            break
-                except (OSError, ValueError) as exc:
-                    raise self._translate(exc) from exc
-                except BaseException:
-                    self._fail()
-                    raise
-                self._handshook = True
-                self._handshake_lock = None
+                    self.socket.do_handshake()
+                except ssl.SSLWantReadError:
+                    readiness = self._readable
+                except ssl.SSLWantWriteError:
+                    readiness = self._writable
+                else:
+                    break
+                waited = True
+                await readiness.wait()
+        except (OSError, ValueError) as exc:
+            raise self._translate(exc) from exc
+        except BaseException:
+            self._fail()
+            raise
+        finally:
+            self._handshaking = False
+            if self._handshake_waiters is not None:
+                self._handshake_waiters.unpark_all()
+                self._handshake_waiters = None
+        self._handshook = True
+        if self._on_session is not None:
+            self._handshake_done()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    @property
+    def session_reused(self) -> bool:
+        """Whether the handshake resumed an earlier TLS session."""
+        return bool(self.socket.session_reused)
+
+    def _handshake_done(self) -> None:
+        """Serve ``on_session`` now (TLS 1.2), after the first read (TLS 1.3: the ticket
+        comes in the server's first records after the handshake, before its data), or
+        not at all after a resumption: the session just resumed stays good for the next
+        connection, and Python copies a session (through its DER form, certificate
+        included: about as much work as checking the certificate) every time one is read.
+        """
+        sock = self.socket
+        if sock.session_reused:
+            self._on_session = None
+        elif sock.version() == "TLSv1.3":
+            self._session_after_read = True
+        else:
+            self._deliver_session()
+
+    def _deliver_session(self) -> None:
+        self._session_after_read = False
+        callback, self._on_session = self._on_session, None
+        session = self.socket.session
+        # Resumable once it has a ticket, or (TLS 1.2 without tickets) a session ID.
+        if callback is not None and session is not None and (session.has_ticket or session.id):
+            callback(session)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -339,6 +409,8 @@ class TlsSocketStream(trio.abc.Stream):
                     break
                 waited = True
                 await readiness.wait()
+            if self._session_after_read and chunks:
+                self._deliver_session()
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -346,11 +418,22 @@ class TlsSocketStream(trio.abc.Stream):
     # -- sending --------------------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send all of ``data``.
+        """Encrypt and send all of ``data``; a checkpoint, as trio's streams promise.
 
         .. warning:: If this is cancelled, the stream is broken (as with
            :class:`trio.SSLStream`): OpenSSL may hold part of a record that only a retry
            with the same bytes could finish, and the caller cannot know what went out.
+        """
+        if not await self.write_all(data):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def write_all(self, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`send_all`, but a scheduling point only when it has to wait for the
+        socket (always a cancellation point); returns whether it waited.
+
+        For loops that alternate receives and sends (the relay): the receive's yield
+        keeps them fair, and a second one after each send would cost a pass through
+        trio's scheduler per message for nothing. Same warning as :meth:`send_all`.
         """
         with self._sending:
             self._check_state()
@@ -378,8 +461,7 @@ class TlsSocketStream(trio.abc.Stream):
                 except BaseException:
                     self._fail()
                     raise
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            return waited
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._sending:
@@ -432,15 +514,22 @@ def wrap_tls(
     *,
     server_side: bool = False,
     server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+    on_session: Callable[[ssl.SSLSession], None] | None = None,
 ) -> TlsSocketStream | trio.SSLStream[trio.abc.Stream]:
     """TLS over ``stream``, not yet handshaken: a :class:`TlsSocketStream` when ``stream``
     is a :class:`trio.SocketStream` (which it then owns), else a :class:`trio.SSLStream`
-    (in-memory streams in tests).
+    (in-memory streams in tests), which neither resumes ``session`` nor reports one.
 
     Either way, close the returned stream, not ``stream``.
     """
     if isinstance(stream, trio.SocketStream):
         return TlsSocketStream.wrap(
-            stream, context, server_side=server_side, server_hostname=server_hostname
+            stream,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+            on_session=on_session,
         )
     return trio.SSLStream(stream, context, server_side=server_side, server_hostname=server_hostname)

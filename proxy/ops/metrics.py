@@ -102,6 +102,8 @@ class ServerState:
     #: Keys locked out now, by scope (``login``, ``network``).
     lockouts: dict[str, int] = field(default_factory=dict)
     tokens: tuple[TokenState, ...] = ()
+    #: Warm upstream connections ready now, per listener.
+    upstream_pool_ready: dict[str, int] = field(default_factory=dict)
 
 
 class StateSource(Protocol):
@@ -193,6 +195,19 @@ class Metrics:
             ["protocol"],
             registry=r,
         )
+        self.upstream_tls = Counter(
+            f"{PREFIX}_upstream_tls_handshakes",
+            "TLS handshakes with the upstream, per listener: resumed (yes) or full (no).",
+            ["listener", "resumed"],
+            registry=r,
+        )
+        self.upstream_pool = Counter(
+            f"{PREFIX}_upstream_pool_connections",
+            "Warm upstream connections, per listener: taken by a login, missed (a login "
+            "found none ready), expired unused, failed to open.",
+            ["listener", "outcome"],
+            registry=r,
+        )
         self.reloads = Counter(
             f"{PREFIX}_reloads",
             "Configuration reloads (SIGHUP): success or failure.",
@@ -226,6 +241,12 @@ class Metrics:
 
     def upstream_failure(self, listener: str, kind: UpstreamFailure) -> None:
         self.upstream_failures.labels(listener, kind.value).inc()
+
+    def upstream_handshake(self, listener: str, *, resumed: bool) -> None:
+        self.upstream_tls.labels(listener, "yes" if resumed else "no").inc()
+
+    def pool_event(self, listener: str, outcome: str) -> None:
+        self.upstream_pool.labels(listener, outcome).inc()
 
 
 class _StateCollector:
@@ -275,3 +296,11 @@ class _StateCollector:
             if token.expires_in is not None:
                 expiry.add_metric([token.app], token.expires_in)
         yield expiry
+        pool = GaugeMetricFamily(
+            f"{PREFIX}_upstream_pool_ready",
+            "Warm upstream connections ready for a login now, per listener.",
+            labels=["listener"],
+        )
+        for listener, count in sorted(state.upstream_pool_ready.items()):
+            pool.add_metric([listener], count)
+        yield pool

@@ -1,75 +1,86 @@
-"""Idle-session memory benchmark (not a test): ``python3 -m tests.bench.bench_idle [N]``.
+"""Idle sessions (not a test): ``python -m tests.bench.bench_idle [N] [--help]``.
 
-Opens N IMAP sessions through ``xoauth2-proxy serve`` (its own process, as in production),
-each logged in, INBOX selected and in IDLE, with TLS on both sides of the proxy, and
-prints how much the proxy's resident memory grew per session (the target, in
-ARCHITECTURE.md: at most 40 KiB). Dovecot's own memory for the same sessions
-(proportional set size of all its processes) is printed beside it for scale.
+Opens N IMAP sessions (9,000 by default) through one ``xoauth2-proxy serve`` (its own
+process, as in production, :mod:`tests.bench.rig`), each logged in, INBOX selected and in
+IDLE, with TLS on both sides of the proxy; checks that every one of them is alive (each
+leaves IDLE, gets its ``OK`` and goes back into IDLE) and prints how much the proxy's
+resident memory grew per session (the target: at most 40 KiB), with Dovecot's own memory
+for the same sessions beside it (proportional set size of all its processes).
 
-Each session costs the Dovecot rig two processes (imap-login as its TLS proxy, and imap),
-so N is bounded by the machine's processes and memory, not by the proxy: the default of
-500 gives a stable per-session figure.
+What it takes, printed before the run:
+
+- open files: the proxy holds two sockets per session, this process one; the benchmark
+  raises its own limit (``RLIMIT_NOFILE``) to the hard limit, and the proxy inherits it;
+- Dovecot: a session is a TLS connection in an ``imap-login`` process (two descriptors
+  each, so several processes share them) and an ``imap`` process, which Dovecot replaces
+  by a place in ``imap-hibernate`` once the session has idled for
+  ``imap_hibernate_timeout``; without hibernation it would need N ``imap`` processes. And
+  ``mail_max_userip_connections`` at least N, since every session is the same user from
+  the same address. :func:`dovecot_config` writes all that.
 """
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import contextlib
-import os
 import resource
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_proxy import (
-    CLIENT_ID,
-    PASSWORD,
-    SECRET,
-    USER,
-    _config,
-    _free_port,
-    _wait_for_port,
-)
-from tests.support.certs import TestPki
-from tests.support.dovecot import Dovecot
-from tests.support.entra import EntraEmulator
+from tests.bench.rig import PASSWORD, USER, Rig
 
-DEFAULT_SESSIONS = 500
+#: Sessions per imap-login process (each holds two descriptors per session).
+LOGIN_CLIENTS = 2500
 
-#: Enough Dovecot processes for the sessions (the defaults stop at 100).
-_DOVECOT_LIMITS = """
-default_process_limit = 5000
-default_client_limit = 10000
-service imap-login {
-  process_limit = 5000
-}
-service imap {
-  process_limit = 5000
-}
+
+def dovecot_config(sessions: int) -> str:
+    """Dovecot's settings for ``sessions`` idle IMAP sessions from one user and address."""
+    login_processes = -(-sessions // LOGIN_CLIENTS) + 1
+    return f"""
+default_process_limit = {sessions + 200}
+default_client_limit = {sessions + 200}
+default_vsz_limit = 1G
+mail_max_userip_connections = {sessions + 100}
+imap_hibernate_timeout = 2 secs
+service imap-login {{
+  service_count = 0
+  process_min_avail = {login_processes}
+  process_limit = {login_processes}
+  client_limit = {LOGIN_CLIENTS}
+}}
+service imap {{
+  process_limit = {sessions + 200}
+  extra_groups = $default_internal_group
+  unix_listener imap-master {{
+    user = $default_internal_user
+  }}
+}}
+service imap-hibernate {{
+  client_limit = {sessions + 200}
+  process_limit = 2
+  unix_listener imap-hibernate {{
+    mode = 0660
+    group = $default_internal_group
+  }}
+}}
 """
 
 
-def _rss_kib(pid: int) -> int:
-    """Resident memory of one process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def _dovecot_pss_kib() -> int:
-    """Proportional memory (shared pages divided among their users) of every Dovecot
-    process: each session has processes of its own, and their RSS would count the shared
-    libraries once per process."""
+def _dovecot_pss_kib(leader: int) -> int:
+    """Proportional memory (shared pages divided among their users) of every process in
+    Dovecot's group: each session has processes of its own, and their RSS would count the
+    shared libraries once per process."""
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            if b"dovecot" not in (entry / "cmdline").read_bytes():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (entry / "stat").read_bytes()
+            if int(stat[stat.rindex(b")") + 2 :].split()[2]) != leader:
                 continue
             for line in (entry / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -77,102 +88,117 @@ def _dovecot_pss_kib() -> int:
     return total
 
 
-def _read_until(conn: ssl.SSLSocket, marker: bytes) -> bytes:
-    received = b""
-    while marker not in received:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before {marker!r}: {received[-200:]!r}")
-        received += chunk
-    return received
+def _dovecot_processes(leader: int) -> dict[str, int]:
+    """How many processes of each kind (``imap``, ``imap-login``...) Dovecot runs."""
+    kinds: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (entry / "stat").read_bytes()
+            if int(stat[stat.rindex(b")") + 2 :].split()[2]) != leader:
+                continue
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            kind = title.rsplit("/", 1)[-1].split()[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
-def _idle_session(context: ssl.SSLContext, port: int) -> ssl.SSLSocket:
+class _Session:
     """A session through the proxy, logged in, INBOX selected, in IDLE."""
-    conn = context.wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="localhost"
-    )
-    _read_until(conn, b"\r\n")
-    conn.sendall(f'a1 LOGIN "{USER}" "{PASSWORD}"\r\n'.encode())
-    if b"a1 OK" not in _read_until(conn, b"a1 "):
-        raise RuntimeError("login refused")
-    conn.sendall(b"a2 SELECT INBOX\r\na3 IDLE\r\n")
-    _read_until(conn, b"+ ")
-    return conn
+
+    def __init__(self, context: ssl.SSLContext, port: int) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
+        self.conn = context.wrap_socket(raw, server_hostname="localhost")
+        self._read_until(b"\r\n")
+        self.conn.sendall(f'a1 LOGIN "{USER}" "{PASSWORD}"\r\n'.encode())
+        if b"a1 OK" not in self._read_until(b"a1 "):
+            raise RuntimeError("login refused")
+        self.conn.sendall(b"a2 SELECT INBOX\r\na3 IDLE\r\n")
+        self._read_until(b"+ ")
+        self.tag = 3
+
+    def _read_until(self, marker: bytes) -> bytes:
+        received = b""
+        while marker not in received:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before {marker!r}: {received[-200:]!r}")
+            received += chunk
+        return received
+
+    def check(self) -> None:
+        """Leave IDLE, expect its OK, and go back into IDLE."""
+        self.conn.sendall(b"DONE\r\n")
+        if f"a{self.tag} OK".encode() not in self._read_until(f"a{self.tag} ".encode()):
+            raise RuntimeError("IDLE not completed")
+        self.tag += 1
+        self.conn.sendall(f"a{self.tag} IDLE\r\n".encode())
+        self._read_until(b"+ ")
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def main() -> int:
-    sessions = int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SESSIONS
-    # Each session holds a client socket here, two in the proxy and more in Dovecot.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sessions", type=int, nargs="?", default=9000)
+    parser.add_argument("--threads", type=int, default=8, help="sessions opened at once")
+    args = parser.parse_args()
+    sessions = args.sessions
+    needed = 2 * sessions + sessions + 200
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < 4 * sessions + 100:
-        print(f"the open files limit ({hard}) is too low for {sessions} sessions")
+    print(
+        f"{sessions} sessions: open files needed by the proxy about {2 * sessions + 100}, "
+        f"by this process about {sessions + 100}; limit raised to {hard}"
+    )
+    if hard < 2 * sessions + 100:
+        print(f"the hard limit on open files ({hard}) is too low; {needed} would do")
         return 2
-    with tempfile.TemporaryDirectory(prefix="xoauth2-proxy-bench-") as tmp:
-        work = Path(tmp)
-        pki = TestPki(work / "pki")
-        context = ssl.create_default_context(cafile=str(pki.ca_file))
-        with EntraEmulator(work / "idp") as idp:
-            idp.register_app(CLIENT_ID, secret=SECRET)
-            with Dovecot(
-                work / "dovecot",
-                pki=pki,
-                jwt_public_key_pem=idp.public_key_pem(),
-                kid=idp.kid,
-                issuer=idp.issuer,
-                mailboxes=(USER,),
-                extra_config=_DOVECOT_LIMITS,
-            ) as dovecot:
-                port = _free_port()
-                config = _config(work, pki, idp, dovecot, port)
-                with config.open("a") as out:  # all sessions come from one address
-                    out.write(
-                        f"\n[limits]\nmax_connections = {sessions + 10}\n"
-                        f"max_connections_per_network = {sessions + 10}\n"
-                    )
-                command = ["serve", "-c", str(config)]
-                proxy = subprocess.Popen(
-                    [sys.executable, "-m", "proxy", "--log-level", "warning", *command],
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print("Dovecot needs (written to its configuration):" + dovecot_config(sessions))
+    with Rig(dovecot_config=dovecot_config(sessions)) as rig:
+        context = ssl.create_default_context(cafile=str(rig.pki.ca_file))
+        port = rig.ports["imap"]
+        for _ in range(5):  # warm up: the token, the verified password, imports
+            _Session(context, port).close()
+        time.sleep(1)
+        proxy_before = rig.proxy_rss_kib()
+        dovecot_before = _dovecot_pss_kib(rig.dovecot.pid)
+        held: list[_Session] = []
+        started = time.perf_counter()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(args.threads) as pool:
+                futures = [pool.submit(_Session, context, port) for _ in range(sessions)]
+                for future in futures:
+                    held.append(future.result())
+            opened = time.perf_counter() - started
+            time.sleep(5)  # into hibernation, and settled
+            began = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.threads) as pool:
+                list(pool.map(_Session.check, held))
+            checked = time.perf_counter() - began
+            time.sleep(5)
+            proxy_after = rig.proxy_rss_kib()
+            dovecot_after = _dovecot_pss_kib(rig.dovecot.pid)
+            kinds = _dovecot_processes(rig.dovecot.pid)
+            shown = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+            print(
+                f"\n{sessions} idle IMAP sessions (TLS on both sides), opened in {opened:.0f} s; "
+                f"all {len(held)} alive (each left IDLE, got its OK and went back into IDLE, "
+                f"in {checked:.0f} s); Dovecot's processes: {shown}"
+            )
+            print("\n| process | before MiB | after MiB | per session KiB |")
+            print("|---|---:|---:|---:|")
+            for name, before, after in (
+                ("proxy (RSS)", proxy_before, proxy_after),
+                ("Dovecot (PSS, all processes)", dovecot_before, dovecot_after),
+            ):
+                print(
+                    f"| {name} | {before / 1024:.1f} | {after / 1024:.1f} | "
+                    f"{(after - before) / sessions:.1f} |"
                 )
-                held: list[ssl.SSLSocket] = []
-                try:
-                    _wait_for_port(port, time.monotonic() + 30)
-                    # Warm up: the token, the verified-password cache, imports, pools.
-                    for _ in range(5):
-                        _idle_session(context, port).close()
-                    time.sleep(1)
-                    proxy_before = _rss_kib(proxy.pid)
-                    dovecot_before = _dovecot_pss_kib()
-                    started = time.perf_counter()
-                    for _ in range(sessions):
-                        held.append(_idle_session(context, port))
-                    opened = time.perf_counter() - started
-                    time.sleep(2)  # let the sessions settle into IDLE
-                    proxy_after = _rss_kib(proxy.pid)
-                    dovecot_after = _dovecot_pss_kib()
-                    per_proxy = (proxy_after - proxy_before) / sessions
-                    per_dovecot = (dovecot_after - dovecot_before) / sessions
-                    print(
-                        f"{sessions} idle IMAP sessions (TLS on both sides), opened in "
-                        f"{opened:.1f} s"
-                    )
-                    print("| process  | before MiB | after MiB | per session KiB |")
-                    print("|----------|------------|-----------|-----------------|")
-                    for name, before, after, per in (
-                        ("proxy", proxy_before, proxy_after, per_proxy),
-                        ("dovecot", dovecot_before, dovecot_after, per_dovecot),
-                    ):
-                        print(
-                            f"| {name:<8} | {before / 1024:>10.1f} | {after / 1024:>9.1f} | "
-                            f"{per:>15.1f} |"
-                        )
-                finally:
-                    for conn in held:
-                        conn.close()
-                    proxy.terminate()
-                    proxy.wait(30)
+        finally:
+            for session in held:
+                session.close()
     return 0
 
 

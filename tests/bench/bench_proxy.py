@@ -1,212 +1,385 @@
-"""Proxy benchmarks (not tests): ``python3 -m tests.bench.bench_proxy``. Prints a table.
+"""Proxy benchmarks (not tests): ``python -m tests.bench.bench_proxy [--help]``.
 
-The same Dovecot is reached twice in one run: directly (the client logs in with SASL
-XOAUTH2 and a token, as a modern client would) and through ``xoauth2-proxy serve``,
-running as its own process as in production (the client sends a password). Each row
-gives both median timings (the two alternate) and their ratio, proxy / direct:
+The same Dovecot is reached directly (SASL XOAUTH2 with the token, as a modern client
+would) and through ``xoauth2-proxy serve`` in its own process (a password, as a legacy
+program would), in one run, with TLS on every connection (:mod:`tests.bench.rig`). Each
+figure alternates direct and proxied blocks and prints medians, the ratio proxy / direct
+with the spread of the per-block ratios (the machine's noise), and the CPU time each
+operation cost the client, the proxy and the upstream (Dovecot and its SMTP relay):
 
-- a whole session: TLS handshake, login, SELECT, LOGOUT (the proxy adds a second TLS
-  handshake and the password check; verified passwords are cached, as in production);
-- FETCH of a message of several megabytes (the relay's throughput).
+- *login cycle*: connect, TLS, log in, SELECT INBOX, LOGOUT, one after the other;
+- *logins/s at 8 concurrent clients*: the same cycle from 8 client processes at once;
+- *IMAP FETCH* and *POP3 RETR* of one large message (the relay's throughput);
+- *SMTP*: sessions of 100 messages (connect, TLS, log in, then MAIL, RCPT, DATA per
+  message, without pipelining, as :mod:`smtplib` does).
+
+The idle-session figures come from :mod:`tests.bench.bench_idle`. README.md's performance
+table is copied from the two outputs, with the commands that printed them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import imaplib
+import argparse
+import json
 import os
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, TypedDict
 
-from proxy.identities import hash_password
-from tests.support.certs import TestPki
-from tests.support.dovecot import Dovecot
-from tests.support.entra import EntraEmulator
+from tests.bench.clients import Spec
+from tests.bench.rig import DOVECOT_TUNING, USER, Cpu, Rig
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Sequence
 
-CLIENT_ID = "00000000-0000-4000-8000-0000000000bb"
-SECRET = "bench-secret"
-USER = "bench@contoso.com"
-PASSWORD = "bench-password"
-SESSIONS = 100
-FETCHES = 10
-MESSAGE_SIZE = 8 * 1024 * 1024
+BIG_MESSAGE: Final = 10_800_000
+CONCURRENCY: Final = 8
 
 
-def _message() -> bytes:
+def big_message(size: int = BIG_MESSAGE) -> bytes:
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?()[]<>\r\n"
-    body = (line * (MESSAGE_SIZE // len(line) + 1))[:MESSAGE_SIZE]
     header = f"From: bench@contoso.com\r\nTo: {USER}\r\nSubject: big\r\n\r\n".encode()
+    body = (line * (size // len(line) + 1))[: size - len(header)]
     return header + body.rstrip(b"\r\n") + b"\r\n"
 
 
-def _config(work: Path, pki: TestPki, idp: EntraEmulator, dovecot: Dovecot, port: int) -> Path:
-    (work / "secret").write_text(SECRET)
-    (work / "secret").chmod(0o600)
-    config = work / "config.toml"
-    config.write_text(f"""\
-[apps.contoso]
-provider = "microsoft"
-tenant = "{idp.tenant}"
-client_id = "{CLIENT_ID}"
-client_secret = {{ file = "secret" }}
-authority = "{idp.authority}"
-ca_file = "{idp.ca_file}"
+class Result(TypedDict):
+    """What a worker answers (see :mod:`tests.bench.clients`)."""
 
-[[listeners]]
-protocol = "imap"
-listen = "127.0.0.1:{port}"
-tls = "implicit"
-certificate = {{ file = "{pki.issue("proxy", "localhost", "127.0.0.1")}" }}
-upstream = "127.0.0.1:{dovecot.ports.imaps}"
-upstream_tls = "implicit"
-upstream_ca_file = "{dovecot.ca_file}"
-
-[users."{USER}"]
-password_hash = "{hash_password(PASSWORD)}"
-app = "contoso"
-""")
-    config.chmod(0o600)
-    return config
+    times: list[float]
+    cpu: float
+    elapsed: float
 
 
-def _wait_for_port(port: int, deadline: float) -> None:
-    """Wait until something accepts on the port (the proxy this benchmark started)."""
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"the proxy did not start listening on port {port}")
+class Workers:
+    """``count`` client processes running one :class:`Spec` (:mod:`tests.bench.clients`)."""
+
+    def __init__(self, spec: Spec, count: int = 1) -> None:
+        argument = json.dumps({name: getattr(spec, name) for name in spec.__slots__})
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.bench.clients", "worker", argument],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(count)
+        ]
+        for process in self.processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                self.close()
+                raise RuntimeError(f"a {spec.op} worker did not start")
+
+    def run(self, command: str) -> list[Result]:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(command + "\n")
+            process.stdin.flush()
+        results: list[Result] = []
+        for process in self.processes:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError("a worker died")
+            results.append(json.loads(line))
+        return results
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                assert process.stdin is not None
+                process.stdin.write("quit\n")
+                process.stdin.close()
+        for process in self.processes:
+            process.wait(30)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+@dataclass(slots=True)
+class Block:
+    """One block of operations on one side."""
+
+    times: list[float]
+    count: int
+    elapsed: float
+    cpu: Cpu
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.elapsed
 
 
-def _compare(
-    direct: Callable[[], object], proxied: Callable[[], object], rounds: int
-) -> tuple[float, float]:
-    """Median seconds per call of each; the two alternate, so that both see the same load
-    on the machine (a shared machine's noise otherwise lands on one side only)."""
-    direct()  # warm up: the first token, the first password check, caches
-    proxied()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for fn, spent in zip((direct, proxied), times, strict=True):
-            started = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - started)
-    return statistics.median(times[0]), statistics.median(times[1])
+@dataclass(slots=True)
+class Side:
+    blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def times(self) -> list[float]:
+        return [t for b in self.blocks for t in b.times]
+
+    def median_time(self) -> float:
+        return statistics.median(self.times)
+
+    def median_rate(self) -> float:
+        return statistics.median(b.rate for b in self.blocks)
+
+    def cpu_per_op(self) -> Cpu:
+        """Median over blocks of each party's CPU seconds per operation."""
+        per = [b.cpu.per(b.count) for b in self.blocks]
+        return Cpu(
+            statistics.median(c.client for c in per),
+            statistics.median(c.proxy for c in per),
+            statistics.median(c.upstream for c in per),
+        )
 
 
-def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="xoauth2-proxy-bench-") as tmp:
-        work = Path(tmp)
-        pki = TestPki(work / "pki")
-        context = ssl.create_default_context(cafile=str(pki.ca_file))
-        with EntraEmulator(work / "idp") as idp:
-            idp.register_app(CLIENT_ID, secret=SECRET)
-            with Dovecot(
-                work / "dovecot",
-                pki=pki,
-                jwt_public_key_pem=idp.public_key_pem(),
-                kid=idp.kid,
-                issuer=idp.issuer,
-                mailboxes=(USER,),
-            ) as dovecot:
-                big = _message()
-                dovecot.deliver(USER, big)
-                port = _free_port()
-                config = _config(work, pki, idp, dovecot, port)
-                token = subprocess.run(
-                    [sys.executable, "-m", "proxy", "token", "contoso", "-c", str(config)],
-                    capture_output=True,
-                    check=True,
-                    text=True,
-                ).stdout.strip()
-                xoauth2 = f"user={USER}\x01auth=Bearer {token}\x01\x01".encode()
-                proxy = subprocess.Popen(
+def compare(
+    rig: Rig, direct: Workers, proxied: Workers, command: str, blocks: int
+) -> tuple[Side, Side]:
+    """Run ``command`` on both in alternating blocks (which side goes first alternates
+    too); return each side's blocks with the CPU each party spent."""
+    sides = (Side(), Side())
+    for i in range(blocks):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for index in order:
+            workers = (direct, proxied)[index]
+            before = rig.cpu()
+            results = workers.run(command)
+            after = rig.cpu(client=sum(r["cpu"] for r in results))
+            times = [t for r in results for t in r["times"]]
+            elapsed = max(r["elapsed"] for r in results)
+            sides[index].blocks.append(Block(times, len(times), elapsed, after - before))
+    return sides
+
+
+@dataclass(slots=True)
+class Figure:
+    """One row of the table."""
+
+    name: str
+    unit: str
+    direct: float
+    proxy: float
+    #: proxy / direct for times, direct / proxy... no: always "proxy relative to direct"
+    #: in the direction where 1.0 is parity and the goal says which side of it is good.
+    ratio: float
+    spread: tuple[float, float]
+    goal: str
+    cpu: tuple[Cpu, Cpu]
+    ops: str
+
+
+def _spread(direct: Side, proxy: Side, *, rate: bool) -> tuple[float, float]:
+    ratios = []
+    for a, b in zip(direct.blocks, proxy.blocks, strict=True):
+        if rate:
+            ratios.append(b.rate / a.rate)
+        else:
+            ratios.append(statistics.median(b.times) / statistics.median(a.times))
+    return min(ratios), max(ratios)
+
+
+def _spec(rig: Rig, op: str, protocol: str, *, direct: bool, **extra: object) -> Spec:
+    endpoint = rig.endpoint(protocol, direct=direct)
+    return Spec(op=op, **endpoint.as_dict(), **extra)  # type: ignore[arg-type]
+
+
+def measure(rig: Rig, args: argparse.Namespace) -> list[Figure]:
+    figures: list[Figure] = []
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    def pair(op: str, protocol: str, count: int = 1, **extra: object) -> tuple[Workers, Workers]:
+        a = Workers(_spec(rig, op, protocol, direct=True, **extra), count)
+        try:
+            b = Workers(_spec(rig, op, protocol, direct=False, **extra), count)
+        except BaseException:
+            a.close()
+            raise
+        return a, b
+
+    blocks = args.blocks
+    resume = args.resume
+    if want("cycle"):
+        a, b = pair(args.cycle_client, "imap", resume=resume)
+        try:
+            d, p = compare(rig, a, b, f"run {args.cycles}", blocks)
+        finally:
+            a.close()
+            b.close()
+        figures.append(
+            Figure(
+                "login cycle (connect, TLS, login, SELECT, LOGOUT), sequential",
+                "ms",
+                d.median_time() * 1e3,
+                p.median_time() * 1e3,
+                p.median_time() / d.median_time(),
+                _spread(d, p, rate=False),
+                "<= 1.15x",
+                (d.cpu_per_op(), p.cpu_per_op()),
+                "login",
+            )
+        )
+    if want("concurrent"):
+        a, b = pair("cycle", "imap", CONCURRENCY, resume=resume)
+        try:
+            d, p = compare(rig, a, b, f"for {args.seconds}", blocks)
+        finally:
+            a.close()
+            b.close()
+        figures.append(
+            Figure(
+                f"logins/s at {CONCURRENCY} concurrent clients",
+                "/s",
+                d.median_rate(),
+                p.median_rate(),
+                p.median_rate() / d.median_rate(),
+                _spread(d, p, rate=True),
+                ">= 0.85x",
+                (d.cpu_per_op(), p.cpu_per_op()),
+                "login",
+            )
+        )
+    size = BIG_MESSAGE / 1e6
+    for name, op, protocol in (("fetch", "fetch", "imap"), ("retr", "retr", "pop3")):
+        if not want(name):
+            continue
+        a, b = pair(op, protocol, expect=BIG_MESSAGE)
+        try:
+            d, p = compare(rig, a, b, f"run {args.transfers}", blocks)
+        finally:
+            a.close()
+            b.close()
+        what = "IMAP FETCH" if protocol == "imap" else "POP3 RETR"
+        figures.append(
+            Figure(
+                f"{what} {size:.1f} MB",
+                "MB/s",
+                size / d.median_time(),
+                size / p.median_time(),
+                d.median_time() / p.median_time(),
+                tuple(1 / r for r in reversed(_spread(d, p, rate=False))),  # type: ignore[arg-type]
+                ">= 0.95x",
+                (d.cpu_per_op(), p.cpu_per_op()),
+                op,
+            )
+        )
+    if want("smtp"):
+        messages = args.messages
+        a, b = pair("smtp", "smtp", messages=messages, size=args.message_size)
+        try:
+            d, p = compare(rig, a, b, "run 1", blocks)
+        finally:
+            a.close()
+            b.close()
+        per = messages
+        figures.append(
+            Figure(
+                f"SMTP, {messages} messages of {args.message_size // 1024} KiB per session",
+                "msg/s",
+                per / d.median_time(),
+                per / p.median_time(),
+                d.median_time() / p.median_time(),
+                tuple(1 / r for r in reversed(_spread(d, p, rate=False))),  # type: ignore[arg-type]
+                ">= 0.95x",
+                (d.cpu_per_op().per(per), p.cpu_per_op().per(per)),
+                "message",
+            )
+        )
+    return figures
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def print_tables(figures: Sequence[Figure], rig: Rig, args: argparse.Namespace) -> None:
+    print(
+        f"\nlistener certificate: {args.key}; Dovecot: "
+        f"{'defaults' if args.dovecot_default else 'tuned (rig.DOVECOT_TUNING)'}; "
+        f"clients {'resume' if args.resume else 'do not resume'} TLS sessions; "
+        f"{args.blocks} alternating blocks; load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| figure | direct | proxy | ratio | block ratios | goal |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for f in figures:
+        print(
+            f"| {f.name} | {_number(f.direct)} {f.unit} | {_number(f.proxy)} {f.unit} | "
+            f"{f.ratio:.2f}x | {f.spread[0]:.2f}-{f.spread[1]:.2f} | {f.goal} |"
+        )
+    print("\nCPU milliseconds per operation (medians over blocks):\n")
+    print(
+        "| operation | client direct | client proxied | proxy | upstream direct "
+        "| upstream proxied |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for f in figures:
+        d, p = f.cpu
+        print(
+            f"| {f.name} (per {f.ops}) | {d.client * 1e3:.2f} | {p.client * 1e3:.2f} | "
+            f"{p.proxy * 1e3:.2f} | {d.upstream * 1e3:.2f} | {p.upstream * 1e3:.2f} |"
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--key", choices=("ecdsa", "rsa"), default="ecdsa", help="listener key")
+    p.add_argument("--resume", action="store_true", help="clients resume TLS sessions")
+    p.add_argument(
+        "--dovecot-default",
+        action="store_true",
+        help="Dovecot's default login processes (one per connection: no TLS resumption)",
+    )
+    p.add_argument("--only", help="comma-separated: cycle,concurrent,fetch,retr,smtp")
+    p.add_argument("--blocks", type=int, default=10, help="alternating blocks per figure")
+    p.add_argument("--cycles", type=int, default=20, help="login cycles per block")
+    p.add_argument("--cycle-client", choices=("cycle", "imaplib-cycle"), default="cycle")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per concurrent block")
+    p.add_argument("--transfers", type=int, default=3, help="FETCH/RETR per block")
+    p.add_argument("--messages", type=int, default=100, help="SMTP messages per session")
+    p.add_argument("--message-size", type=int, default=4096, help="SMTP message bytes")
+    p.add_argument("--limits", default="", help="extra lines for the proxy's [limits]")
+    p.add_argument("--delay", type=float, default=0.0, help="ms each way to the upstream")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    needs_big = not args.only or {"fetch", "retr"} & set(args.only.split(","))
+    with Rig(
+        key_type=args.key,
+        limits=args.limits.replace("\\n", "\n"),
+        dovecot_config="" if args.dovecot_default else DOVECOT_TUNING,
+        messages=(big_message(),) if needs_big else (),
+        upstream_delay_ms=args.delay,
+    ) as rig:
+        figures = measure(rig, args)
+        print_tables(figures, rig, args)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(
                     [
-                        sys.executable,
-                        "-m",
-                        "proxy",
-                        "--log-level",
-                        "warning",
-                        "serve",
-                        "-c",
-                        str(config),
+                        {
+                            "name": f.name,
+                            "unit": f.unit,
+                            "direct": f.direct,
+                            "proxy": f.proxy,
+                            "ratio": f.ratio,
+                            "spread": f.spread,
+                            "goal": f.goal,
+                            "cpu_direct": [f.cpu[0].client, f.cpu[0].proxy, f.cpu[0].upstream],
+                            "cpu_proxy": [f.cpu[1].client, f.cpu[1].proxy, f.cpu[1].upstream],
+                        }
+                        for f in figures
                     ],
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    out,
+                    indent=1,
                 )
-                try:
-                    _wait_for_port(port, time.monotonic() + 30)
-
-                    def direct() -> imaplib.IMAP4_SSL:
-                        imap = imaplib.IMAP4_SSL(
-                            "localhost", dovecot.ports.imaps, ssl_context=context
-                        )
-                        imap.authenticate("XOAUTH2", lambda _: xoauth2)
-                        return imap
-
-                    def proxied() -> imaplib.IMAP4_SSL:
-                        imap = imaplib.IMAP4_SSL("localhost", port, ssl_context=context)
-                        imap.login(USER, PASSWORD)
-                        return imap
-
-                    def session(connect: Callable[[], imaplib.IMAP4_SSL]) -> Callable[[], None]:
-                        def run() -> None:
-                            imap = connect()
-                            imap.select("INBOX", readonly=True)
-                            imap.logout()
-
-                        return run
-
-                    def fetch(connect: Callable[[], imaplib.IMAP4_SSL]) -> Callable[[], None]:
-                        imap = connect()
-                        imap.select("INBOX", readonly=True)
-
-                        def run() -> None:
-                            _, data = imap.fetch("1", "(BODY.PEEK[])")
-                            part = data[0]
-                            assert isinstance(part, tuple)
-                            assert part[1] == big
-
-                        return run
-
-                    print(f"| {'what':<36} | {'direct':>10} | {'proxy':>10} | ratio |")
-                    print(f"|{'-' * 38}|{'-' * 12}|{'-' * 12}|-------|")
-                    timings: dict[str, tuple[float, float]] = {}
-                    for name, make, rounds in (
-                        ("session (TLS, login, SELECT, LOGOUT)", session, SESSIONS),
-                        (f"FETCH {MESSAGE_SIZE >> 20} MiB", fetch, FETCHES),
-                    ):
-                        a, b = _compare(make(direct), make(proxied), rounds)
-                        timings[name] = (a, b)
-                        print(
-                            f"| {name:<36} | {a * 1e3:>7.2f} ms | {b * 1e3:>7.2f} ms | "
-                            f"{b / a:>5.2f} |"
-                        )
-                    mib = MESSAGE_SIZE / (1 << 20)
-                    direct_fetch, proxied_fetch = timings[f"FETCH {MESSAGE_SIZE >> 20} MiB"]
-                    print(
-                        f"\nFETCH throughput: {mib / proxied_fetch:.0f} MiB/s through the proxy, "
-                        f"{mib / direct_fetch:.0f} MiB/s direct"
-                    )
-                finally:
-                    proxy.terminate()
-                    proxy.wait(30)
     return 0
 
 

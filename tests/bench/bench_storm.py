@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.identities import DEFAULT_PARAMETERS, _verify, hash_password
-from tests.bench.bench_proxy import _free_port, _wait_for_port
+from tests.bench.rig import free_port, wait_for_port
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator
@@ -132,7 +132,7 @@ def main() -> int:
                 issuer=idp.issuer,
                 mailboxes=(MAILBOX,),
             ) as dovecot:
-                port = _free_port()
+                port = free_port()
                 config = _config(work, pki, idp, dovecot, port, users)
                 token = subprocess.run(
                     [sys.executable, "-m", "proxy", "token", "contoso", "-c", str(config)],
@@ -172,7 +172,7 @@ def main() -> int:
                     stderr=subprocess.DEVNULL,
                 )
                 try:
-                    _wait_for_port(port, time.monotonic() + 30)
+                    wait_for_port(port, time.monotonic() + 30)
                     time.sleep(1)  # the background refresh has the token
                     cpu_before = _cpu_seconds(proxy.pid)
                     through, retries = _storm(clients, proxied)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from proxy.identities import HashParameters, hash_password
-from tests.bench.bench_proxy import _free_port, _wait_for_port
+from tests.bench.rig import free_port, wait_for_port
 from tests.support.certs import TestPki
 from tests.support.dovecot import Dovecot
 from tests.support.entra import EntraEmulator
@@ -142,7 +142,7 @@ def main() -> int:
                 issuer=idp.issuer,
                 mailboxes=(MAILBOX,),
             ) as dovecot:
-                port = _free_port()
+                port = free_port()
                 config = _config(work, pki, idp, dovecot, port)
                 proxy = subprocess.Popen(
                     [
@@ -158,7 +158,7 @@ def main() -> int:
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
                 try:
-                    _wait_for_port(port, time.monotonic() + 30)
+                    wait_for_port(port, time.monotonic() + 30)
                     for _ in range(rounds):
                         for case, login in CASES.items():
                             # A new connection per attempt: three failures end one.

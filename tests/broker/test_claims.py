@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker import claims as claims_module
 from broker.claims import (
     NotAJwtError,
     check_token,
@@ -52,6 +53,27 @@ def test_roles() -> None:
     assert token_roles(make_token(CLAIMS)) == {"IMAP.AccessAsApp", "SMTP.SendAsApp"}
     assert token_roles(make_token({"aud": "x"})) == frozenset()
     assert token_roles(make_token({"roles": "IMAP.AccessAsApp"})) == frozenset()
+
+
+def test_a_token_is_decoded_once_for_its_many_logins() -> None:
+    """Each login checks its token's claims and roles; a token serves many logins, and
+    decoding it costs more than the rest of the check, so it is decoded once."""
+    decoded = claims_module._claims_of
+    decoded.cache_clear()
+    value = make_token(CLAIMS)
+    for _ in range(3):
+        assert token_roles(value) == {"IMAP.AccessAsApp", "SMTP.SendAsApp"}
+        assert check_token(expectations_for(microsoft()), token(CLAIMS)) == []
+    assert decoded.cache_info().misses == 1
+    # The claims handed out are the caller's to change: the remembered ones stay as they were.
+    first = decode_claims(value)
+    first["roles"] = ["Mail.ReadWrite"]
+    assert token_roles(value) == {"IMAP.AccessAsApp", "SMTP.SendAsApp"}
+    # What is not a JWT is remembered as such, and says so every time.
+    for _ in range(2):
+        with pytest.raises(NotAJwtError, match="not a JWT"):
+            token_roles("opaque-token-value-EwBwA8l6BAAU")
+    assert check_token(expectations_for(microsoft()), token(None))[0].claim == "token"
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,16 @@ def raw_session(
     pki: TestPki, port: int, script: bytes, until: bytes, *, use_tls: bool = True
 ) -> bytes:
     """Read the greeting, send ``script``, read until ``until`` is seen or the peer closes;
-    return everything received (greeting included)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    return everything received (greeting included).
+
+    The whole script fits in the socket's send buffer, so that sending it never waits for
+    the proxy to read: a proxy that refuses it and closes before reading it all (and so
+    resets the connection) must not fail the send, only show in what comes back.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * len(script) + 65536)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
         conn: socket.socket = (
             tls_context(pki).wrap_socket(sock, server_hostname="localhost") if use_tls else sock
         )

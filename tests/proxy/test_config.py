@@ -691,6 +691,13 @@ def test_control_characters_in_logins_and_mailboxes_are_refused(
         ("ipv6_prefix = 8", "ipv6_prefix: must be a whole number from 16 to 128"),
         ("failure_window = 0", "failure_window: must be a positive number of seconds"),
         ("max_early_upstreams = 1.5", "max_early_upstreams: must be a whole number of at least 0"),
+        ("upstream_pool = 2.5", "upstream_pool: must be a whole number from 0 to 100"),
+        ("upstream_pool = 101", "upstream_pool: must be a whole number from 0 to 100"),
+        (
+            "upstream_pool_max_age = 0",
+            "upstream_pool_max_age: must be a positive number of seconds",
+        ),
+        ("ticket_key_lifetime = 0", "ticket_key_lifetime: must be a positive number of seconds"),
     ],
 )
 def test_throttle_and_network_limits_are_checked(

@@ -94,7 +94,15 @@ if TYPE_CHECKING:
 
     from tests.support.certs import TestPki
 
-__all__ = ["HOST", "REMOTE_HOST", "Dovecot", "DovecotError", "DovecotPorts", "key_file_name"]
+__all__ = [
+    "HOST",
+    "ONE_LOGIN_PROCESS",
+    "REMOTE_HOST",
+    "Dovecot",
+    "DovecotError",
+    "DovecotPorts",
+    "key_file_name",
+]
 
 HOST: Final = "127.0.0.1"
 # Dovecot also listens here. Linux connects to it from 127.0.0.1, and Dovecot counts a
@@ -119,6 +127,32 @@ _SAFE_VALUE = re.compile(r"[!-~]+")  # printable ASCII, no spaces, for audience 
 _USERNAME_FORMAT = "xoauth2-proxy-app"
 _STARTED = ") starting up for "  # "master: Info: Dovecot v2.3.19.1 (9b53102964) starting up for"
 _PORT_TAKEN = "Address already in use"
+
+
+#: ``extra_config`` for Dovecot's "high-performance mode" with one login process per
+#: service: each login process serves many connections, and keeps its own TLS session
+#: cache and ticket keys, so with one per service every client can resume its TLS
+#: session (with the default, a process per connection, none can).
+ONE_LOGIN_PROCESS: Final = """
+service imap-login {
+  service_count = 0
+  process_min_avail = 1
+  process_limit = 1
+  client_limit = 20000
+}
+service pop3-login {
+  service_count = 0
+  process_min_avail = 1
+  process_limit = 1
+  client_limit = 1000
+}
+service submission-login {
+  service_count = 0
+  process_min_avail = 1
+  process_limit = 1
+  client_limit = 1000
+}
+"""
 
 
 class DovecotError(RuntimeError):
