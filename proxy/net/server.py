@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy.config import ClientCertificates, Protocol, UpstreamClientAddress
+from proxy.files import UnsafeFile, read_trusted
 from proxy.hashpool import HashPool
 from proxy.identities import DEFAULT_PARAMETERS, Authenticator, parameters_of
 from proxy.net import notify
@@ -458,8 +459,15 @@ class ProxyServer:
         in use and ``False`` is returned.
         """
         try:
+            # The files as the configuration's rules allow them (proxy.files), as at a
+            # reload: a certificate or CA file made writable by others since is not loaded.
+            for listener in self._client_contexts:
+                if listener.certificate is not None:
+                    read_trusted(listener.certificate, private=True)
+                if listener.client_ca_file is not None:
+                    read_trusted(listener.client_ca_file, private=False)
             contexts = _client_contexts(self._client_contexts)
-        except (OSError, ValueError) as exc:
+        except (UnsafeFile, OSError, ValueError) as exc:
             log.warning("TLS session ticket keys not rotated, the previous ones stay: %s", exc)
             return False
         self._client_contexts = contexts

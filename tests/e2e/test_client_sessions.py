@@ -136,3 +136,34 @@ async def test_ticket_keys_rotate_every_ticket_key_lifetime(
         while proxy.server._client_contexts[proxy.listeners[0].config] is first:  # noqa: ASYNC110
             await trio.sleep(0.01)
     assert "TLS session ticket keys rotated" in caplog.text
+
+
+@pytest.mark.parametrize("which", ["certificate", "client_ca_file"])
+async def test_keys_stay_when_a_file_breaks_the_rules_at_rotation(
+    nursery: trio.Nursery,
+    rig: ProxyRig,
+    pki: TestPki,
+    dovecot: Dovecot,
+    caplog: pytest.LogCaptureFixture,
+    which: str,
+) -> None:
+    """A rotation loads the listener's files as a reload would: a certificate others may
+    read, or a client CA file others may write, is refused, and the keys in use stay."""
+    extra = {"client_ca_file": f'"{pki.ca_file}"', "client_certificates": '"optional"'}
+    path = rig.write([Listener(upstream_port=dovecot.ports.imaps, extra=extra)])
+    proxy = await start_proxy(nursery, path)
+    listener = proxy.listeners[0].config
+    unsafe = listener.certificate if which == "certificate" else listener.client_ca_file
+    assert unsafe is not None
+    client = Client(pki, proxy.port, ssl.TLSVersion.TLSv1_3)
+    assert [await in_thread(client.connect) for _ in range(2)] == [False, True]
+    mode = unsafe.stat().st_mode
+    unsafe.chmod(0o644 if which == "certificate" else 0o666)
+    try:
+        assert not proxy.server.rotate_ticket_keys()
+    finally:
+        unsafe.chmod(mode)
+    problem = "is accessible to its group" if which == "certificate" else "is writable by"
+    assert f"{unsafe} {problem}" in caplog.text
+    assert await in_thread(client.connect)  # the same keys: it still resumes
+    assert proxy.server.rotate_ticket_keys()  # with the file put right, they rotate
