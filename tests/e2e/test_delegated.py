@@ -356,6 +356,26 @@ def logged_in(dovecot: Dovecot, since: int, mailbox: str) -> None:
     dovecot.wait_for_log(f"Login: user=<{mailbox}>, method=XOAUTH2", since=since)
 
 
+def logs_in(pki: TestPki, port: int, dovecot: Dovecot, login: str, mailbox: str) -> None:
+    """``login`` logs in with its password through the proxy at ``port``, and Dovecot sees
+    ``mailbox`` log in with a token."""
+    since = len(dovecot.log_text())
+    reply = login_reply(pki, port, login, PASSWORD)
+    assert reply.startswith(b"a1 OK"), reply
+    logged_in(dovecot, since, mailbox)
+
+
+def serve_and_log_in(
+    config: Path, pki: TestPki, dovecot: Dovecot, login: str, mailbox: str
+) -> None:
+    """``serve`` as a process, and one login through it as :func:`logs_in`."""
+    serve = ServeProcess(config, config.parent / "serve.log")
+    try:
+        logs_in(pki, serve.port(), dovecot, login, mailbox)
+    finally:
+        serve.close()
+
+
 # -- Microsoft -----------------------------------------------------------------------------------
 
 
@@ -430,9 +450,7 @@ def test_a_permission_not_granted_refuses_that_protocol_only(
     try:
         imap_port = serve.port()
         ports = [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", serve.text())]
-        since = len(person_dovecot.log_text())
-        assert login_reply(pki, imap_port, "jane", PASSWORD).startswith(b"a1 OK")
-        logged_in(person_dovecot, since, JANE)
+        logs_in(pki, imap_port, person_dovecot, "jane", JANE)
         pop3 = poplib.POP3_SSL(
             "127.0.0.1",
             next(p for p in ports if p != imap_port),
@@ -461,13 +479,7 @@ def test_microsoft_browser_sign_in(
     config = write_config(tmp_path, pki, person_dovecot, entra_app(entra), (BOB,))
     process = browser_sign_in(config, "bob", entra.ca_file, BOB)
     assert process.finish() == 0, process.output
-    serve = ServeProcess(config, tmp_path / "serve.log")
-    try:
-        since = len(person_dovecot.log_text())
-        assert login_reply(pki, serve.port(), "bob", PASSWORD).startswith(b"a1 OK")
-        logged_in(person_dovecot, since, BOB)
-    finally:
-        serve.close()
+    serve_and_log_in(config, pki, person_dovecot, "bob", BOB)
 
 
 def test_signing_in_as_another_account_is_refused(
@@ -605,13 +617,7 @@ ca_file = "{google.ca_file}"
     process.paste(visit.urls[-1])
     assert process.finish() == 0, process.output
     assert f"Signed in as {JANE}" in process.output
-    serve = ServeProcess(config, tmp_path / "serve.log")
-    try:
-        since = len(gmail_dovecot.log_text())
-        assert login_reply(pki, serve.port(), "jane", PASSWORD).startswith(b"a1 OK")
-        logged_in(gmail_dovecot, since, JANE)
-    finally:
-        serve.close()
+    serve_and_log_in(config, pki, gmail_dovecot, "jane", JANE)
 
 
 def test_google_refuses_the_device_sign_in_for_gmail(
@@ -666,10 +672,7 @@ def test_oidc_provider_sign_ins_rotation_and_revocation(
     try:
         port = serve.port()
         for mailbox, login in ((JANE, "jane"), (BOB, "bob")):
-            since = len(oidc_dovecot.log_text())
-            reply = login_reply(pki, port, login, PASSWORD)
-            assert reply.startswith(b"a1 OK"), (reply, serve.text(), oidc.stderr())
-            logged_in(oidc_dovecot, since, mailbox)
+            logs_in(pki, port, oidc_dovecot, login, mailbox)
         # Tokens live 30 s, less than the broker's minimum validity: every `token` renews,
         # beside the running proxy, and the package rotates the refresh token each time,
         # refusing -- and revoking the grant on -- any reuse.
@@ -681,9 +684,7 @@ def test_oidc_provider_sign_ins_rotation_and_revocation(
             assert current is not None
             assert current.refresh_token not in seen
             seen.add(current.refresh_token)
-        since = len(oidc_dovecot.log_text())
-        assert login_reply(pki, port, "jane", PASSWORD).startswith(b"a1 OK")
-        logged_in(oidc_dovecot, since, JANE)
+        logs_in(pki, port, oidc_dovecot, "jane", JANE)
         current = trio_run(cache.load_grant(jane_key))
         assert current is not None
         # Jane removes the app's access: her refresh token is revoked.
