@@ -672,16 +672,12 @@ class CachingTokenSource:
             return await self._obtain_delegated(state)
         key = state.key
         shared = await self._load(key)
-        if self._fresh(shared, state):
-            assert shared is not None
-            self._told(key.app, "shared_cache")
-            return self._entry(shared)
+        if (entry := self._shared_entry(shared, state)) is not None:
+            return entry
         async with self._cache.exclusive(key):
             shared = await self._load(key)
-            if self._fresh(shared, state):
-                assert shared is not None
-                self._told(key.app, "shared_cache")
-                return self._entry(shared)
+            if (entry := self._shared_entry(shared, state)) is not None:
+                return entry
             obtained_at = self._clock()
             try:
                 token = await self._ask(key)
@@ -704,16 +700,12 @@ class CachingTokenSource:
         """A fresh token for a person's key: shared, or renewed with their sign-in."""
         key = state.key
         shared = await self._load(key)
-        if self._fresh(shared, state):
-            assert shared is not None
-            self._told(key.app, "shared_cache")
-            return self._entry(shared)
+        if (entry := self._shared_entry(shared, state)) is not None:
+            return entry
         async with self._grants.exclusive(key):
             shared = await self._load(key)
-            if self._fresh(shared, state):
-                assert shared is not None
-                self._told(key.app, "shared_cache")
-                return self._entry(shared)
+            if (entry := self._shared_entry(shared, state)) is not None:
+                return entry
             grant = await self._current_grant(state)
             obtained_at = self._clock()
             provider = self._providers[key.app]
@@ -877,6 +869,13 @@ class CachingTokenSource:
             assert isinstance(provider, Provider)
             return await provider.fetch()
         raise self._timed_out(key)
+
+    def _shared_entry(self, shared: CachedToken | None, state: _State) -> _Entry | None:
+        """The cache's token, if it is fresh (:meth:`_fresh`): someone else renewed it."""
+        if shared is None or not self._fresh(shared, state):
+            return None
+        self._told(state.key.app, "shared_cache")
+        return self._entry(shared)
 
     def _fresh(self, shared: CachedToken | None, state: _State) -> bool:
         """Is the cache's token one we should use instead of asking the provider?"""
