@@ -139,8 +139,19 @@ def convert(text: str, *, source: str = "emailproxy.config") -> Conversion:
     parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
     try:
         parser.read_string(text, source=source)
+    except configparser.ParsingError as exc:
+        # Its own message quotes the lines, which may be a wrapped secret: only their numbers.
+        if isinstance(exc, configparser.MissingSectionHeaderError):
+            where = f"{exc.lineno} (no [section] above it)"
+        else:
+            where = ", ".join(str(number) for number, _ in exc.errors)
+        raise NotEmailproxyConfig(
+            f"{source}: not an emailproxy configuration: cannot parse line {where}"
+        ) from None
     except configparser.Error as exc:
-        raise NotEmailproxyConfig(f"{source}: not an emailproxy configuration: {exc}") from None
+        raise NotEmailproxyConfig(
+            f"{source}: not an emailproxy configuration: {type(exc).__name__}"
+        ) from None
     left: list[str] = []
     notes: list[str] = []
     listeners: list[list[str]] = []

@@ -193,3 +193,16 @@ def test_the_command(tmp_path: Path) -> None:
         done = run(str(bad))
         assert done.returncode == 2
         assert str(bad) in done.stderr
+
+
+def test_a_file_that_cannot_be_parsed_is_refused_without_quoting_it() -> None:
+    """configparser quotes the lines it cannot parse; a wrapped secret must not be shown."""
+    text = "[IMAP-1993]\nserver_address = outlook.office365.com\nYx7Q~wrapped-secret-part\n"
+    with pytest.raises(NotEmailproxyConfig) as info:
+        convert(text, source="e.config")
+    assert str(info.value) == "e.config: not an emailproxy configuration: cannot parse line 3"
+    with pytest.raises(NotEmailproxyConfig) as info:
+        convert("Yx7Q~secret-without-a-section\n", source="e.config")
+    assert str(info.value) == (
+        "e.config: not an emailproxy configuration: cannot parse line 1 (no [section] above it)"
+    )
