@@ -161,6 +161,7 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
 
     async def poll_device_sign_in(self, authorization: DeviceAuthorization) -> Renewal | Pending:
         flow = authorization.handle
+        device_code = str(flow.get("device_code", "")) if isinstance(flow, dict) else ""
 
         def work() -> Renewal | Pending:
             result = self._msal_call(
@@ -171,7 +172,7 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
             error = result.get("error")
             if error in ("authorization_pending", "slow_down"):
                 return Pending(error == "slow_down")
-            return self._renewal(result, self._device_error, "")
+            return self._renewal(result, self._device_error, device_code)
 
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
 
@@ -245,15 +246,18 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
     def _renewal(
         self,
         result: dict[str, Any],
-        classify: Callable[[dict[str, Any]], BrokerError | None] | None,
+        classify: Callable[[dict[str, Any], Callable[[str], str]], BrokerError | None] | None,
         secret: str,
     ) -> Renewal:
+        """The token in msal's ``result``, or the error it says; ``secret`` (the refresh
+        token or device code sent) is scrubbed from every message, as the app's own are."""
+
         def scrub(text: str) -> str:
             text = self._scrub(text)
             return text.replace(secret, "<redacted>") if secret else text
 
         if "access_token" not in result:
-            special = classify(result) if classify is not None else None
+            special = classify(result, scrub) if classify is not None else None
             raise special or classify_entra_error(result, where=self._where(), scrub=scrub)
         expires_in = result.get("expires_in")
         if not isinstance(expires_in, int | float) or expires_in <= 0:
@@ -272,12 +276,14 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
             claims if isinstance(claims, dict) else {},
         )
 
-    def _refresh_error(self, result: dict[str, Any]) -> BrokerError | None:
+    def _refresh_error(
+        self, result: dict[str, Any], scrub: Callable[[str], str]
+    ) -> BrokerError | None:
         error = str(result.get("error") or "")
         if error not in ("invalid_grant", "interaction_required", "consent_required"):
             return None
         code = _first_code_in(result)
-        refused = classify_entra_error(result, where=self._where(), scrub=self._scrub)
+        refused = classify_entra_error(result, where=self._where(), scrub=scrub)
         return SignInRequired(
             str(refused).replace("refused the token request", "refused the refresh token"),
             code=refused.code or error,
@@ -287,7 +293,10 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
             revoked=True,
         )
 
-    def _device_error(self, result: dict[str, Any]) -> BrokerError | None:
+    def _device_error(
+        self, result: dict[str, Any], scrub: Callable[[str], str]
+    ) -> BrokerError | None:
+        del scrub  # its messages hold no text of Entra's
         error = str(result.get("error") or "")
         if error in ("authorization_declined", "access_denied"):
             return SignInFailed(

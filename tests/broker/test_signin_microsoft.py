@@ -19,7 +19,7 @@ import trio
 from broker.cache.memory import MemoryTokenCache
 from broker.claims import decode_claims
 from broker.delegated import SignInFailed, SignInRequired
-from broker.errors import PermanentTokenError, TemporaryTokenError
+from broker.errors import BrokerError, PermanentTokenError, TemporaryTokenError
 from broker.model import DELEGATED_SCOPE, App, Secret
 from broker.providers.microsoft_delegated import MicrosoftDelegatedProvider
 from broker.signin import SLOW_DOWN_STEP, browser_sign_in, device_sign_in, sign_in
@@ -425,3 +425,20 @@ async def test_an_identity_provider_that_cannot_be_reached(entra: EntraEmulator)
     with pytest.raises(TemporaryTokenError, match="unreachable"):
         await provider.refresh("any-refresh-token")
     provider.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"), [("invalid_grant", SignInRequired), ("server_error", BrokerError)]
+)
+def test_a_refresh_token_entra_echoes_is_scrubbed(
+    entra: EntraEmulator, error: str, refused: type[BrokerError]
+) -> None:
+    """Should Entra quote the refresh token (or device code) sent in its error text, neither
+    the error, its fix, the log nor a revoked sign-in's record may show it."""
+    provider = MicrosoftDelegatedProvider(delegated_app(entra))
+    secret = "echoed-refresh-token-value-0987654321"
+    answer = {"error": error, "error_description": f"AADSTS70000: the grant {secret} is bad"}
+    with pytest.raises(refused) as caught:
+        provider._renewal(answer, provider._refresh_error, secret)
+    assert secret not in f"{caught.value} {caught.value.fix}"
+    assert "<redacted>" in str(caught.value)
