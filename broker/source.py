@@ -278,8 +278,9 @@ class _State:
     last_error: BrokerError | None = None
     #: Delegated keys: the sign-in last read or written (used if the store cannot be read).
     grant: Grant | None = None
-    #: A rotated sign-in the store did not take yet, and the refresh token it replaces.
-    unsaved: tuple[Grant, str] | None = None
+    #: A rotated sign-in the store did not take yet, and the refresh token it replaces
+    #: (a bare string: kept out of the repr).
+    unsaved: tuple[Grant, str] | None = field(default=None, repr=False)
 
 
 class CachingTokenSource:

@@ -76,8 +76,10 @@ LOCK_WAIT: Final = 5.0
 #: How often a waiting writer tries the lock: first, and at most (seconds).
 LOCK_POLL_FIRST: Final = 0.005
 LOCK_POLL_MAX: Final = 0.1
-#: Seconds a renewal waits for another process renewing the same key.
-RENEW_WAIT: Final = 15.0
+#: Seconds a renewal waits for another process renewing the same key: longer than a renewal
+#: may hold the lock (the source's fetch_timeout, 60 s, and a store), so that two processes
+#: never use one refresh token at once (servers that rotate them revoke the grant for it).
+RENEW_WAIT: Final = 90.0
 #: The renewal lock's byte is one of this many, chosen by the key.
 _RENEW_SLOTS: Final = 1 << 20
 

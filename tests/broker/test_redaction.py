@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trustme
 
-from broker.cache import Grant
+from broker.cache import CacheKey, Grant
 from broker.delegated import (
     AuthorizationRequest,
     DeviceAuthorization,
@@ -22,7 +22,7 @@ from broker.delegated import (
 from broker.errors import BrokerError
 from broker.model import AccessToken, App, Secret
 from broker.providers.microsoft import MicrosoftProvider
-from broker.source import CachingTokenSource
+from broker.source import CachingTokenSource, _State
 from tests.broker.helpers import CLIENT_SECRET
 
 if TYPE_CHECKING:
@@ -128,6 +128,14 @@ def test_people_s_secrets_redact_themselves() -> None:
         repr(Grant(refresh, "jane@example.com", 1.0, 1.0)),
         repr(Pending(slow_down=True)),
         repr(SignInRequired("no sign-in", code="NOT_SIGNED_IN", account="jane@example.com")),
+        # A rotated sign-in the store did not take yet keeps the token it replaced.
+        repr(
+            _State(
+                CacheKey.for_app(App(name="p", provider="microsoft", client_id="c"), "j@x"),
+                0.0,
+                unsaved=(Grant(refresh, "jane@example.com", 1.0, 1.0), refresh),
+            )
+        ),
     ]
     joined = " ".join(texts)
     assert leaks(joined, [refresh, device, state, verifier]) == []
