@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the Debian packages the test suite and the sandbox run for real: Python's venv
 # (README's commands install the proxy into .venv), Dovecot (IMAP, POP3, submission) as
-# the upstream, Redis, the command-line mail clients run by the end-to-end tests,
+# the upstream, Redis, the command-line mail clients run by the end-to-end tests, git (the
+# package tests copy the files it tracks),
 # systemd-analyze to check deploy/'s unit file, podman, buildah, runc and debootstrap to
 # build and run deploy/container's image from Debian's packages, and kubectl to render
 # deploy/kubernetes with kustomize, HAProxy (in front of the proxy: PROXY protocol) and
@@ -13,15 +14,16 @@ set -eu
 
 PACKAGES="python3 python3-venv
 dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond redis-server
-fetchmail msmtp curl systemd haproxy prometheus
+fetchmail msmtp curl git systemd haproxy prometheus
 podman buildah runc catatonit debootstrap uidmap"
 # kubectl: any will do (Debian's kubernetes-client, or one installed otherwise).
 command -v kubectl >/dev/null 2>&1 || PACKAGES="$PACKAGES kubernetes-client"
 
 # -- npm packages the tests run (a separate concern from the Debian packages above) -----------
-# The npm package oidc-provider, a real third-party OAuth 2.0 authorization server, run with
-# node by the end-to-end tests (tests/support/oidc_provider.py); versions pinned by the
-# committed package-lock.json.
+# The npm package oidc-provider, a real third-party OAuth 2.0 authorization server, run by
+# the end-to-end tests (tests/support/oidc_provider.py) with the node that package.json pins
+# (npm's node package: oidc-provider 9 needs node 20.18 or later, Debian 12 ships 18, which
+# is enough to run npm); versions pinned by the committed package-lock.json.
 install_npm_packages() {
     if ! command -v node >/dev/null 2>&1; then
         apt-get update -qq
@@ -36,7 +38,7 @@ install_npm_packages() {
 if ! command -v dpkg-query >/dev/null 2>&1; then
     missing=""
     for c in dovecot redis-server fetchmail msmtp curl systemd-analyze podman buildah runc \
-        debootstrap kubectl node npm; do
+        debootstrap kubectl node npm git; do
         command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || missing="$missing $c"
     done
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$missing python3-venv"

@@ -1,10 +1,11 @@
 """A real third-party OAuth 2.0 authorization server for tests: the npm package oidc-provider.
 
-:class:`OidcProvider` runs ``tests/support/oidc-provider/server.mjs`` with node (the package
-and its lock file are committed beside it; ``npm ci`` there installs it, as
-``tests/install-deps.sh`` does). Nothing of it is written here: discovery, client
-authentication, resource indicators, token formats and errors are the package's own, so the
-broker is tested against code that others wrote to the RFCs.
+:class:`OidcProvider` runs ``tests/support/oidc-provider/server.mjs`` with the node that its
+package.json pins, not the system's (the package and its lock file are committed beside it;
+``npm ci`` there installs both, as ``tests/install-deps.sh`` does). Nothing of it is
+written here: discovery, client authentication, resource indicators, token formats and
+errors are the package's own, so the broker is tested against code that others wrote to
+the RFCs.
 
 The server listens on 127.0.0.1 over HTTPS with a certificate from its own :class:`TestPki`
 (trust :attr:`ca_file`), asks clients for certificates from that PKI (``tls_client_auth``),
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -107,13 +107,13 @@ class OidcProvider:
         return "".join(self._stderr)
 
     def __enter__(self) -> Self:
-        node = shutil.which("node")
-        if node is None:
-            raise OidcProviderError("node is not installed: run tests/install-deps.sh")
-        if not (PACKAGE_DIR / "node_modules" / "oidc-provider" / "package.json").is_file():
+        # The node that package.json pins (oidc-provider 9 needs node 20.18 or later; Debian 12
+        # ships 18), installed by npm beside the package.
+        node = PACKAGE_DIR / "node_modules" / ".bin" / "node"
+        if not (node.is_file() and (PACKAGE_DIR / "node_modules" / "oidc-provider").is_dir()):
             raise OidcProviderError(
-                f"the npm package oidc-provider is not installed: run `npm ci` in {PACKAGE_DIR} "
-                "(tests/install-deps.sh does)"
+                f"the npm packages oidc-provider and node are not installed: run `npm ci` in "
+                f"{PACKAGE_DIR} (tests/install-deps.sh does)"
             )
         key, chain = self.pki.issue_split("oidc-provider", "127.0.0.1", "localhost")
         private = self._key.private_bytes(
@@ -139,7 +139,7 @@ class OidcProvider:
         with os.fdopen(descriptor, "w") as out:
             json.dump(config, out)
         process = subprocess.Popen(
-            [node, str(PACKAGE_DIR / "server.mjs"), str(config_file)],
+            [str(node), str(PACKAGE_DIR / "server.mjs"), str(config_file)],
             cwd=PACKAGE_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

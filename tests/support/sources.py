@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def copy_sources(destination: Path) -> Path:
     """Copy the files git knows (committed or not, none that it ignores) to ``destination``."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        # safe.directory: root reading a clone that another user owns (git refuses otherwise).
+        [
+            *("git", "-c", f"safe.directory={ROOT}", "ls-files", "-z"),
+            *("--cached", "--others", "--exclude-standard"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
