@@ -22,16 +22,25 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from proxy.protocol.framing import printable
+
 __all__ = ["TAIL", "WATCH_BYTES", "WATCH_LINES", "FirstLines", "token_expired"]
 
 #: How much of the upstream's output after a login is looked at.
 WATCH_LINES: Final = 12
 WATCH_BYTES: Final = 8192
 
+#: The start of a status reply that refuses or ends something: IMAP ``tag NO|BAD`` or
+#: ``* NO|BAD|BYE``, POP3 ``-ERR``, SMTP ``4xx``/``5xx``. The words are looked for only in
+#: such lines, never in a message's text (a bounce quoting them, say).
+_REFUSAL: Final = rb"(?:\S+ (?:NO|BAD|BYE)|-ERR|[45]\d\d[ -])"
 _NOT_CONNECTED: Final = re.compile(
-    rb"User is authenticated but not connected|SendAsDenied", re.IGNORECASE
+    rb"^" + _REFUSAL + rb".*(?:User is authenticated but not connected|SendAsDenied)",
+    re.IGNORECASE,
 )
-_TOKEN_EXPIRED: Final = re.compile(rb"AccessTokenExpired", re.IGNORECASE)
+_TOKEN_EXPIRED: Final = re.compile(
+    rb"^" + _REFUSAL + rb".*AccessTokenExpired", re.IGNORECASE | re.MULTILINE
+)
 #: How far back from the end of a session the expiry notice is looked for.
 TAIL: Final = 512
 
@@ -61,7 +70,7 @@ class FirstLines:
         # Only whole lines are judged, unless the budget is spent.
         for line in lines[: min(complete, WATCH_LINES)] if not full else lines[:WATCH_LINES]:
             if _NOT_CONNECTED.search(line):
-                self.refusal = _printable(bytes(line))
+                self.refusal = printable(bytes(line).rstrip(b"\r"))
                 self.finish()
                 return
         if full:
@@ -76,9 +85,3 @@ class FirstLines:
 def token_expired(tail: bytes | bytearray) -> bool:
     """Did the upstream's last bytes say the session's token expired?"""
     return _TOKEN_EXPIRED.search(bytes(tail[-TAIL:])) is not None
-
-
-def _printable(line: bytes) -> str:
-    text = line.rstrip(b"\r").decode("ascii", "replace")
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text[:200]
