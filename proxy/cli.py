@@ -476,7 +476,9 @@ async def _reload(server: ProxyServer, tokens: _Tokens, path: Path, nursery: tri
 async def _reload_now(
     server: ProxyServer, tokens: _Tokens, path: Path, nursery: trio.Nursery
 ) -> None:
-    config = _load(path, print_warnings=False)
+    # In a thread: reading files, resolving listener host names and loading certificates
+    # must not stop the sessions being served meanwhile.
+    config = await trio.to_thread.run_sync(functools.partial(_load, path, print_warnings=False))
     if isinstance(config, int):
         log.error("reload refused: the configuration has errors (above); keeping the previous one")
         server.metrics.reloads.labels("failure").inc()
