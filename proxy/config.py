@@ -1178,14 +1178,12 @@ def _read_control(r: _Reader, data: Mapping[str, object]) -> Path | None:
     if not path.parent.is_dir():
         r.fail("control.socket", f"directory {path.parent} does not exist")
         return None
-    if stat.S_IMODE(path.parent.stat().st_mode) & 0o002 and not path.parent.stat().st_mode & (
-        stat.S_ISVTX
-    ):
-        r.fail(
-            "control.socket",
-            f"directory {path.parent} is writable by every user: anyone could put their own "
-            "socket there; use a directory only the service may write (/run/xoauth2-proxy)",
-        )
+    try:
+        # Its directory and every one above: anyone who may replace one could put their
+        # own socket in the proxy's place.
+        check_directories(path)
+    except UnsafeFile as exc:
+        r.fail("control.socket", f"{exc} (use a directory only the service may write)")
     return path
 
 

@@ -43,12 +43,13 @@ def open_control_socket(path: Path) -> trio.socket.SocketType:
     """Bind and listen at ``path`` (mode 0600), replacing a stale socket left there."""
     try:
         info = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
         if not stat.S_ISSOCK(info.st_mode):
             raise ControlError(f"{path} exists and is not a socket; not replacing it")
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # another user's socket in a sticky directory, say
+        raise ControlError(f"cannot replace {path}: {exc.strerror or exc}") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

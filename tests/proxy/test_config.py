@@ -1061,3 +1061,17 @@ redirect_uri = "{bad}"
             ),
         )
         assert any("redirect_uri: must be http://127.0.0.1" in p for p in problems(path)), bad
+
+
+def test_the_control_socket_s_directories_are_checked_all_the_way_up(tmp_path: Path) -> None:
+    """Not only its own directory: one above it that everyone may write lets anyone rename
+    the path away and put their own socket in the proxy's place."""
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "open" / "run").mkdir(mode=0o700)
+    text = good_config(tmp_path) + '\n[control]\nsocket = "open/run/c.sock"\n'
+    found = problems(write(tmp_path, text))
+    assert any(
+        f"control.socket: directory {tmp_path / 'open'} is writable by every user" in p
+        for p in found
+    ), found

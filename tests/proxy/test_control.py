@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
-from typing import TYPE_CHECKING, Any
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from proxy.net.control import ControlError, open_control_socket, request, serve_control
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 async def answer(message: dict[str, Any]) -> dict[str, Any]:
@@ -92,3 +92,39 @@ async def test_a_client_that_answers_nothing_gets_no_answer(
         await trio.to_thread.run_sync(client)
     finally:
         silent.close()
+
+
+async def test_a_client_of_another_user_is_refused_even_if_the_mode_lets_it_in(
+    nursery: trio.Nursery,
+) -> None:
+    """The peer's uid is checked too (SO_PEERCRED), not only the socket's mode: a client run
+    as nobody, let in by a socket someone made 0666, gets no answer."""
+    # A directory nobody may enter (pytest's are private), and Debian's own python (the
+    # virtual environment's may live under /root).
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "control.sock"
+        with trio.CancelScope() as serving:
+            await nursery.start(serve_control, open_control_socket(path), answer)
+            path.chmod(0o666)
+            script = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "s.settimeout(30)\n"
+                "s.connect(sys.argv[1])\n"
+                's.sendall(b\'{\\"command\\": \\"status\\"}\\n\')\n'
+                "try:\n"
+                "    print(repr(s.recv(65536)))\n"
+                "except ConnectionResetError:\n"  # closed with the request unread
+                "    print(repr(b''))\n"
+            )
+            nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+            done = await trio.run_process(
+                [*nobody, "/usr/bin/python3", "-c", script, str(path)],
+                capture_stdout=True,
+                check=True,
+            )
+            assert done.stdout.decode().strip() == "b''"  # closed without an answer
+            as_root = await trio.to_thread.run_sync(request, path, {"command": "status"})
+            assert as_root == {"echo": {"command": "status"}}
+            serving.cancel()
