@@ -312,6 +312,7 @@ async def test_starttls_upstreams_and_proxy_headers_are_not_pooled(
     assert not warm._wanted(trio.current_time())
     with trio.move_on_after(0.05):
         await warm.run()  # nothing to do: waits forever
+    assert (len(warm), warm.failures) == (0, 0)  # no connection, not even a failed attempt
 
 
 def test_bad_settings_are_refused(pki: TestPki) -> None:
