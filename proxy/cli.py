@@ -32,6 +32,7 @@ from broker.cache.memory import MemoryTokenCache
 from broker.claims import NotAJwtError, decode_claims, decode_header, describe, describe_opaque
 from broker.errors import BrokerError
 from proxy.config import LOG_FORMATS, Config, ConfigError, load_config
+from proxy.files import UnsafeFile
 from proxy.identities import hash_password
 from proxy.net import control, notify
 from proxy.net.server import ListenError, ProxyServer
@@ -563,7 +564,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         try:
             server = ProxyServer(config, source, grace=args.grace, metrics=metrics)
-        except (OSError, ValueError) as exc:  # a certificate replaced since it was checked
+        except (UnsafeFile, OSError, ValueError) as exc:  # a file changed since it was checked
             print(f"cannot start: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         try:

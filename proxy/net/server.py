@@ -210,7 +210,19 @@ def _client_contexts(
     listeners: Iterable[ListenerConfig],
 ) -> dict[ListenerConfig, ssl.SSLContext | None]:
     """The listeners' TLS contexts towards clients. Each new context has new session
-    ticket keys: OpenSSL makes them at random, in memory only."""
+    ticket keys: OpenSSL makes them at random, in memory only.
+
+    Raises :exc:`UnsafeFile` if a certificate or CA file breaks the configuration's file
+    rules now (:mod:`proxy.files`): they are read again at every ticket-key rotation, long
+    after the configuration was checked, and one made accessible to others since is not
+    loaded.
+    """
+    listeners = list(listeners)
+    for listener in listeners:
+        if listener.certificate is not None:
+            read_trusted(listener.certificate, private=True)
+        if listener.client_ca_file is not None:
+            read_trusted(listener.client_ca_file, private=False)
     return {
         listener: (
             client_side_context(
@@ -329,7 +341,7 @@ class ProxyServer:
             client_contexts, upstream_contexts = _contexts(config)
             for listener in config.listeners:
                 auth_machine(listener, app_keys=False)
-        except (OSError, ValueError) as exc:
+        except (UnsafeFile, OSError, ValueError) as exc:
             log.error("reload refused: %s; keeping the previous configuration", exc)
             self.metrics.reloads.labels("failure").inc()
             return False
@@ -459,13 +471,6 @@ class ProxyServer:
         in use and ``False`` is returned.
         """
         try:
-            # The files as the configuration's rules allow them (proxy.files), as at a
-            # reload: a certificate or CA file made writable by others since is not loaded.
-            for listener in self._client_contexts:
-                if listener.certificate is not None:
-                    read_trusted(listener.certificate, private=True)
-                if listener.client_ca_file is not None:
-                    read_trusted(listener.client_ca_file, private=False)
             contexts = _client_contexts(self._client_contexts)
         except (UnsafeFile, OSError, ValueError) as exc:
             log.warning("TLS session ticket keys not rotated, the previous ones stay: %s", exc)
