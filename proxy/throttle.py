@@ -197,6 +197,11 @@ class _Table:
     def snapshot(self) -> list[str]:
         return list(self._records)
 
+    def holding_at_least(self, n: int) -> list[str]:
+        """Keys with at least ``n`` failure times kept: the only ones ``n`` failures in a
+        window can lock out (cheap to find, whatever the number of keys)."""
+        return [key for key, times in self._records.items() if len(times) >= n]
+
     def nth_newest(self, key: str, n: int) -> float:
         """The time of ``key``'s ``n``-th newest failure (1: the newest)."""
         return self._records[key][-n]
@@ -331,7 +336,7 @@ class LoginThrottle:
             ("network", self._networks, policy.network_lockout),
         )
         for scope, table, ceiling in tables:
-            for key in table.snapshot():
+            for key in table.holding_at_least(ceiling):
                 failures = table.count(key, now, policy.window)
                 if failures < ceiling:
                     continue
