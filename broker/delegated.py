@@ -113,6 +113,9 @@ class AuthorizationRequest:
     redirect_uri: str
     state: str = field(repr=False)
     handle: object = field(repr=False)
+    #: The answer comes in the redirect's address (a query), so a person whose browser runs
+    #: elsewhere can paste that address; not with ``response_mode=form_post``.
+    in_address: bool = True
 
     def __repr__(self) -> str:
         return f"AuthorizationRequest(redirect_uri={self.redirect_uri!r}, <state redacted>)"

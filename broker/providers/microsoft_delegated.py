@@ -187,7 +187,11 @@ class MicrosoftDelegatedProvider(MicrosoftProvider):
                 )
             )
             return AuthorizationRequest(
-                str(flow["auth_uri"]), redirect_uri, str(flow["state"]), handle=flow
+                str(flow["auth_uri"]),
+                redirect_uri,
+                str(flow["state"]),
+                handle=flow,
+                in_address=False,  # form_post: the code stays out of addresses and histories
             )
 
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)

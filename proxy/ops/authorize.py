@@ -167,13 +167,17 @@ async def _sign_in(
 
     def show_browser(request: AuthorizationRequest) -> None:
         listen = request.redirect_uri.split("//", 1)[-1].split("/", 1)[0]
+        forward = f"forward that port first (ssh -L {listen.rsplit(':', 1)[-1]}:{listen} this-host)"
+        elsewhere = (
+            f"either {forward}, or sign in there and paste here the address the browser ends "
+            "on (it may show an error page: the address is what counts)"
+            if request.in_address
+            else f"{forward}: the answer is posted to that address, not shown in it"
+        )
         print(
             f"To sign in as {account} for user {login!r}, open this address in a browser "
             f"on this machine:\n\n    {request.url}\n\nThe answer comes back to {listen} "
-            "here. With a browser on another machine, either forward that port first (ssh "
-            f"-L {listen.rsplit(':', 1)[-1]}:{listen} this-host), or sign in there and paste "
-            "here the address the browser ends on (it may show an error page: the address "
-            "is what counts).\n",
+            f"here. With a browser on another machine, {elsewhere}.\n",
             file=out,
         )
         print("Waiting for the sign-in...", file=out)

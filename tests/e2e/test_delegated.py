@@ -479,6 +479,10 @@ def test_microsoft_browser_sign_in(
     config = write_config(tmp_path, pki, person_dovecot, entra_app(entra), (BOB,))
     process = browser_sign_in(config, "bob", entra.ca_file, BOB)
     assert process.finish() == 0, process.output
+    # Entra posts the answer (form_post): pasting an address could never work, so it is
+    # not offered; forwarding the port is.
+    assert "the answer is posted to that address, not shown in it" in process.output
+    assert "paste" not in process.output
     serve_and_log_in(config, pki, person_dovecot, "bob", BOB)
 
 
@@ -616,6 +620,7 @@ ca_file = "{google.ca_file}"
         browser.close()
     process.paste(visit.urls[-1])
     assert process.finish() == 0, process.output
+    assert "sign in there and paste here the address the browser ends on" in process.output
     assert f"Signed in as {JANE}" in process.output
     serve_and_log_in(config, pki, gmail_dovecot, "jane", JANE)
 
