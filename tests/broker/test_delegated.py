@@ -323,3 +323,25 @@ def test_the_names_an_account_goes_by() -> None:
     assert account_names(unverified) == []
     assert matching_account({**unverified, "email_verified": "false"}, "jane@example.com") is None
     assert account_names({"email": " ", "upn": 7}) == []
+
+
+async def test_a_revocation_never_overwrites_a_newer_sign_in(wall: Clock) -> None:
+    """The refresh token that was refused is marked revoked only if it is still the one
+    stored: a person who signed in again meanwhile (another process) keeps that sign-in."""
+    fake, cache = FakeDelegatedProvider(wall), MemoryTokenCache()
+    source = make(wall, fake, cache)
+    await signed_in(source, fake, JANE)
+    stored = key(source, JANE)
+    old = await cache.load_grant(stored)
+    assert old is not None
+    newer = Grant("a-newer-refresh-token", JANE, wall(), wall())
+    await cache.store_grant(stored, newer)
+    refused = SignInRequired("refused", code="invalid_grant", revoked=True)
+    await source._revoked(source._state("personal", JANE), old, refused)
+    assert await cache.load_grant(stored) == newer
+    # With the refused one still stored, it is marked revoked (and its token dropped).
+    await cache.store_grant(stored, old)
+    await source._revoked(source._state("personal", JANE), old, refused)
+    marked = await cache.load_grant(stored)
+    assert marked is not None
+    assert (marked.refresh_token, marked.revoked) == ("", "invalid_grant: refused")
