@@ -485,7 +485,8 @@ def _split_address(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address."""
     if host == "localhost":
         return True
     try:
@@ -642,7 +643,7 @@ def _read_apps(r: _Reader, data: Mapping[str, object]) -> dict[str, App]:
             app = _read_microsoft(r, raw, key, name, ca_file, delegated=delegated)
         if app is not None and delegated:
             redirect = r.string(raw, key, "redirect_uri", DEFAULT_REDIRECT_URI)
-            if redirect is not None and not _is_loopback_redirect(redirect):
+            if redirect is not None and not is_loopback_redirect(redirect):
                 r.fail(
                     f"{key}.redirect_uri",
                     "must be http://127.0.0.1 or http://localhost, with a port and path if "
@@ -654,7 +655,8 @@ def _read_apps(r: _Reader, data: Mapping[str, object]) -> dict[str, App]:
     return apps
 
 
-def _is_loopback_redirect(uri: str) -> bool:
+def is_loopback_redirect(uri: str) -> bool:
+    """An ``http://`` loopback redirect URI as RFC 8252 section 7.3 allows (a valid port)."""
     parts = urlsplit(uri)
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -711,7 +713,7 @@ def _read_microsoft(
         r.fail(f"{key}.authority", "must be an https:// URL")
     scope = r.string(raw, key, "scope", DELEGATED_SCOPE if delegated else DEFAULT_SCOPE)
     if delegated and scope is not None:
-        resources = [s for s in scope.split() if s.lower() not in _OPENID_SCOPES]
+        resources = [s for s in scope.split() if s.lower() not in OPENID_SCOPES]
         if not resources:
             r.fail(
                 f"{key}.scope",
@@ -741,7 +743,7 @@ def _read_microsoft(
 
 
 #: Scopes of OpenID Connect; msal asks for them itself.
-_OPENID_SCOPES: Final = frozenset({"openid", "profile", "offline_access", "email"})
+OPENID_SCOPES: Final = frozenset({"openid", "profile", "offline_access", "email"})
 
 
 def _read_google_client(
@@ -1073,7 +1075,7 @@ def _read_listeners(r: _Reader, data: Mapping[str, object]) -> list[ListenerConf
             allow_plaintext = False
         if tls in ("implicit", "starttls") and certificate is None and "certificate" not in raw:
             r.fail(f"{key}.certificate", f'is required with tls = "{tls}"')
-        if tls == "none" and listen and not _is_loopback(listen[0]) and not allow_plaintext:
+        if tls == "none" and listen and not is_loopback(listen[0]) and not allow_plaintext:
             r.fail(
                 f"{key}.tls",
                 "plaintext on a non-loopback address sends passwords in the "

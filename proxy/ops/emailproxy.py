@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
+from proxy.config import OPENID_SCOPES, is_loopback, is_loopback_redirect
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -104,7 +106,6 @@ MICROSOFT_HOSTS: Final = frozenset(
 )
 GOOGLE_HOSTS: Final = frozenset({"oauth2.googleapis.com", "accounts.google.com"})
 PLACEHOLDER_HASH: Final = "REPLACE: the output of `xoauth2-proxy hash-password`"
-_OPENID: Final = frozenset({"openid", "profile", "offline_access", "email"})
 
 
 class NotEmailproxyConfig(ValueError):
@@ -261,7 +262,7 @@ def _listener(
         )
     else:
         lines.append('tls = "none"  # as emailproxy: plaintext towards the clients')
-        if not _loopback(local):
+        if not is_loopback(local):
             lines.append("allow_plaintext = true  # passwords cross the network in the clear")
             notes.append(
                 f"[{section}]: clients reach this listener over the network in plaintext, as "
@@ -377,9 +378,9 @@ def _app_for(
         app.lines.append('auth_method = "none"  # a public client')
     # Microsoft's and Google's sign-ins add OpenID Connect's scopes themselves; another
     # server is asked for exactly the scope configured, and its tokens must carry the rest.
-    wanted = [s for s in scope.split() if kind == "oauth2" or s.lower() not in _OPENID]
-    if kind == "oauth2" and len(wanted) > len([s for s in wanted if s.lower() not in _OPENID]):
-        expected = [s for s in wanted if s.lower() not in _OPENID]
+    wanted = [s for s in scope.split() if kind == "oauth2" or s.lower() not in OPENID_SCOPES]
+    expected = [s for s in wanted if s.lower() not in OPENID_SCOPES]
+    if kind == "oauth2" and len(wanted) > len(expected):
         app.lines.append(f"expect_scope = [{', '.join(_q(s) for s in expected)}]")
     if kind == "microsoft" and not app.delegated:
         wanted = wanted or ["https://outlook.office365.com/.default"]
@@ -387,8 +388,7 @@ def _app_for(
         app.lines.append(f"scope = {_q(' '.join(wanted))}")
     redirect = options.get("redirect_uri", "")
     if app.delegated and redirect:
-        parts = urlsplit(redirect)
-        if parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1"):
+        if is_loopback_redirect(redirect):
             app.lines.append(f"redirect_uri = {_q(redirect)}")
         else:
             notes.append(
@@ -420,10 +420,6 @@ def _why(section: str, option: str) -> str:
 
 def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "yes", "on", "1")
-
-
-def _loopback(address: str) -> bool:
-    return address in ("localhost", "::1") or address.startswith("127.")
 
 
 def _q(text: str) -> str:

@@ -206,3 +206,14 @@ def test_a_file_that_cannot_be_parsed_is_refused_without_quoting_it() -> None:
     assert str(info.value) == (
         "e.config: not an emailproxy configuration: cannot parse line 1 (no [section] above it)"
     )
+
+
+def test_a_redirect_uri_check_would_refuse_is_not_carried_over() -> None:
+    """The same rule as the configuration's: what is written, `check` accepts."""
+    text = sample("mixed.config").replace(
+        "redirect_uri = http://localhost:8080", "redirect_uri = http://localhost:99999/cb"
+    )
+    result = convert(text)
+    apps = tomllib.loads(result.toml)["apps"]
+    assert all(app.get("redirect_uri") != "http://localhost:99999/cb" for app in apps.values())
+    assert "redirect_uri http://localhost:99999/cb is not a loopback address" in result.toml
