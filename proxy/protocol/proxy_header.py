@@ -198,9 +198,9 @@ def _parse_v2(data: bytes) -> ProxyHeader:
         destination = (str(ip(body[width : 2 * width])), int.from_bytes(ports[2:], "big"))
     authority = tlvs.get(PP2_TYPE_AUTHORITY, b"")
     try:
-        server_name = authority.decode("ascii")
+        server_name = authority.decode("utf-8")  # the spec's encoding of the host name
     except UnicodeDecodeError:
-        raise ProxyHeaderError("version 2 header: authority TLV is not ASCII") from None
+        raise ProxyHeaderError("version 2 header: authority TLV is not UTF-8") from None
     # A LOCAL header, or an unspecified or Unix family: the connection's own addresses.
     proxied = command == 0x1 and source is not None
     return ProxyHeader(

@@ -80,6 +80,16 @@ VALID = [
     (v2(0x20, 0x11, IPV4_BODY), ProxyHeader(2, ProxyCommand.LOCAL)),  # health check
     (v2(0x21, 0x00, b""), ProxyHeader(2, ProxyCommand.LOCAL)),  # unspecified: own addresses
     (v2(0x21, 0x31, bytes(216)), ProxyHeader(2, ProxyCommand.LOCAL)),  # Unix sockets
+    (  # an internationalised host name, UTF-8 as the specification says
+        v2(0x21, 0x11, IPV4_BODY, tlv(0x02, "mail.bücher.example".encode())),
+        ProxyHeader(
+            2,
+            ProxyCommand.PROXY,
+            ("192.0.2.10", 51234),
+            ("10.0.0.5", 993),
+            authority="mail.bücher.example",
+        ),
+    ),
     (
         v2(
             0x21,
